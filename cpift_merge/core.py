@@ -1,0 +1,279 @@
+"""Pure math of CPI-FT: core selection, Jaccard, grouping, stage order.
+
+Tensors in, tensors out: nothing here reads files, knows mergekit or trains.
+
+Exact top-k over a stream of tensors
+------------------------------------
+A task's core region is the ``k`` entries with the largest ``|delta|``. Non-negative
+IEEE-754 floats sort like their bit patterns read as integers, so ``|delta|`` is
+turned into int32 "keys" and the k-th largest key is found with two histogram
+passes (high 16 bits, then low 16 bits inside the one bucket that holds it).
+Memory is two fixed histograms, whatever the model size. Entries whose key equals
+the threshold are taken in a fixed order (tensor order, then flat index) until
+exactly ``k`` are selected, so two runs give the same bits.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from fractions import Fraction
+from dataclasses import dataclass
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+
+import torch
+
+HIGH_BUCKETS = 1 << 15  # sign bit is always 0 for |delta|
+LOW_BUCKETS = 1 << 16
+
+
+def magnitude_keys(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+    """Flat int32 keys that sort like ``|theta - theta0|`` (computed in float32).
+
+    Raises ValueError when the difference is not finite (NaN/Inf in a checkpoint).
+    """
+    delta = theta.detach().reshape(-1).to(torch.float32) - theta0.detach().reshape(
+        -1
+    ).to(torch.float32)
+    delta = delta.abs_()
+    if not bool(torch.isfinite(delta).all()):
+        raise ValueError("non-finite value (NaN or Inf)")
+    # abs() of -0.0 is +0.0, so every key is a non-negative int32
+    return delta.view(torch.int32)
+
+
+def _bincount(values: torch.Tensor, buckets: int) -> torch.Tensor:
+    return torch.bincount(values.to(torch.int64), minlength=buckets)
+
+
+@dataclass
+class Threshold:
+    """The exact cut for one task: keys > ``key`` are in, and the first ``ties``
+    entries (in stream order) whose key equals ``key`` are in too."""
+
+    k: int
+    key: int
+    ties: int
+
+    @property
+    def value(self) -> float:
+        """The threshold as a float ``|delta|``."""
+        return float(torch.tensor([self.key], dtype=torch.int32).view(torch.float32))
+
+
+class ThresholdFinder:
+    """Find the exact k-th largest key of a stream in two passes.
+
+    Pass 1: ``add_high(keys)`` for every tensor, then ``end_high()``.
+    Pass 2: ``add_low(keys)`` for every tensor (same stream), then ``end_low()``.
+    When k is 0 or covers everything, pass 2 is not needed (``needs_low`` is False).
+    """
+
+    def __init__(self, k: int):
+        if k < 0:
+            raise ValueError("k must be non-negative")
+        self.k = k
+        self.total = 0
+        self._high = torch.zeros(HIGH_BUCKETS, dtype=torch.int64)
+        self._low = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
+        self._bucket: Optional[int] = None
+        self._above = 0
+        self.result: Optional[Threshold] = None
+
+    def add_high(self, keys: torch.Tensor) -> None:
+        self.total += keys.numel()
+        self._high += _bincount(keys >> 16, HIGH_BUCKETS)
+
+    def end_high(self) -> None:
+        if self.k > self.total:
+            raise ValueError(f"k={self.k} exceeds the {self.total} entries available")
+        if self.k == 0:
+            # nothing selected: a key above every possible key, no ties
+            self.result = Threshold(k=0, key=0x7FFFFFFF, ties=0)
+            return
+        counts = self._high.flip(0).cumsum(0).flip(0)  # counts[b] = #keys >= bucket b
+        # the bucket holding the k-th largest: the largest b with counts[b] >= k
+        bucket = int((counts >= self.k).nonzero().max())
+        self._bucket = bucket
+        self._above = int(counts[bucket + 1]) if bucket + 1 < HIGH_BUCKETS else 0
+
+    @property
+    def needs_low(self) -> bool:
+        return self.result is None
+
+    def add_low(self, keys: torch.Tensor) -> None:
+        if self._bucket is None:
+            raise RuntimeError("end_high() must be called before add_low()")
+        low = keys[(keys >> 16) == self._bucket] & 0xFFFF
+        if low.numel():
+            self._low += _bincount(low, LOW_BUCKETS)
+
+    def end_low(self) -> Threshold:
+        if self.result is not None:
+            return self.result
+        need = self.k - self._above  # how many to take from the bucket, >= 1
+        counts = self._low.flip(0).cumsum(0).flip(0)
+        low = int((counts >= need).nonzero().max())
+        greater_in_bucket = int(counts[low + 1]) if low + 1 < LOW_BUCKETS else 0
+        key = (self._bucket << 16) | low
+        self.result = Threshold(
+            k=self.k, key=key, ties=self.k - self._above - greater_in_bucket
+        )
+        return self.result
+
+
+class MaskCutter:
+    """Turn keys into the exact mask, stream order, for one task's threshold."""
+
+    def __init__(self, threshold: Threshold):
+        self.threshold = threshold
+        self.ties_left = threshold.ties
+        self.selected = 0
+
+    def cut(self, keys: torch.Tensor) -> torch.Tensor:
+        key = self.threshold.key
+        mask = keys > key
+        if self.ties_left > 0:
+            tied = (keys == key).nonzero().reshape(-1)
+            take = tied[: self.ties_left]
+            mask[take] = True
+            self.ties_left -= take.numel()
+        self.selected += int(mask.sum())
+        return mask
+
+
+def exact_top_k(keys: torch.Tensor, k: int) -> torch.Tensor:
+    """Mask of the ``k`` largest keys of one flat tensor, ties by lower index."""
+    finder = ThresholdFinder(k)
+    finder.add_high(keys)
+    finder.end_high()
+    if finder.needs_low:
+        finder.add_low(keys)
+    return MaskCutter(finder.end_low()).cut(keys)
+
+
+def core_mask(theta: torch.Tensor, theta0: torch.Tensor, density: float) -> torch.Tensor:
+    """Per-tensor core (``scope: tensor``): top ``floor(density * numel)`` of |delta|."""
+    keys = magnitude_keys(theta, theta0)
+    return exact_top_k(keys, budget(density, keys.numel())).reshape(theta.shape)
+
+
+def budget(density: float, total: int) -> int:
+    """``k = floor(density * D)``, with density read as the decimal the user wrote.
+
+    ``0.29 * 100`` is 28.999999999999996 in binary floating point; a user who asks
+    for 29% of 100 entries gets 29, so the product is taken on the shortest decimal
+    representation of ``density`` (``Fraction(repr(density))``).
+    """
+    if not 0.0 <= density <= 1.0:
+        raise ValueError(f"density must be in [0, 1], got {density}")
+    return math.floor(Fraction(repr(float(density))) * total)
+
+
+# ---------------------------------------------------------------- similarity
+
+
+def jaccard_from_counts(
+    sizes: Sequence[int], intersections: Sequence[Sequence[int]]
+) -> List[List[float]]:
+    """``|Ci ∩ Cj| / |Ci ∪ Cj|`` from core sizes and pairwise intersection counts.
+
+    Two empty cores have Jaccard 0 (they share nothing), except a core with itself (1).
+    """
+    n = len(sizes)
+    out = [[0.0] * n for _ in range(n)]
+    for a in range(n):
+        for b in range(n):
+            inter = int(intersections[a][b])
+            union = int(sizes[a]) + int(sizes[b]) - inter
+            if a == b:
+                out[a][b] = 1.0
+            else:
+                out[a][b] = inter / union if union else 0.0
+    return out
+
+
+def pairwise_intersections(masks: Sequence[torch.Tensor]) -> torch.Tensor:
+    """``[n, n]`` int64 counts of ``masks[a] & masks[b]`` (flat bool tensors)."""
+    n = len(masks)
+    out = torch.zeros((n, n), dtype=torch.int64)
+    for a in range(n):
+        out[a, a] = int(masks[a].sum())
+        for b in range(a + 1, n):
+            c = int((masks[a] & masks[b]).sum())
+            out[a, b] = out[b, a] = c
+    return out
+
+
+def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
+    """Jaccard index of two bool masks of equal shape."""
+    inter = int((a & b).sum())
+    union = int((a | b).sum())
+    return inter / union if union else 0.0
+
+
+def connected_groups(
+    names: Sequence[str], similarity: Sequence[Sequence[float]], tau: float
+) -> List[List[str]]:
+    """Connected components of the graph linking tasks with ``S >= tau``.
+
+    Each group lists its tasks in input order; groups come in order of their first
+    task.
+    """
+    if not 0.0 <= tau <= 1.0:
+        raise ValueError(f"tau must be in [0, 1], got {tau}")
+    parent = list(range(len(names)))
+
+    def find(i: int) -> int:
+        while parent[i] != i:
+            parent[i] = parent[parent[i]]
+            i = parent[i]
+        return i
+
+    for a in range(len(names)):
+        for b in range(a + 1, len(names)):
+            if similarity[a][b] >= tau:
+                ra, rb = find(a), find(b)
+                if ra != rb:
+                    parent[max(ra, rb)] = min(ra, rb)
+    groups: Dict[int, List[str]] = {}
+    for i, name in enumerate(names):
+        groups.setdefault(find(i), []).append(name)
+    return list(groups.values())
+
+
+def order_groups(
+    groups: Sequence[Sequence[str]],
+    order: str = "random",
+    seed: int = 0,
+    given: Optional[Sequence[str]] = None,
+) -> List[List[str]]:
+    """Stage order of the groups.
+
+    ``random``: a seeded shuffle (the papers' default). ``given``: groups sorted by the
+    position of their earliest task in ``given``, which must name every task once.
+    """
+    groups = [list(g) for g in groups]
+    if order == "random":
+        random.Random(seed).shuffle(groups)
+        return groups
+    if order == "given":
+        tasks = [t for g in groups for t in g]
+        if given is None or sorted(given) != sorted(tasks) or len(set(given)) != len(
+            given
+        ):
+            raise ValueError(
+                f"order 'given' needs every task exactly once, got {list(given or [])}"
+                f" for tasks {tasks}"
+            )
+        pos = {t: i for i, t in enumerate(given)}
+        for g in groups:
+            g.sort(key=pos.__getitem__)
+        groups.sort(key=lambda g: pos[g[0]])
+        return groups
+    raise ValueError(f"order must be 'random' or 'given', got {order!r}")
+
+
+def group_of(groups: Iterable[Sequence[str]]) -> Mapping[str, int]:
+    """Task name -> index of its group."""
+    return {t: i for i, g in enumerate(groups) for t in g}

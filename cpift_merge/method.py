@@ -1,0 +1,381 @@
+"""The mergekit merge method ``cpi``: CPI core transplant plus SLERP of the rest.
+
+A thin adapter around :func:`cpift_merge.fusion.cpi_fuse`: it finds each task's core
+mask for the tensor at hand (from a region directory, computed per tensor, or from a
+cached global pre-pass) and hands the tensors over.
+
+YAML parameters (all optional)::
+
+    omega:    0.5        # SLERP factor for non-core entries, [0, 1]; gradients/filters work
+    density:  0.01       # core share; default: the region file's, else 0.01
+    epsilon:  0.0316     # angle (radians) under which SLERP falls back to linear
+    scope:    global     # global | tensor; default: the region file's, else global
+    regions:  ./regions  # region directory from `cpift regions`
+    overlap:  max_delta  # max_delta | mean
+    exclude:  "norm|embed"   # regex; matching tensors have no core (pure SLERP)
+    task:     math       # per model: which region-file task this model is
+
+Unknown parameter names are errors (mergekit would ignore them silently).
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import logging
+import os
+import re
+import threading
+from functools import lru_cache
+from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+
+import torch
+from pydantic import Field
+from typing_extensions import Annotated, Literal
+
+from mergekit.merge_methods import (
+    BasePolicy,
+    InputContract,
+    OptionalTensorPolicy,
+    PerNonBase,
+    TensorGroup,
+    merge_method,
+)
+from mergekit.merge_methods import registry
+
+from cpift_merge import core
+from cpift_merge.checkpoint import Checkpoint, sample_positions
+from cpift_merge.errors import CpiftError
+from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse
+from cpift_merge.regions import RegionSet, compute_regions, load_regions
+
+LOG = logging.getLogger(__name__)
+METHOD_NAME = "cpi"
+DEFAULT_DENSITY = 0.01
+DEFAULT_SCOPE = "global"
+PARAMETER_NAMES = ("omega", "density", "epsilon", "scope", "regions", "overlap", "exclude", "task")
+
+# Per-tensor statistics of the current process's merges (read by `cpift merge`).
+_STATS_LOCK = threading.Lock()
+STATS: Dict[str, Dict[str, Any]] = {}
+
+
+def reset_stats() -> None:
+    with _STATS_LOCK:
+        STATS.clear()
+
+
+def cache_dir() -> str:
+    return os.environ.get("CPIFT_CACHE") or os.path.join(
+        os.path.expanduser("~"), ".cache", "cpift-merge"
+    )
+
+
+# ------------------------------------------------------------------ resolution
+
+
+@lru_cache(maxsize=16)
+def _regions(path: str) -> RegionSet:
+    return load_regions(path)
+
+
+@lru_cache(maxsize=16)
+def _checkpoint(path: str) -> Checkpoint:
+    return Checkpoint(path)
+
+
+def _model_path(model_id: Any) -> str:
+    """Local folder of a merge input: mergekit resolves hub ids, LoRAs, etc."""
+    try:
+        from mergekit.io.tasks import LoaderCache
+
+        return LoaderCache().get(model_id).index.base_path
+    except Exception:
+        path = getattr(getattr(model_id, "model", None), "path", None) or str(model_id)
+        return os.path.abspath(os.path.expanduser(path))
+
+
+def _label(model_id: Any) -> str:
+    return str(model_id)
+
+
+def _close(values: torch.Tensor, recorded: Sequence[float]) -> bool:
+    ref = torch.tensor(recorded, dtype=torch.float64)
+    got = values.to(torch.float64)
+    eps = torch.finfo(values.dtype).eps if values.is_floating_point() else 0.0
+    return bool(torch.all((got - ref).abs() <= 2 * eps * ref.abs() + 1e-30))
+
+
+def _samples_of(tensor: torch.Tensor) -> torch.Tensor:
+    flat = tensor.reshape(-1)
+    return flat[torch.tensor(sample_positions(flat.numel()), device=flat.device)].cpu()
+
+
+def _match_task(
+    regions: RegionSet, model_id: Any, tensor_name: str, tensor: torch.Tensor, explicit: str
+) -> str:
+    """Which region-file task a merge input is, checked against the recorded samples."""
+    tasks = regions.tasks
+    if explicit:
+        if explicit not in tasks:
+            raise CpiftError(
+                f"model {_label(model_id)}: task {explicit!r} is not in region file"
+                f" {regions.path} (it has {tasks})"
+            )
+        return explicit
+    path = _model_path(model_id)
+    for t in tasks:
+        if os.path.abspath(regions.meta["tasks"][t]["path"]) == path:
+            return t
+    for t in tasks:
+        if os.path.basename(path.rstrip("/")) == t:
+            return t
+    if regions.has_tensor(tensor_name):
+        values = _samples_of(tensor)
+        hits = [t for t in tasks if _close(values, regions.sample(t, tensor_name))]
+        if len(hits) == 1:
+            return hits[0]
+    raise CpiftError(
+        f"model {_label(model_id)} matches no task of region file {regions.path}"
+        f" (tasks {tasks}); add `parameters: {{task: NAME}}` to that model"
+    )
+
+
+def _check_against(regions: RegionSet, task: str, model_id: Any, name: str, tensor: torch.Tensor) -> None:
+    recorded = regions.sample(task, name)
+    if recorded is not None and not _close(_samples_of(tensor), recorded):
+        raise CpiftError(
+            f"region file {regions.path} was made from other models: tensor {name} of"
+            f" {_label(model_id)} does not match task {task}'s fingerprint; recompute"
+            " the regions for these models"
+        )
+
+
+def check_region_settings(
+    regions: RegionSet, density: Optional[float], scope: Optional[str], exclude: str = ""
+) -> None:
+    if density is not None and abs(regions.density - density) > 1e-12:
+        raise CpiftError(
+            f"region file {regions.path} has density {regions.density} but the recipe asks"
+            f" for {density}; drop density or recompute the regions"
+        )
+    if scope is not None and regions.scope != scope:
+        raise CpiftError(
+            f"region file {regions.path} has scope {regions.scope} but the recipe asks"
+            f" for {scope}; drop scope or recompute the regions"
+        )
+
+
+def global_cache_key(
+    base_path: str, task_paths: Sequence[str], density: float, exclude: str
+) -> str:
+    """Cache key of a global pre-pass: models (paths, sizes, mtimes) and settings."""
+    h = hashlib.sha256()
+    for p in [base_path, *task_paths]:
+        h.update(p.encode())
+        for root, _dirs, files in os.walk(p):
+            for f in sorted(files):
+                if f.endswith((".safetensors", ".json")):
+                    st = os.stat(os.path.join(root, f))
+                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+    h.update(json.dumps([density, exclude]).encode())
+    return h.hexdigest()[:24]
+
+
+_PREPASS_LOCK = threading.Lock()
+
+
+def global_prepass(
+    base_path: str, task_paths: Sequence[str], density: float, exclude: str, progress: bool = True
+) -> RegionSet:
+    """Global-scope regions of ``task_paths`` against ``base_path``, cached on disk."""
+    key = global_cache_key(base_path, task_paths, density, exclude)
+    out = os.path.join(cache_dir(), "regions", key)
+    with _PREPASS_LOCK:
+        if os.path.isfile(os.path.join(out, "regions.json")):
+            try:
+                return load_regions(out)
+            except CpiftError:
+                LOG.warning("cached regions %s are damaged; recomputing", out)
+        names = [f"t{i}" for i in range(len(task_paths))]
+        compute_regions(
+            Checkpoint(base_path, label=base_path),
+            {n: Checkpoint(p, label=p) for n, p in zip(names, task_paths)},
+            out,
+            density=density,
+            scope="global",
+            exclude=[exclude] if exclude else [],
+            overwrite=True,
+            progress=progress,
+        )
+        return load_regions(out)
+
+
+# ---------------------------------------------------------------- the kernel
+
+
+def _check_finite(group: TensorGroup, name: str) -> None:
+    for entry in group.entries:
+        if not bool(torch.isfinite(entry.tensor).all()):
+            raise CpiftError(
+                f"model {_label(entry.id)} has NaN or Inf in tensor {name}; fix or"
+                " re-export that checkpoint"
+            )
+
+
+@merge_method(
+    name=METHOD_NAME,
+    pretty_name="CPI (core parameter isolation)",
+    reference_url="https://arxiv.org/abs/2508.21741",
+    contract=InputContract(base=BasePolicy.REQUIRED, min_non_base=1),
+    optional_tensor_policy=OptionalTensorPolicy.PASSTHROUGH_BASE_SINGLETON,
+)
+def cpi_merge(
+    group: TensorGroup,
+    omega: Annotated[float, Field(ge=0.0, le=1.0)] = 0.5,
+    density: Optional[Annotated[float, Field(ge=0.0, le=1.0)]] = None,
+    epsilon: Annotated[float, Field(ge=0.0)] = DEFAULT_EPSILON,
+    scope: Optional[Literal["global", "tensor"]] = None,
+    regions: str = "",
+    overlap: Literal["max_delta", "mean"] = "max_delta",
+    exclude: str = "",
+    task: PerNonBase[str] = "",
+) -> torch.Tensor:
+    name = group.metadata.name or "?"
+    base_entry = group.base
+    entries = group.non_base
+    _check_finite(group, name)
+    base = base_entry.tensor
+    thetas = [e.tensor for e in entries]
+    excluded = bool(exclude) and re.search(exclude, name) is not None
+    theta0: Optional[torch.Tensor] = None
+    names: List[str] = [_label(e.id) for e in entries]
+
+    if excluded or (density == 0.0 and not regions):
+        cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
+    elif regions:
+        rs = _regions(os.path.abspath(os.path.expanduser(regions)))
+        check_region_settings(rs, density, scope)
+        names = [_match_task(rs, e.id, name, e.tensor, task.get(e.id, "")) for e in entries]
+        if len(set(names)) != len(names):
+            raise CpiftError(f"two merge inputs map to the same region-file task ({names})")
+        if rs.has_tensor(name):
+            for n, e in zip(names, entries):
+                _check_against(rs, n, e.id, name, e.tensor)
+            cores = [rs.mask(n, name, device=base.device) for n in names]
+            base_sample = rs.sample("__base__", name)
+            if (
+                overlap == "max_delta"
+                and base_sample is not None
+                and not _close(_samples_of(base), base_sample)
+            ):
+                theta0 = _lazy_theta0(rs, name, base)
+        else:
+            cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
+    elif (scope or DEFAULT_SCOPE) == "tensor":
+        d = DEFAULT_DENSITY if density is None else density
+        cores = [core.core_mask(t, base, d) for t in thetas]
+    else:
+        d = DEFAULT_DENSITY if density is None else density
+        rs = global_prepass(
+            _model_path(base_entry.id), [_model_path(e.id) for e in entries], d, exclude
+        )
+        if rs.has_tensor(name):
+            cores = [rs.mask(f"t{i}", name, device=base.device) for i in range(len(entries))]
+        else:
+            cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
+
+    for n, c in zip(names, cores):
+        if c.shape != base.shape:
+            raise CpiftError(
+                f"core mask of {n} for {name} has shape {list(c.shape)} but the tensor is"
+                f" {list(base.shape)} (a vocabulary change?); exclude it with `exclude:`"
+            )
+    out, stats = cpi_fuse(
+        base, thetas, cores, omega=omega, epsilon=epsilon, overlap=overlap, theta0=theta0
+    )
+    with _STATS_LOCK:
+        STATS[name] = {
+            "numel": base.numel(),
+            "core_entries": stats.core_entries,
+            "overlap_entries": stats.overlap_entries,
+            "transplanted": dict(zip(names, stats.transplanted)),
+            "omega": omega,
+        }
+    return out
+
+
+def _lazy_theta0(rs: RegionSet, name: str, base: torch.Tensor) -> torch.Tensor:
+    """theta_0's tensor when the backbone is not theta_0 (needed by max_delta)."""
+    path = rs.meta["base"]["path"]
+    try:
+        return _checkpoint(path).get(name).to(base.device)
+    except CpiftError as err:
+        raise CpiftError(
+            f"overlap max_delta needs the pre-trained reference recorded in {rs.path}"
+            f" ({path}), which cannot be read ({err}); make it readable or use overlap: mean"
+        ) from None
+
+
+# ---------------------------------------------------------------- registration
+
+
+def register_method() -> None:
+    """Make ``cpi`` resolvable by name in mergekit's registry (idempotent)."""
+    try:
+        registry.get(METHOD_NAME)
+    except RuntimeError:
+        registry.register(cpi_merge)
+
+
+def register() -> None:
+    """Make ``cpi`` available to mergekit, with its parameter check. Safe to call any
+    number of times; this is the one line to add where the autoload hook is off."""
+    register_method()
+    install_parameter_check()
+
+
+def check_parameters(config: Any) -> None:
+    """Reject misspelled ``cpi`` parameters anywhere in a MergeConfiguration."""
+    if getattr(config, "merge_method", None) != METHOD_NAME:
+        return
+    allowed = set(PARAMETER_NAMES)
+    places: List[Tuple[str, Optional[Mapping]]] = [("parameters", config.parameters)]
+    for m in config.models or []:
+        places.append((f"model {m.model}", m.parameters))
+    for i, s in enumerate(config.slices or []):
+        places.append((f"slices[{i}]", s.parameters))
+        for src in s.sources:
+            places.append((f"slices[{i}] source {src.model}", src.parameters))
+    for mod_name, mod in (config.modules or {}).items():
+        places.append((f"modules.{mod_name}", mod.parameters))
+        for m in mod.models or []:
+            places.append((f"modules.{mod_name} model {m.model}", m.parameters))
+        for i, s in enumerate(mod.slices or []):
+            places.append((f"modules.{mod_name}.slices[{i}]", s.parameters))
+            for src in s.sources:
+                places.append((f"modules.{mod_name}.slices[{i}] source {src.model}", src.parameters))
+    for where, params in places:
+        for key in params or {}:
+            if key not in allowed:
+                raise CpiftError(
+                    f"unknown cpi parameter {key!r} in {where}; known:"
+                    f" {', '.join(PARAMETER_NAMES)}"
+                )
+
+
+def install_parameter_check() -> None:
+    """Have mergekit's planner call :func:`check_parameters` (once per process)."""
+    from mergekit import plan
+
+    planner = plan.MergePlanner
+    if getattr(planner.normalize_config, "_cpift_checked", False):
+        return
+    original = planner.normalize_config
+
+    def normalize_config(self, *args, **kwargs):
+        check_parameters(self.config)
+        return original(self, *args, **kwargs)
+
+    normalize_config._cpift_checked = True  # type: ignore[attr-defined]
+    planner.normalize_config = normalize_config

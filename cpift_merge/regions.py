@@ -1,0 +1,439 @@
+"""Core regions: compute them from checkpoints, store them, load them back.
+
+A region directory holds::
+
+    regions.json              metadata: density, scope, D, k, thresholds, fingerprints,
+                              Jaccard matrix, groups, stage order, per-tensor counts
+    masks/<task>.safetensors  one entry per tensor: packed bits (uint8) or sorted flat
+                              indices (int32/int64), whichever is smaller
+
+The computation streams tensor by tensor (three passes for ``scope: global``: two
+histogram passes find the exact threshold, the third cuts and writes the masks), so
+memory is O(largest tensor), not O(model). Mask files are written by a streaming
+safetensors writer for the same reason.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import struct
+import tempfile
+from contextlib import contextmanager
+from dataclasses import dataclass
+from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence
+
+import torch
+from safetensors import safe_open
+from tqdm.auto import tqdm
+
+from cpift_merge import core, masks
+from cpift_merge.checkpoint import (
+    Checkpoint,
+    TensorInfo,
+    fingerprint_from_samples,
+    participating_tensors,
+    sample_values,
+)
+from cpift_merge.errors import CpiftError
+
+FORMAT = "cpift-regions"
+VERSION = 1
+META_NAME = "regions.json"
+MASK_DIR = "masks"
+SCOPES = ("global", "tensor")
+ORDERS = ("random", "given")
+_ST_DTYPES = {torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
+_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
+
+
+class TensorSource(Protocol):
+    """What the region computation reads: a :class:`Checkpoint` or an adapter."""
+
+    label: str
+    path: str
+    infos: Dict[str, TensorInfo]
+
+    def get(self, name: str) -> torch.Tensor: ...
+
+
+# ----------------------------------------------------------------- file writing
+
+
+class MaskFileWriter:
+    """Write a safetensors file one tensor at a time (the library needs all at once).
+
+    Data goes to a scratch file as it comes; :meth:`close` writes the header and
+    appends the data, so memory holds one tensor at a time.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._scratch = open(path + ".data", "w+b")
+        self._entries: Dict[str, Dict] = {}
+        self._offset = 0
+
+    def add(self, name: str, data: torch.Tensor) -> None:
+        raw = data.contiguous().cpu().numpy().tobytes()
+        self._scratch.write(raw)
+        self._entries[name] = {
+            "dtype": _ST_DTYPES[data.dtype],
+            "shape": [data.numel()],
+            "data_offsets": [self._offset, self._offset + len(raw)],
+        }
+        self._offset += len(raw)
+
+    def close(self, metadata: Optional[Mapping[str, str]] = None) -> str:
+        header = dict(self._entries)
+        header["__metadata__"] = dict(metadata or {})
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * ((-len(blob)) % 8)
+        digest = hashlib.sha256()
+        with open(self.path, "wb") as out:
+            out.write(struct.pack("<Q", len(blob)))
+            out.write(blob)
+            self._scratch.seek(0)
+            while chunk := self._scratch.read(1 << 22):
+                out.write(chunk)
+                digest.update(chunk)
+        self._scratch.close()
+        os.remove(self.path + ".data")
+        return digest.hexdigest()
+
+
+@contextmanager
+def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
+    """Yield a temporary sibling of ``out``; rename it to ``out`` only on success.
+
+    Refuses an existing ``out`` unless ``overwrite``. On any error the temporary
+    folder is removed and ``out`` is left as it was.
+    """
+    out = os.path.abspath(out)
+    if os.path.exists(out) and not overwrite:
+        raise CpiftError(f"output {out} already exists; pass --overwrite or choose another path")
+    parent = os.path.dirname(out)
+    try:
+        os.makedirs(parent, exist_ok=True)
+        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+    except OSError as err:
+        raise CpiftError(f"cannot write to {parent}: {err.strerror}") from None
+    try:
+        yield tmp
+        if os.path.exists(out):
+            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            os.rename(out, os.path.join(old, "x"))
+            os.rename(tmp, out)
+            shutil.rmtree(old, ignore_errors=True)
+        else:
+            os.rename(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+
+
+# ------------------------------------------------------------------ computation
+
+
+def _finite_keys(
+    theta: torch.Tensor, theta0: torch.Tensor, tensor: str, task: TensorSource, base: TensorSource
+) -> torch.Tensor:
+    try:
+        return core.magnitude_keys(theta, theta0)
+    except ValueError:
+        culprit = base if not bool(torch.isfinite(theta0).all()) else task
+        raise CpiftError(
+            f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export"
+            " that checkpoint"
+        ) from None
+
+
+def _check_args(density: float, scope: str, tau: float, order: str) -> None:
+    if not (0.0 <= density <= 1.0):
+        raise CpiftError(f"density must be in [0, 1] (0 means no cores), got {density}")
+    if scope not in SCOPES:
+        raise CpiftError(f"scope must be 'global' or 'tensor', got {scope!r}")
+    if not (0.0 <= tau <= 1.0):
+        raise CpiftError(f"tau must be in [0, 1], got {tau}")
+    if order not in ORDERS:
+        raise CpiftError(f"order must be 'random' or 'given', got {order!r}")
+
+
+def check_task_names(names: Sequence[str]) -> None:
+    seen = set()
+    for name in names:
+        if not name or not all(c.isalnum() or c in "_.-" for c in name) or name[0] == ".":
+            raise CpiftError(
+                f"task name {name!r} must use letters, digits, '_', '.', '-' only"
+            )
+        if name in seen:
+            raise CpiftError(f"duplicate task name {name!r}; give each task its own name")
+        seen.add(name)
+
+
+def compute_regions(
+    base: TensorSource,
+    tasks: Mapping[str, TensorSource],
+    out: str,
+    *,
+    density: float,
+    scope: str = "global",
+    exclude: Sequence[str] = (),
+    tau: float = 0.1,
+    order: str = "random",
+    seed: int = 0,
+    given_order: Optional[Sequence[str]] = None,
+    overwrite: bool = False,
+    progress: bool = True,
+) -> "RegionSet":
+    """Find every task's core region against ``base`` and write a region directory.
+
+    ``tasks`` maps task names to fine-tuned checkpoints of ``base``. Returns the
+    loaded :class:`RegionSet`. Nothing is left at ``out`` if anything fails.
+    """
+    _check_args(density, scope, tau, order)
+    names = list(tasks)
+    check_task_names(names)
+    if not names:
+        raise CpiftError("no task models given; pass at least one --model NAME=PATH")
+    if order == "given":
+        given = list(given_order or names)
+        if sorted(given) != sorted(names) or len(set(given)) != len(given):
+            raise CpiftError(
+                f"--order given needs each task once, got {given} for tasks {names}"
+            )
+    tensors = participating_tensors(base, dict(tasks), exclude)  # type: ignore[arg-type]
+    total = sum(t.numel for t in tensors)
+    if total == 0:
+        raise CpiftError("no floating-point tensors take part; check --exclude")
+
+    bar = dict(disable=not progress, unit="tensor", leave=False)
+
+    samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
+
+    def stream(desc: str):
+        """Yield (info, {task: keys}) tensor by tensor, recording value samples."""
+        for info in tqdm(tensors, desc=desc, **bar):
+            theta0 = base.get(info.name)
+            samples["__base__"][info.name] = sample_values(theta0)
+            keys = {}
+            for n in names:
+                theta = tasks[n].get(info.name)
+                samples[n][info.name] = sample_values(theta)
+                keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base)
+                del theta
+            del theta0
+            yield info, keys
+
+    thresholds: Dict[str, Optional[core.Threshold]] = {n: None for n in names}
+    if scope == "global":
+        finders = {n: core.ThresholdFinder(core.budget(density, total)) for n in names}
+        for _info, keys in stream("regions: pass 1/3 (histogram)"):
+            for n in names:
+                finders[n].add_high(keys[n])
+        for f in finders.values():
+            f.end_high()
+        if any(f.needs_low for f in finders.values()):
+            for _info, keys in stream("regions: pass 2/3 (threshold)"):
+                for n in names:
+                    if finders[n].needs_low:
+                        finders[n].add_low(keys[n])
+        thresholds = {n: finders[n].end_low() for n in names}
+
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        os.makedirs(os.path.join(tmp, MASK_DIR))
+        writers = {n: MaskFileWriter(os.path.join(tmp, MASK_DIR, f"{n}.safetensors")) for n in names}
+        cutters = {n: core.MaskCutter(thresholds[n]) for n in names if thresholds[n]}
+        counts: Dict[str, Dict[str, int]] = {n: {} for n in names}
+        inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
+        desc = "regions: pass 3/3 (masks)" if scope == "global" else "regions"
+        for info, keys in stream(desc):
+            cut = []
+            for n in names:
+                if scope == "global":
+                    m = cutters[n].cut(keys[n])
+                else:
+                    m = core.exact_top_k(keys[n], core.budget(density, info.numel))
+                counts[n][info.name] = int(m.sum())
+                writers[n].add(info.name, masks.encode(m))
+                cut.append(m)
+            inter += core.pairwise_intersections(cut)
+        sizes = [sum(counts[n].values()) for n in names]
+        jac = core.jaccard_from_counts(sizes, inter.tolist())
+        components = core.connected_groups(names, jac, tau)
+        stages = core.order_groups(components, order, seed, given_order)
+        task_meta = {}
+        for i, n in enumerate(names):
+            sha = writers[n].close({"format": FORMAT, "task": n})
+            th = thresholds[n]
+            task_meta[n] = {
+                "path": tasks[n].path,
+                "k": sizes[i],
+                "threshold": th.value if th is not None else None,
+                "fingerprint": fingerprint_from_samples(tasks[n].infos, samples[n]),
+                "mask_file": f"{MASK_DIR}/{n}.safetensors",
+                "mask_sha256": sha,
+            }
+        meta = {
+            "format": FORMAT,
+            "version": VERSION,
+            "density": density,
+            "scope": scope,
+            "D": total,
+            "exclude": list(exclude),
+            "tau": tau,
+            "order": order,
+            "seed": seed,
+            "base": {
+                "path": base.path,
+                "fingerprint": fingerprint_from_samples(base.infos, samples["__base__"]),
+            },
+            "tasks": task_meta,
+            "jaccard": {a: {b: jac[i][j] for j, b in enumerate(names)} for i, a in enumerate(names)},
+            "intersections": {a: {b: int(inter[i, j]) for j, b in enumerate(names)} for i, a in enumerate(names)},
+            "groups": stages,
+            "tensors": [{"name": t.name, "shape": list(t.shape)} for t in tensors],
+            "counts": counts,
+            "samples": samples,
+        }
+        with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as fh:
+            json.dump(meta, fh, indent=1)
+    return load_regions(out)
+
+
+# --------------------------------------------------------------------- loading
+
+
+@dataclass
+class RegionSet:
+    """A loaded region directory. Masks are read lazily, one tensor at a time."""
+
+    path: str
+    meta: Dict
+
+    @property
+    def tasks(self) -> List[str]:
+        return list(self.meta["tasks"])
+
+    @property
+    def density(self) -> float:
+        return float(self.meta["density"])
+
+    @property
+    def scope(self) -> str:
+        return self.meta["scope"]
+
+    @property
+    def groups(self) -> List[List[str]]:
+        return [list(g) for g in self.meta["groups"]]
+
+    @property
+    def tensor_names(self) -> List[str]:
+        return [t["name"] for t in self.meta["tensors"]]
+
+    def k(self, task: str) -> int:
+        return int(self.meta["tasks"][task]["k"])
+
+    def jaccard(self, a: str, b: str) -> float:
+        return float(self.meta["jaccard"][a][b])
+
+    def shape(self, tensor: str) -> List[int]:
+        return self._shapes[tensor]
+
+    def __post_init__(self):
+        self._shapes = {t["name"]: list(t["shape"]) for t in self.meta["tensors"]}
+        self._handles: Dict[str, object] = {}
+
+    def _handle(self, task: str):
+        if task not in self.meta["tasks"]:
+            raise CpiftError(f"region file {self.path} has no task {task!r} (has {self.tasks})")
+        if task not in self._handles:
+            file = os.path.join(self.path, self.meta["tasks"][task]["mask_file"])
+            try:
+                self._handles[task] = safe_open(file, framework="pt", device="cpu")
+            except Exception as err:
+                raise CpiftError(
+                    f"region file {self.path}: mask file of task {task} is unreadable ({err});"
+                    " recompute it with cpift regions"
+                ) from None
+        return self._handles[task]
+
+    def has_tensor(self, tensor: str) -> bool:
+        return tensor in self._shapes
+
+    def mask(self, task: str, tensor: str, device: Optional[torch.device] = None) -> torch.Tensor:
+        """Bool mask of ``task``'s core in ``tensor`` (shaped like the tensor).
+
+        A tensor that does not take part (excluded, not float) has an all-False mask.
+        """
+        handle = self._handle(task)
+        if tensor not in self._shapes:
+            raise KeyError(tensor)
+        shape = self._shapes[tensor]
+        numel = 1
+        for s in shape:
+            numel *= s
+        try:
+            data = handle.get_tensor(tensor)
+            flat = masks.decode(data.to(device) if device else data, numel)
+        except Exception as err:
+            raise CpiftError(
+                f"region file {self.path}: mask of task {task} for {tensor} is corrupt ({err});"
+                " recompute it with cpift regions"
+            ) from None
+        return flat.reshape(shape)
+
+    def masks(self, task: str) -> Dict[str, torch.Tensor]:
+        """Every tensor's mask for one task."""
+        return {t: self.mask(task, t) for t in self.tensor_names}
+
+    def sample(self, task: str, tensor: str) -> Optional[List[float]]:
+        return self.meta["samples"].get(task, {}).get(tensor)
+
+
+def load_regions(path: str, verify: bool = True) -> RegionSet:
+    """Load a region directory; a corrupt or truncated one is refused clearly."""
+    path = os.path.abspath(os.path.expanduser(str(path)))
+    meta_file = os.path.join(path, META_NAME)
+    if not os.path.isfile(meta_file):
+        raise CpiftError(f"{path} is not a region directory (no {META_NAME}); make one with cpift regions")
+    try:
+        with open(meta_file, encoding="utf-8") as fh:
+            meta = json.load(fh)
+    except (OSError, ValueError) as err:
+        raise CpiftError(f"region file {meta_file} is corrupt ({err}); recompute it with cpift regions") from None
+    required = ("format", "version", "density", "scope", "D", "tasks", "tensors", "groups", "jaccard", "samples")
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in required):
+        raise CpiftError(f"region file {meta_file} is not a cpift region file or is incomplete; recompute it with cpift regions")
+    if meta["version"] != VERSION:
+        raise CpiftError(f"region file {meta_file} has version {meta['version']}, this cpift-merge reads {VERSION}")
+    if verify:
+        for task, info in meta["tasks"].items():
+            file = os.path.join(path, info["mask_file"])
+            try:
+                with open(file, "rb") as fh:
+                    head = fh.read(8)
+                    (n,) = struct.unpack("<Q", head)
+                    fh.seek(8 + n)
+                    digest = hashlib.sha256()
+                    while chunk := fh.read(1 << 22):
+                        digest.update(chunk)
+            except (OSError, struct.error) as err:
+                raise CpiftError(f"region file {path}: mask file of task {task} is missing or truncated ({err}); recompute it with cpift regions") from None
+            if digest.hexdigest() != info["mask_sha256"]:
+                raise CpiftError(f"region file {path}: mask file of task {task} is corrupt or truncated (checksum mismatch); recompute it with cpift regions")
+    return RegionSet(path=path, meta=meta)
+
+
+def compute_from_paths(
+    base: str,
+    models: Mapping[str, str],
+    out: str,
+    **kwargs,
+) -> RegionSet:
+    """:func:`compute_regions` on checkpoint folders (the CLI's entry point)."""
+    check_task_names(list(models))
+    base_ckpt = Checkpoint(base, label="base")
+    tasks = {n: Checkpoint(p, label=n) for n, p in models.items()}
+    return compute_regions(base_ckpt, tasks, out, **kwargs)

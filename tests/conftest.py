@@ -1,0 +1,70 @@
+"""Fixtures: tiny random Llama checkpoints saved as real HF safetensors folders."""
+
+from __future__ import annotations
+
+import os
+from typing import Callable, Dict, Optional
+
+import pytest
+import torch
+from transformers import LlamaConfig, LlamaForCausalLM
+
+os.environ.setdefault("HF_HUB_OFFLINE", "1")
+os.environ.setdefault("TRANSFORMERS_OFFLINE", "1")
+
+TINY = dict(
+    vocab_size=128,
+    hidden_size=32,
+    intermediate_size=64,
+    num_hidden_layers=2,
+    num_attention_heads=4,
+    num_key_value_heads=2,
+    max_position_embeddings=64,
+    tie_word_embeddings=False,
+)
+
+
+def tiny_config(**overrides) -> LlamaConfig:
+    return LlamaConfig(**{**TINY, **overrides})
+
+
+def save_variant(
+    base_dir: str,
+    out_dir: str,
+    seed: int,
+    scale: float = 0.01,
+    only: Optional[str] = None,
+    max_shard_size: Optional[str] = None,
+) -> str:
+    """A 'fine-tune' of the model in ``base_dir``: seeded noise added to its weights
+    (to tensors whose name contains ``only`` when given)."""
+    model = LlamaForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    gen = torch.Generator().manual_seed(seed)
+    with torch.no_grad():
+        for name, p in model.named_parameters():
+            if only is None or only in name:
+                p.add_(torch.randn(p.shape, generator=gen) * scale)
+    kwargs = {"max_shard_size": max_shard_size} if max_shard_size else {}
+    model.save_pretrained(out_dir, safe_serialization=True, **kwargs)
+    return out_dir
+
+
+@pytest.fixture(scope="session")
+def tiny_models(tmp_path_factory) -> Dict[str, str]:
+    """base + three task variants (a, b, c) of a tiny random Llama."""
+    root = tmp_path_factory.mktemp("tiny")
+    torch.manual_seed(0)
+    base = str(root / "base")
+    LlamaForCausalLM(tiny_config()).save_pretrained(base, safe_serialization=True)
+    out = {"base": base}
+    for i, name in enumerate("abc"):
+        out[name] = save_variant(base, str(root / name), seed=100 + i)
+    return out
+
+
+@pytest.fixture
+def make_variant(tiny_models, tmp_path) -> Callable[..., str]:
+    def make(name: str, **kwargs) -> str:
+        return save_variant(tiny_models["base"], str(tmp_path / name), **kwargs)
+
+    return make
