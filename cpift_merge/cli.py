@@ -1,0 +1,149 @@
+"""The ``cpift`` command (click). Every user-facing error is one line, exit code 2."""
+
+from __future__ import annotations
+
+import functools
+import os
+import sys
+from typing import Dict, List, Sequence, Tuple
+
+import click
+
+from cpift_merge.errors import CpiftError
+
+
+def _friendly(fn):
+    """Turn CpiftError (and a few obvious OS errors) into ``error: ...``, exit 2."""
+
+    @functools.wraps(fn)
+    def wrapper(*args, **kwargs):
+        try:
+            return fn(*args, **kwargs)
+        except CpiftError as err:
+            click.echo(f"error: {err}", err=True)
+            sys.exit(2)
+        except KeyboardInterrupt:
+            click.echo("error: interrupted; nothing was written", err=True)
+            sys.exit(130)
+
+    return wrapper
+
+
+def _pairs(values: Sequence[str], flag: str) -> Dict[str, str]:
+    out: Dict[str, str] = {}
+    for v in values:
+        name, sep, path = v.partition("=")
+        if not sep or not name or not path:
+            raise CpiftError(f"{flag} takes NAME=PATH, got {v!r}")
+        if name in out:
+            raise CpiftError(f"duplicate task name {name!r} in {flag}; give each task its own name")
+        out[name] = path
+    return out
+
+
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in header]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def region_report(rs) -> str:
+    tasks = rs.tasks
+    rows = [[a, *[rs.jaccard(a, b) for b in tasks], rs.k(a)] for a in tasks]
+    out = [
+        f"core regions: density {rs.density:g}, scope {rs.scope}, D = {rs.meta['D']:,}",
+        "",
+        format_table(["Jaccard", *tasks, "k"], rows),
+        "",
+        f"groups (tau {rs.meta['tau']:g}, order {rs.meta['order']}, seed {rs.meta['seed']}), in stage order:",
+    ]
+    out += [f"  stage {i + 1}: {', '.join(g)}" for i, g in enumerate(rs.groups)]
+    return "\n".join(out)
+
+
+@click.group()
+@click.version_option(package_name="cpift-merge")
+def main() -> None:
+    """Core Parameter Isolation (CPI-FT) for mergekit: core regions, the `cpi`
+    merge method, and (soon) staged fine-tuning."""
+
+
+@main.command()
+@click.option("--base", required=True, help="Pre-trained reference theta_0 (HF folder or .safetensors).")
+@click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
+              help="A task's fine-tuned checkpoint; repeat for each task.")
+@click.option("--density", type=float, required=True, help="Core share p, in [0, 1] (0.01 = 1%).")
+@click.option("--scope", type=click.Choice(["global", "tensor"]), default="global", show_default=True,
+              help="Rank |delta| over the whole model or within each tensor.")
+@click.option("--exclude", multiple=True, metavar="REGEX", help="Tensors to leave out of D (repeatable).")
+@click.option("--tau", type=float, default=0.1, show_default=True, help="Jaccard threshold linking two tasks.")
+@click.option("--order", type=click.Choice(["random", "given"]), default="random", show_default=True,
+              help="Stage order of the groups: seeded shuffle, or the order of --model flags.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--out", required=True, help="Region directory to write.")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@click.option("--plot", is_flag=True, help="Also write jaccard.png and core_share_by_layer.png into --out.")
+@click.option("--quiet", is_flag=True, help="No progress bars.")
+@_friendly
+def regions(base, models, density, scope, exclude, tau, order, seed, out, overwrite, plot, quiet):
+    """Find each task's core region (top-p |theta_i - theta_0|), their Jaccard
+    overlaps and the task groups; write a region directory."""
+    from cpift_merge.regions import compute_from_paths
+
+    pairs = _pairs(models, "--model")
+    rs = compute_from_paths(
+        base, pairs, out, density=density, scope=scope, exclude=list(exclude), tau=tau,
+        order=order, seed=seed, given_order=list(pairs), overwrite=overwrite, progress=not quiet,
+    )
+    click.echo(region_report(rs))
+    if plot:
+        from cpift_merge.plots import plot_regions
+
+        for p in plot_regions(rs, rs.path):
+            click.echo(f"wrote {p}")
+    click.echo(f"wrote {rs.path}")
+
+
+def _merge_command(fn):
+    from mergekit.options import add_merge_options
+
+    return add_merge_options(fn)
+
+
+@main.command(context_settings={"show_default": True})
+@click.argument("config_file")
+@click.argument("out_path")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it exists.")
+@_merge_command
+@_friendly
+def merge(merge_options, config_file, out_path, overwrite):
+    """Run a mergekit YAML recipe with `cpi` available (takes every mergekit-yaml
+    option). Validates first; writes OUT_PATH atomically."""
+    from cpift_merge.merge import run
+
+    merge_options.apply_global_options()
+    out = run(config_file, out_path, merge_options, overwrite=overwrite, progress=not merge_options.quiet)
+    click.echo(f"wrote {out}")
+
+
+@main.command()
+@click.option("--out", default="demo", show_default=True, help="Folder for the demo's models and outputs.")
+@click.option("--density", type=float, default=0.01, show_default=True)
+@click.option("--omega", type=float, default=0.5, show_default=True)
+@click.option("--overwrite/--no-overwrite", default=True, show_default=True)
+@_friendly
+def demo(out, density, omega, overwrite):
+    """Merge demo on a real model: SmolLM2-135M-Instruct, three seeded task
+    variants, `cpift regions`, a `cpi` merge, and a generation from the result."""
+    from cpift_merge.demo import run_demo
+
+    run_demo(out, density=density, omega=omega, overwrite=overwrite)
+
+
+if __name__ == "__main__":  # pragma: no cover
+    main()

@@ -1,0 +1,256 @@
+"""``cpift merge``: run a mergekit recipe with ``cpi`` available, validated up front
+and written atomically (a failed or interrupted merge leaves nothing at OUT).
+
+Before mergekit starts it: resolves local model paths (so mergekit's model card never
+asks the hub for them), rejects unknown ``cpi`` parameters and out-of-range values,
+checks that local models line up (same tensors and shapes), checks a region file
+against the models, and runs (and caches) the global-scope pre-pass.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from typing import Any, Dict, Iterator, List, Optional, Tuple
+
+import yaml
+
+from cpift_merge.errors import CpiftError
+
+# value ranges of the numeric cpi parameters: (low, high)
+RANGES = {"omega": (0.0, 1.0), "density": (0.0, 1.0), "epsilon": (0.0, 3.2)}
+# parameters that must be one plain value for the whole merge
+PLAIN = ("density", "scope", "regions", "exclude", "overlap")
+
+
+def load_yaml(path: str) -> Dict[str, Any]:
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise CpiftError(f"cannot read recipe {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise CpiftError(f"recipe {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise CpiftError(f"recipe {path} must be a YAML mapping with merge_method, models, ...")
+    return data
+
+
+def _resolve_ref(value: str, base_dir: str) -> str:
+    """Absolute path for a local model reference (``path`` or ``path+lora``)."""
+    parts = []
+    for part in str(value).split("+"):
+        path, _, rev = part.partition("@")
+        local = [p for p in (path, os.path.join(base_dir, path)) if os.path.exists(p)]
+        if local:
+            path = os.path.abspath(local[0])
+        parts.append(path + (f"@{rev}" if rev else ""))
+    return "+".join(parts)
+
+
+def _param_blocks(cfg: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
+    """(where, parameters) for every parameters block of a raw recipe."""
+    if isinstance(cfg.get("parameters"), dict):
+        yield "parameters", cfg["parameters"]
+    for i, m in enumerate(cfg.get("models") or []):
+        if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
+            yield f"models[{i}]", m["parameters"]
+    slices = list(enumerate(cfg.get("slices") or []))
+    for mod_name, mod in (cfg.get("modules") or {}).items():
+        if isinstance(mod, dict):
+            if isinstance(mod.get("parameters"), dict):
+                yield f"modules.{mod_name}", mod["parameters"]
+            for i, m in enumerate(mod.get("models") or []):
+                if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
+                    yield f"modules.{mod_name}.models[{i}]", m["parameters"]
+            slices += [(f"{mod_name}.{i}", s) for i, s in enumerate(mod.get("slices") or [])]
+    for i, s in slices:
+        if isinstance(s, dict):
+            if isinstance(s.get("parameters"), dict):
+                yield f"slices[{i}]", s["parameters"]
+            for j, src in enumerate(s.get("sources") or []):
+                if isinstance(src, dict) and isinstance(src.get("parameters"), dict):
+                    yield f"slices[{i}].sources[{j}]", src["parameters"]
+
+
+def _scalars(setting: Any) -> Iterator[Any]:
+    if isinstance(setting, dict):
+        yield from _scalars(setting.get("value"))
+    elif isinstance(setting, list):
+        for s in setting:
+            yield from _scalars(s)
+    else:
+        yield setting
+
+
+def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
+    """Resolve local paths in a raw recipe (models and ``regions``), in place."""
+    if cfg.get("base_model"):
+        cfg["base_model"] = _resolve_ref(cfg["base_model"], base_dir)
+
+    def fix_models(items):
+        for m in items or []:
+            if isinstance(m, dict) and isinstance(m.get("model"), str):
+                m["model"] = _resolve_ref(m["model"], base_dir)
+
+    fix_models(cfg.get("models"))
+    all_slices = list(cfg.get("slices") or [])
+    for mod in (cfg.get("modules") or {}).values():
+        if isinstance(mod, dict):
+            fix_models(mod.get("models"))
+            all_slices += mod.get("slices") or []
+    for s in all_slices:
+        if isinstance(s, dict):
+            fix_models(s.get("sources"))
+            if s.get("base_model"):
+                s["base_model"] = _resolve_ref(s["base_model"], base_dir)
+    if isinstance(cfg.get("tokenizer_source"), str) and cfg["tokenizer_source"] not in ("union", "base"):
+        cfg["tokenizer_source"] = _resolve_ref(cfg["tokenizer_source"], base_dir)
+    for _where, params in _param_blocks(cfg):
+        if isinstance(params.get("regions"), str) and params["regions"]:
+            reg = params["regions"]
+            local = [p for p in (reg, os.path.join(base_dir, reg)) if os.path.exists(p)]
+            if not local:
+                raise CpiftError(f"region directory {reg} does not exist; make it with cpift regions")
+            params["regions"] = os.path.abspath(local[0])
+    return cfg
+
+
+def check_cpi_values(cfg: Dict[str, Any]) -> None:
+    """Range and type checks of ``cpi`` parameter values, one clear line each."""
+    from cpift_merge.method import PARAMETER_NAMES
+
+    for where, params in _param_blocks(cfg):
+        for key, setting in params.items():
+            if key not in PARAMETER_NAMES:
+                raise CpiftError(
+                    f"unknown cpi parameter {key!r} in {where}; known: {', '.join(PARAMETER_NAMES)}"
+                )
+            if key in PLAIN and isinstance(setting, (list, dict)):
+                raise CpiftError(f"cpi parameter {key} in {where} must be one plain value (no gradient or filter)")
+            for v in _scalars(setting):
+                if key in RANGES:
+                    lo, hi = RANGES[key]
+                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
+                        raise CpiftError(f"{key} in {where} must be a number in [{lo}, {hi}], got {v!r}")
+                elif key == "scope" and v not in ("global", "tensor"):
+                    raise CpiftError(f"scope in {where} must be 'global' or 'tensor', got {v!r}")
+                elif key == "overlap" and v not in ("max_delta", "mean"):
+                    raise CpiftError(f"overlap in {where} must be 'max_delta' or 'mean', got {v!r}")
+
+
+def _shared(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
+    return (cfg.get("parameters") or {}).get(key, default)
+
+
+def _task_models(cfg: Dict[str, Any]) -> List[str]:
+    """Non-base models of a plain ``models:`` recipe, in mergekit's order."""
+    base = cfg.get("base_model")
+    return [m["model"] for m in cfg.get("models") or [] if isinstance(m, dict) and m.get("model") != base]
+
+
+def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
+    """Checks and pre-pass for a ``cpi`` recipe; returns facts for the stats file."""
+    from cpift_merge.checkpoint import Checkpoint, participating_tensors
+    from cpift_merge.method import (
+        DEFAULT_DENSITY,
+        DEFAULT_SCOPE,
+        check_region_settings,
+        global_prepass,
+    )
+    from cpift_merge.regions import load_regions
+
+    check_cpi_values(cfg)
+    base = cfg.get("base_model")
+    if not base:
+        raise CpiftError("the cpi method needs a base_model (theta_0 or the backbone)")
+    tasks = _task_models(cfg)
+    local = [p for p in [base, *tasks] if os.path.isdir(p) and "+" not in p]
+    if not cfg.get("models") or len(local) != len(tasks) + 1:
+        return {}  # slices/modules/hub models: mergekit and the kernel check the rest
+    base_ckpt = Checkpoint(base, label=f"base {base}")
+    ckpts = {p: Checkpoint(p, label=p) for p in tasks}
+    participating_tensors(base_ckpt, ckpts)  # same tensors, shapes, architecture
+    regions = _shared(cfg, "regions")
+    density = _shared(cfg, "density")
+    scope = _shared(cfg, "scope")
+    exclude = _shared(cfg, "exclude", "") or ""
+    if regions:
+        rs = load_regions(regions)
+        check_region_settings(rs, density, scope)
+        names = rs.tensor_names
+        prints = {t: rs.meta["tasks"][t]["fingerprint"] for t in rs.tasks}
+        for path, ck in ckpts.items():
+            fp = ck.fingerprint(names) if all(n in ck.infos for n in names) else None
+            if fp not in prints.values():
+                raise CpiftError(
+                    f"region file {rs.path} was made from other models: {path} matches none"
+                    f" of its tasks {rs.tasks}; recompute the regions for these models"
+                )
+        return {"regions": rs.path, "density": rs.density, "scope": rs.scope,
+                "k": {t: rs.k(t) for t in rs.tasks}}
+    density = DEFAULT_DENSITY if density is None else density
+    if (scope or DEFAULT_SCOPE) == "global" and density > 0:
+        rs = global_prepass(base, tasks, density, exclude, progress=progress)
+        return {"regions": rs.path, "density": density, "scope": "global",
+                "k": {p: rs.k(f"t{i}") for i, p in enumerate(tasks)}}
+    return {"density": density, "scope": scope or DEFAULT_SCOPE}
+
+
+def run(config_path: str, out: str, options: Any, overwrite: bool = False, progress: bool = True) -> str:
+    """Validate, pre-pass and merge ``config_path`` into ``out`` atomically."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+    from pydantic import ValidationError
+
+    from cpift_merge import method
+    from cpift_merge.regions import atomic_dir
+
+    method.register()
+    raw = load_yaml(config_path)
+    cfg = resolve_recipe(raw, os.path.dirname(os.path.abspath(config_path)))
+    try:
+        config = MergeConfiguration.model_validate(cfg)
+    except (ValidationError, RuntimeError) as err:
+        first = str(err).strip().splitlines()
+        raise CpiftError(f"recipe {config_path} is not a valid mergekit config: {' '.join(first[:3])}") from None
+    facts: Dict[str, Any] = {}
+    if config.merge_method == method.METHOD_NAME:
+        facts = prepare_cpi(cfg, progress=progress)
+    else:
+        from mergekit.merge_methods import registry
+
+        try:
+            registry.get(config.merge_method)
+        except RuntimeError:
+            raise CpiftError(f"unknown merge method {config.merge_method!r} in {config_path}") from None
+    source = yaml.safe_dump(cfg, sort_keys=False)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        method.reset_stats()
+        try:
+            run_merge(config, tmp, options=options, config_source=source)
+        except CpiftError:
+            raise
+        except Exception as err:  # mergekit's own errors: one line, nothing left at OUT
+            raise CpiftError(f"merge failed: {type(err).__name__}: {' '.join(str(err).split())[:400]}") from None
+        if config.merge_method == method.METHOD_NAME:
+            write_stats(os.path.join(tmp, "cpi_stats.json"), facts, dict(method.STATS))
+    return os.path.abspath(out)
+
+
+def write_stats(path: str, facts: Dict[str, Any], per_tensor: Dict[str, Dict[str, Any]]) -> None:
+    totals: Dict[str, int] = {}
+    for st in per_tensor.values():
+        for task, n in st["transplanted"].items():
+            totals[task] = totals.get(task, 0) + n
+    summary = {
+        **facts,
+        "transplanted": totals,
+        "core_entries": sum(s["core_entries"] for s in per_tensor.values()),
+        "overlap_entries": sum(s["overlap_entries"] for s in per_tensor.values()),
+        "tensors": per_tensor,
+    }
+    with open(path, "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
