@@ -379,3 +379,7 @@ def install_parameter_check() -> None:
 
     normalize_config._cpift_checked = True  # type: ignore[attr-defined]
     planner.normalize_config = normalize_config
+
+
+# Importing this module makes ``cpi`` resolvable by name (idempotent).
+register_method()

@@ -18,6 +18,9 @@ _AFTER = {
 
 
 def _run(hook):
+    partial = sys.modules.get("cpift_merge.method")
+    if partial is not None and not hasattr(partial, hook):
+        return  # cpift_merge.method is being imported; it registers itself at its end
     from cpift_merge import method
 
     getattr(method, hook)()

@@ -1,0 +1,172 @@
+"""Pure math: exact-k selection and its tie rule, bit packing, Jaccard, grouping."""
+
+import pytest
+import torch
+
+from cpift_merge import core, masks
+
+
+def brute_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
+    """Reference: sort by (value desc, index asc) with a stable sort."""
+    order = torch.sort(-values.to(torch.float64), stable=True).indices
+    out = torch.zeros(values.numel(), dtype=torch.bool)
+    out[order[:k]] = True
+    return out
+
+
+@pytest.mark.parametrize("k", [0, 1, 7, 100, 999, 1000])
+def test_exact_top_k_matches_stable_sort(k):
+    g = torch.Generator().manual_seed(k)
+    a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
+    keys = core.magnitude_keys(a, b)
+    got = core.exact_top_k(keys, k)
+    assert int(got.sum()) == k
+    assert torch.equal(got, brute_top_k((a - b).abs(), k))
+
+
+def test_ties_broken_by_lower_index():
+    # 10 entries, all |delta| = 1 except two larger ones
+    theta0 = torch.zeros(10)
+    theta = torch.ones(10)
+    theta[7] = 5.0
+    theta[2] = 3.0
+    mask = core.exact_top_k(core.magnitude_keys(theta, theta0), 5)
+    assert mask.nonzero().reshape(-1).tolist() == [0, 1, 2, 3, 7]
+
+
+def test_ties_across_tensors_follow_stream_order():
+    """Global scope: equal |delta| in several tensors; earlier tensors win."""
+    tensors = [torch.full((4,), 2.0), torch.full((3,), 2.0), torch.tensor([9.0, 2.0])]
+    zeros = [torch.zeros_like(t) for t in tensors]
+    finder = core.ThresholdFinder(k=6)
+    keys = [core.magnitude_keys(t, z) for t, z in zip(tensors, zeros)]
+    for kk in keys:
+        finder.add_high(kk)
+    finder.end_high()
+    for kk in keys:
+        finder.add_low(kk)
+    th = finder.end_low()
+    assert th.value == 2.0 and th.ties == 5  # 9.0 is above; 5 of the eight 2.0s
+    cutter = core.MaskCutter(th)
+    got = [cutter.cut(kk).tolist() for kk in keys]
+    assert got == [[True] * 4, [True, False, False], [True, False]]
+    assert cutter.selected == 6
+
+
+def test_global_threshold_equals_concatenated_top_k():
+    g = torch.Generator().manual_seed(3)
+    parts = [torch.randn(n, generator=g) * s for n, s in [(500, 1.0), (300, 0.1), (1200, 3.0)]]
+    base = [torch.zeros_like(p) for p in parts]
+    k = core.budget(0.037, 2000)
+    finder = core.ThresholdFinder(k)
+    keys = [core.magnitude_keys(p, b) for p, b in zip(parts, base)]
+    for kk in keys:
+        finder.add_high(kk)
+    finder.end_high()
+    for kk in keys:
+        finder.add_low(kk)
+    cutter = core.MaskCutter(finder.end_low())
+    got = torch.cat([cutter.cut(kk) for kk in keys])
+    assert torch.equal(got, brute_top_k(torch.cat(parts).abs(), k))
+
+
+def test_zero_deltas_and_full_density():
+    z = torch.zeros(16)
+    assert int(core.exact_top_k(core.magnitude_keys(z, z), 16).sum()) == 16
+    assert core.exact_top_k(core.magnitude_keys(z, z), 3).nonzero().reshape(-1).tolist() == [0, 1, 2]
+
+
+def test_negative_zero_and_nonfinite():
+    a = torch.tensor([-0.0, 0.0, -1.0])
+    keys = core.magnitude_keys(a, torch.zeros(3))
+    assert (keys >= 0).all()
+    with pytest.raises(ValueError):
+        core.magnitude_keys(torch.tensor([float("nan")]), torch.zeros(1))
+    with pytest.raises(ValueError):
+        core.magnitude_keys(torch.tensor([float("inf")]), torch.zeros(1))
+
+
+def test_budget_is_floor_of_the_decimal_density():
+    assert core.budget(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996 in binary
+    assert core.budget(0.01, 134515008) == 1345150
+    assert core.budget(0.0, 10) == 0 and core.budget(1.0, 10) == 10
+    assert core.budget(0.15, 7) == 1
+    with pytest.raises(ValueError):
+        core.budget(1.5, 10)
+
+
+@pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1000, 4097])
+@pytest.mark.parametrize("p", [0.0, 0.01, 0.3, 1.0])
+def test_bit_packing_round_trip(n, p):
+    g = torch.Generator().manual_seed(n)
+    m = torch.rand(n, generator=g) < p
+    packed = masks.pack_bits(m)
+    assert packed.dtype == torch.uint8 and packed.numel() == (n + 7) // 8
+    assert torch.equal(masks.unpack_bits(packed, n), m)
+    enc = masks.encode(m)
+    assert torch.equal(masks.decode(enc, n), m)
+    # never more than 1 bit per entry, rounded up to the byte
+    assert enc.numel() * enc.element_size() <= (n + 7) // 8
+
+
+def test_encoding_picks_sparse_when_smaller():
+    m = torch.zeros(10_000, dtype=torch.bool)
+    m[[5, 500, 9999]] = True
+    enc = masks.encode(m)
+    assert enc.dtype == torch.int32 and enc.tolist() == [5, 500, 9999]
+    dense = torch.rand(10_000, generator=torch.Generator().manual_seed(0)) < 0.5
+    assert masks.encode(dense).dtype == torch.uint8
+
+
+def test_bit_layout_is_little_endian():
+    m = torch.tensor([True, False, False, False, False, False, False, False, False, True])
+    assert masks.pack_bits(m).tolist() == [1, 2]
+    with pytest.raises(ValueError):
+        masks.unpack_bits(torch.zeros(3, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError):
+        masks.decode(torch.tensor([0, 12], dtype=torch.int32), 10)
+
+
+def test_jaccard_on_hand_made_masks():
+    a = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
+    b = torch.tensor([0, 1, 1, 1, 0, 0], dtype=torch.bool)
+    c = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
+    assert core.jaccard(a, b) == pytest.approx(2 / 4)
+    assert core.jaccard(a, c) == 0.0
+    inter = core.pairwise_intersections([a, b, c])
+    assert inter.tolist() == [[3, 2, 0], [2, 3, 0], [0, 0, 2]]
+    jac = core.jaccard_from_counts([3, 3, 2], inter.tolist())
+    assert jac[0][1] == pytest.approx(0.5) and jac[0][2] == 0.0 and jac[2][2] == 1.0
+    empty = core.jaccard_from_counts([0, 0], [[0, 0], [0, 0]])
+    assert empty[0][1] == 0.0
+
+
+def test_connected_components_are_transitive():
+    names = ["a", "b", "c", "d", "e"]
+    s = [[1.0] * 5 for _ in range(5)]
+    for i in range(5):
+        for j in range(5):
+            if i != j:
+                s[i][j] = 0.0
+    s[0][1] = s[1][0] = 0.3  # a-b
+    s[1][2] = s[2][1] = 0.25  # b-c  -> a, b, c together through b
+    s[3][4] = s[4][3] = 0.05  # d-e below tau
+    assert core.connected_groups(names, s, 0.2) == [["a", "b", "c"], ["d"], ["e"]]
+    assert core.connected_groups(names, s, 0.0) == [names]
+    assert core.connected_groups(names, s, 1.0) == [[n] for n in names]
+    with pytest.raises(ValueError):
+        core.connected_groups(names, s, 1.2)
+
+
+def test_stage_order_random_is_seeded_and_given_is_respected():
+    groups = [["a"], ["b", "c"], ["d"], ["e"]]
+    r1 = core.order_groups(groups, "random", seed=7)
+    assert r1 == core.order_groups(groups, "random", seed=7)
+    assert sorted(map(tuple, r1)) == sorted(map(tuple, groups))
+    assert any(core.order_groups(groups, "random", seed=s) != groups for s in range(5))
+    given = core.order_groups(groups, "given", given=["d", "c", "e", "b", "a"])
+    assert given == [["d"], ["c", "b"], ["e"], ["a"]]
+    with pytest.raises(ValueError):
+        core.order_groups(groups, "given", given=["a", "b"])
+    with pytest.raises(ValueError):
+        core.order_groups(groups, "sideways")

@@ -1,0 +1,115 @@
+"""The pure CPI fusion of one tensor, against mergekit's own slerp."""
+
+import math
+
+import pytest
+import torch
+from mergekit.merge_methods.slerp import slerp as mk_slerp
+
+from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse, slerp
+
+
+def _t(*shape, seed=0, scale=1.0):
+    return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)) * scale
+
+
+def _none(x):
+    return torch.zeros_like(x, dtype=torch.bool)
+
+
+@pytest.mark.parametrize("omega", [0.0, 0.25, 0.5, 0.9, 1.0])
+@pytest.mark.parametrize("near", [False, True])
+def test_density_zero_one_task_is_mergekit_slerp(omega, near):
+    base = _t(16, 24, seed=1)
+    other = base + _t(16, 24, seed=2, scale=0.01 if near else 1.0)  # near: linear fallback
+    out, stats = cpi_fuse(base, [other], [_none(base)], omega=omega)
+    ref = mk_slerp(torch.tensor([omega]), base[None], other[None])[0]
+    torch.testing.assert_close(out, ref, rtol=1e-5, atol=1e-6)
+    assert stats.core_entries == 0 and stats.transplanted == [0]
+
+
+def test_slerp_keeps_norm_on_the_sphere_and_falls_back_when_collinear():
+    a = torch.tensor([1.0, 0.0])
+    b = torch.tensor([0.0, 1.0])
+    mid = slerp(0.5, a, b)
+    torch.testing.assert_close(mid, torch.tensor([math.sqrt(0.5)] * 2))
+    c = torch.tensor([1.0, 1e-4])  # angle 1e-4 < epsilon: linear
+    torch.testing.assert_close(slerp(0.5, a, c), (a + c) / 2)
+    assert DEFAULT_EPSILON == pytest.approx(math.acos(0.9995))
+    # the spherical weights apply to the raw vectors (as in mergekit): |b| = 2
+    far = slerp(0.5, a, torch.tensor([0.0, 2.0]))
+    torch.testing.assert_close(far, torch.tensor([math.sqrt(0.5), 2 * math.sqrt(0.5)]))
+    # a larger epsilon turns the same pair linear
+    torch.testing.assert_close(slerp(0.5, a, torch.tensor([0.0, 2.0]), epsilon=2.0), torch.tensor([0.5, 1.0]))
+
+
+def test_omega_zero_keeps_non_core_bit_identical_and_cores_transplanted():
+    base = _t(32, 32, seed=3)
+    thetas = [base + _t(32, 32, seed=10 + i, scale=0.1) for i in range(3)]
+    g = torch.Generator().manual_seed(5)
+    cores = [torch.rand(32, 32, generator=g) < 0.05 for _ in range(3)]
+    out, stats = cpi_fuse(base, thetas, cores, omega=0.0)
+    any_core = cores[0] | cores[1] | cores[2]
+    assert torch.equal(out[~any_core], base[~any_core])
+    only = [c & ~(any_core & ~c) for c in cores]
+    for i, c in enumerate(cores):
+        single = c & (cores[0].int() + cores[1].int() + cores[2].int() == 1)
+        assert torch.equal(out[single], thetas[i][single])
+    # max_delta: each overlapping entry comes from the task with the largest |delta|
+    multi = (cores[0].int() + cores[1].int() + cores[2].int()) > 1
+    assert multi.any()
+    deltas = torch.stack([torch.where(c, (t - base).abs(), torch.tensor(-1.0)) for t, c in zip(thetas, cores)])
+    winner = deltas.argmax(0)
+    expect = torch.stack(thetas).gather(0, winner[None])[0]
+    assert torch.equal(out[multi], expect[multi])
+    # counts: k minus the entries lost to overlap
+    for i, c in enumerate(cores):
+        lost = int((c & multi & (winner != i)).sum())
+        assert stats.transplanted[i] == int(c.sum()) - lost
+    assert stats.overlap_entries == int(multi.sum())
+    assert len(only) == 3
+
+
+def test_overlap_mean_averages_owners():
+    base = torch.zeros(4)
+    thetas = [torch.tensor([1.0, 2.0, 3.0, 4.0]), torch.tensor([3.0, 6.0, 5.0, 8.0])]
+    cores = [torch.tensor([True, True, False, False]), torch.tensor([False, True, True, False])]
+    out, stats = cpi_fuse(base, thetas, cores, omega=0.0, overlap="mean")
+    assert out.tolist() == [1.0, 4.0, 5.0, 0.0]
+    assert stats.transplanted == [2, 2] and stats.overlap_entries == 1
+
+
+def test_negative_zero_core_values_are_bit_exact():
+    base = torch.ones(3)
+    theta = torch.tensor([-0.0, 2.0, 3.0])
+    out, _ = cpi_fuse(base, [theta], [torch.tensor([True, False, False])], omega=0.5)
+    assert torch.equal(out[:1].view(torch.int32), theta[:1].view(torch.int32))
+
+
+def test_max_delta_uses_theta0_not_the_backbone():
+    theta0 = torch.zeros(2)
+    backbone = torch.tensor([10.0, 10.0])
+    thetas = [torch.tensor([1.0, 1.0]), torch.tensor([2.0, 9.0])]
+    cores = [torch.tensor([True, True]), torch.tensor([True, True])]
+    out, _ = cpi_fuse(backbone, thetas, cores, omega=0.5, theta0=theta0)
+    assert out.tolist() == [2.0, 9.0]  # largest |theta_i - theta_0|
+    out2, _ = cpi_fuse(backbone, thetas, cores, omega=0.5)  # measured against the backbone
+    assert out2.tolist() == [1.0, 1.0]
+
+
+def test_several_tasks_slerp_toward_their_mean():
+    base = _t(64, seed=1)
+    thetas = [_t(64, seed=2), _t(64, seed=3)]
+    out, _ = cpi_fuse(base, thetas, [_none(base), _none(base)], omega=0.4)
+    ref = slerp(0.4, base, (thetas[0] + thetas[1]) / 2)
+    torch.testing.assert_close(out, ref)
+
+
+def test_bad_arguments():
+    x = torch.zeros(3)
+    with pytest.raises(ValueError):
+        cpi_fuse(x, [x], [_none(x)], omega=1.5)
+    with pytest.raises(ValueError):
+        cpi_fuse(x, [x], [_none(x)], omega=0.5, overlap="vote")
+    with pytest.raises(ValueError):
+        cpi_fuse(x, [x, x], [_none(x)], omega=0.5)

@@ -1,0 +1,237 @@
+"""End-to-end: region files and real mergekit merges with `cpi` on tiny Llamas."""
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from mergekit.options import MergeOptions
+from safetensors.torch import load_file
+from transformers import AutoModelForCausalLM
+
+from cpift_merge import merge as cmerge
+from cpift_merge import method
+from cpift_merge.checkpoint import Checkpoint
+from cpift_merge.regions import compute_from_paths, load_regions
+
+OPTS = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False)
+
+
+@pytest.fixture(autouse=True)
+def _cache(tmp_path, monkeypatch):
+    monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache"))
+
+
+def recipe(tmp_path, name="r.yml", **cfg):
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump({"dtype": "float32", **cfg}))
+    return str(path)
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def test_regions_round_trip_and_metadata(tiny_models, tmp_path):
+    out = str(tmp_path / "reg")
+    rs = compute_from_paths(
+        tiny_models["base"], {t: tiny_models[t] for t in "abc"}, out, density=0.02, tau=0.3, progress=False
+    )
+    meta = json.load(open(os.path.join(out, "regions.json")))
+    for key in ("density", "scope", "D", "exclude", "jaccard", "tau", "groups", "order"):
+        assert key in meta
+    base = Checkpoint(tiny_models["base"])
+    D = sum(i.numel for i in base.infos.values())
+    assert meta["D"] == D
+    for t in "abc":
+        assert set(meta["tasks"][t]) >= {"k", "threshold", "fingerprint"}
+        assert rs.k(t) == int(0.02 * D)
+        ms = rs.masks(t)
+        assert all(m.dtype == torch.bool and list(m.shape) == rs.shape(n) for n, m in ms.items())
+        assert sum(int(m.sum()) for m in ms.values()) == rs.k(t)
+        # the masks are the exact global top-k of |delta|
+        ck = Checkpoint(tiny_models[t])
+        d = torch.cat([(ck.get(n) - base.get(n)).abs().reshape(-1) for n in rs.tensor_names])
+        thr = meta["tasks"][t]["threshold"]
+        got = torch.cat([ms[n].reshape(-1) for n in rs.tensor_names])
+        assert bool((d[got] >= thr).all()) and bool((d[~got] <= thr).all())
+        # fingerprint through slices equals the one from whole tensors
+        assert ck.fingerprint(rs.tensor_names) == meta["tasks"][t]["fingerprint"]
+        # at most 1 bit per parameter of mask data
+        size = os.path.getsize(os.path.join(out, meta["tasks"][t]["mask_file"]))
+        header = int.from_bytes(open(os.path.join(out, meta["tasks"][t]["mask_file"]), "rb").read(8), "little")
+        assert size - 8 - header <= D / 8 + len(rs.tensor_names)
+    a, b = rs.masks("a"), rs.masks("b")
+    inter = sum(int((a[n] & b[n]).sum()) for n in a)
+    assert rs.jaccard("a", b="b") == pytest.approx(inter / (rs.k("a") + rs.k("b") - inter))
+    # random variants barely overlap: at tau 0.3 every task is its own group
+    assert sorted(map(tuple, rs.groups)) == [("a",), ("b",), ("c",)]
+
+
+def test_tensor_scope_and_exclude(tiny_models, tmp_path):
+    rs = compute_from_paths(
+        tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "reg"), density=0.1,
+        scope="tensor", exclude=["norm"], progress=False,
+    )
+    assert not any("norm" in n for n in rs.tensor_names)
+    for n in rs.tensor_names:
+        numel = torch.Size(rs.shape(n)).numel()
+        assert int(rs.mask("a", n).sum()) == int(0.1 * numel)
+
+
+def test_sharded_checkpoint_gives_same_regions(tiny_models, make_variant, tmp_path):
+    sharded = make_variant("sharded", seed=100, max_shard_size="20KB")
+    assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
+    r1 = compute_from_paths(tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "r1"), density=0.05, progress=False)
+    r2 = compute_from_paths(tiny_models["base"], {"a": sharded}, str(tmp_path / "r2"), density=0.05, progress=False)
+    for n in r1.tensor_names:
+        assert torch.equal(r1.mask("a", n), r2.mask("a", n))
+
+
+def test_density_zero_one_task_equals_mergekit_slerp(tiny_models, tmp_path):
+    base, a = tiny_models["base"], tiny_models["a"]
+    cpi = cmerge.run(
+        recipe(tmp_path, "cpi.yml", merge_method="cpi", base_model=base, models=[{"model": a}],
+               parameters={"density": 0.0, "omega": 0.3}),
+        str(tmp_path / "cpi"), OPTS,
+    )
+    sl = cmerge.run(
+        recipe(tmp_path, "slerp.yml", merge_method="slerp", base_model=base,
+               models=[{"model": base}, {"model": a}], parameters={"t": 0.3}),
+        str(tmp_path / "slerp"), OPTS,
+    )
+    w1, w2 = weights(cpi), weights(sl)
+    assert w1.keys() == w2.keys()
+    for n in w1:
+        torch.testing.assert_close(w1[n], w2[n], rtol=1e-5, atol=1e-6)
+
+
+@pytest.mark.parametrize("overlap", ["max_delta", "mean"])
+def test_invariants_with_region_file(tiny_models, tmp_path, overlap):
+    tasks = {t: tiny_models[t] for t in "abc"}
+    rs = compute_from_paths(tiny_models["base"], tasks, str(tmp_path / "reg"), density=0.05, progress=False)
+    out = cmerge.run(
+        recipe(tmp_path, merge_method="cpi", base_model=tiny_models["base"],
+               models=[{"model": p} for p in tasks.values()],
+               parameters={"omega": 0.0, "regions": rs.path, "overlap": overlap}),
+        str(tmp_path / "out"), OPTS,
+    )
+    merged = weights(out)
+    base = weights(tiny_models["base"])
+    thetas = {t: weights(p) for t, p in tasks.items()}
+    stats = json.load(open(os.path.join(out, "cpi_stats.json")))
+    lost = {t: 0 for t in tasks}
+    for n in rs.tensor_names:
+        cores = {t: rs.mask(t, n) for t in tasks}
+        owners = sum(c.int() for c in cores.values())
+        free = owners == 0
+        assert torch.equal(merged[n][free], base[n][free])  # omega = 0: bit for bit
+        for t, c in cores.items():
+            single = c & (owners == 1)
+            assert torch.equal(merged[n][single], thetas[t][n][single])  # bit for bit
+        multi = owners > 1
+        if overlap == "max_delta":
+            ds = torch.stack([torch.where(cores[t], (thetas[t][n] - base[n]).abs(), torch.tensor(-1.0)) for t in tasks])
+            win = ds.argmax(0)
+            for i, t in enumerate(tasks):
+                assert torch.equal(merged[n][multi & (win == i)], thetas[t][n][multi & (win == i)])
+                lost[t] += int((cores[t] & multi & (win != i)).sum())
+        else:
+            mean = sum(torch.where(cores[t], thetas[t][n], 0.0) for t in tasks) / owners.clamp(min=1)
+            torch.testing.assert_close(merged[n][multi], mean[multi])
+    for t in tasks:
+        assert stats["transplanted"][t] == rs.k(t) - lost[t]
+    model = AutoModelForCausalLM.from_pretrained(out)
+    logits = model(torch.tensor([[1, 2, 3, 4]])).logits
+    assert torch.isfinite(logits).all()
+
+
+def test_global_without_regions_matches_precomputed(tiny_models, tmp_path):
+    base = tiny_models["base"]
+    models = [{"model": tiny_models[t]} for t in "ab"]
+    params = {"omega": 0.6, "density": 0.04}
+    o1 = cmerge.run(recipe(tmp_path, "g.yml", merge_method="cpi", base_model=base, models=models, parameters=params),
+                    str(tmp_path / "o1"), OPTS)
+    rs = compute_from_paths(base, {"a": tiny_models["a"], "b": tiny_models["b"]}, str(tmp_path / "reg"),
+                            density=0.04, progress=False)
+    o2 = cmerge.run(recipe(tmp_path, "p.yml", merge_method="cpi", base_model=base, models=models,
+                           parameters={**params, "regions": rs.path}), str(tmp_path / "o2"), OPTS)
+    w1, w2 = weights(o1), weights(o2)
+    for n in w1:
+        assert torch.equal(w1[n], w2[n])
+    stats = json.load(open(os.path.join(o1, "cpi_stats.json")))
+    assert stats["scope"] == "global" and sum(stats["k"].values()) == rs.k("a") + rs.k("b")
+
+
+def test_stock_run_merge_computes_global_prepass_in_kernel(tiny_models, tmp_path):
+    """No cpift CLI involved: mergekit's run_merge alone, cpi registered by import."""
+    from mergekit.config import MergeConfiguration
+    from mergekit.merge import run_merge
+
+    method.register()
+    cfg = MergeConfiguration.model_validate(dict(
+        merge_method="cpi", base_model=tiny_models["base"], dtype="float32",
+        models=[{"model": tiny_models["a"]}], parameters={"omega": 0.0, "density": 0.05}))
+    run_merge(cfg, str(tmp_path / "out"), OPTS)
+    merged, base, a = weights(str(tmp_path / "out")), weights(tiny_models["base"]), weights(tiny_models["a"])
+    changed = sum(int((merged[n] != base[n]).sum()) for n in merged)
+    from_a = sum(int(((merged[n] == a[n]) & (a[n] != base[n])).sum()) for n in merged)
+    D = sum(v.numel() for v in base.values())
+    assert changed == from_a == int(0.05 * D)
+
+
+def test_tensor_scope_in_kernel(tiny_models, tmp_path):
+    out = cmerge.run(recipe(tmp_path, merge_method="cpi", base_model=tiny_models["base"],
+                            models=[{"model": tiny_models["a"]}],
+                            parameters={"omega": 0.0, "density": 0.1, "scope": "tensor"}),
+                     str(tmp_path / "out"), OPTS)
+    merged, base, a = weights(out), weights(tiny_models["base"]), weights(tiny_models["a"])
+    for n in merged:
+        moved = merged[n] != base[n]
+        assert int(moved.sum()) == int(0.1 * merged[n].numel())
+        assert torch.equal(merged[n][moved], a[n][moved])
+
+
+def test_backbone_other_than_theta0_uses_recorded_reference(tiny_models, make_variant, tmp_path):
+    """Pipeline case: regions from probes vs theta_0, merged into another backbone."""
+    backbone = make_variant("staged", seed=7, scale=0.05)
+    tasks = {t: tiny_models[t] for t in "ab"}
+    rs = compute_from_paths(tiny_models["base"], tasks, str(tmp_path / "reg"), density=0.2, progress=False)
+    out = cmerge.run(recipe(tmp_path, merge_method="cpi", base_model=backbone,
+                            models=[{"model": p, "parameters": {"task": t}} for t, p in tasks.items()],
+                            parameters={"omega": 0.0, "regions": rs.path}), str(tmp_path / "out"), OPTS)
+    merged, theta0, bb = weights(out), weights(tiny_models["base"]), weights(backbone)
+    th = {t: weights(p) for t, p in tasks.items()}
+    some_overlap = 0
+    for n in rs.tensor_names:
+        ca, cb = rs.mask("a", n), rs.mask("b", n)
+        both = ca & cb
+        some_overlap += int(both.sum())
+        da, db = (th["a"][n] - theta0[n]).abs(), (th["b"][n] - theta0[n]).abs()
+        expect = torch.where(db > da, th["b"][n], th["a"][n])
+        assert torch.equal(merged[n][both], expect[both])
+        assert torch.equal(merged[n][~(ca | cb)], bb[n][~(ca | cb)])
+    assert some_overlap > 0
+
+
+def test_registration_is_idempotent_and_builtins_still_resolve():
+    from mergekit.merge_methods import registry
+
+    before = [m.spec.name for m in registry.registered_methods()]
+    method.register()
+    method.register()
+    after = [m.spec.name for m in registry.registered_methods()]
+    assert after.count("cpi") == 1 and len(after) == len(set(after))
+    for name in ["linear", "slerp", "ties", "task_arithmetic", "dare_ties", "multislerp", "della"]:
+        assert registry.get(name).spec.name == name
+    assert set(before) <= set(after)
+
+
+def test_region_api_refuses_unknown_task(tiny_models, tmp_path):
+    from cpift_merge.errors import CpiftError
+
+    rs = compute_from_paths(tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "reg"), density=0.01, progress=False)
+    with pytest.raises(CpiftError, match="no task 'zz'"):
+        rs.mask("zz", rs.tensor_names[0])
+    assert load_regions(rs.path).tasks == ["a"]
