@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import json
 import os
+import re
 from typing import Any, Dict, Iterator, List, Optional, Tuple
 
 import yaml
@@ -46,33 +47,35 @@ def _resolve_ref(value: str, base_dir: str) -> str:
         local = [p for p in (path, os.path.join(base_dir, path)) if os.path.exists(p)]
         if local:
             path = os.path.abspath(local[0])
+        elif path.startswith(("/", "./", "../", "~")) or os.sep + os.sep in path:
+            raise CpiftError(f"model folder {path} does not exist")
         parts.append(path + (f"@{rev}" if rev else ""))
     return "+".join(parts)
 
 
-def _param_blocks(cfg: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any]]]:
-    """(where, parameters) for every parameters block of a raw recipe."""
+def _param_blocks(cfg: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any], bool]]:
+    """(where, parameters, per_model) for every parameters block of a raw recipe."""
     if isinstance(cfg.get("parameters"), dict):
-        yield "parameters", cfg["parameters"]
+        yield "parameters", cfg["parameters"], False
     for i, m in enumerate(cfg.get("models") or []):
         if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
-            yield f"models[{i}]", m["parameters"]
+            yield f"models[{i}]", m["parameters"], True
     slices = list(enumerate(cfg.get("slices") or []))
     for mod_name, mod in (cfg.get("modules") or {}).items():
         if isinstance(mod, dict):
             if isinstance(mod.get("parameters"), dict):
-                yield f"modules.{mod_name}", mod["parameters"]
+                yield f"modules.{mod_name}", mod["parameters"], False
             for i, m in enumerate(mod.get("models") or []):
                 if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
-                    yield f"modules.{mod_name}.models[{i}]", m["parameters"]
+                    yield f"modules.{mod_name}.models[{i}]", m["parameters"], True
             slices += [(f"{mod_name}.{i}", s) for i, s in enumerate(mod.get("slices") or [])]
     for i, s in slices:
         if isinstance(s, dict):
             if isinstance(s.get("parameters"), dict):
-                yield f"slices[{i}]", s["parameters"]
+                yield f"slices[{i}]", s["parameters"], False
             for j, src in enumerate(s.get("sources") or []):
                 if isinstance(src, dict) and isinstance(src.get("parameters"), dict):
-                    yield f"slices[{i}].sources[{j}]", src["parameters"]
+                    yield f"slices[{i}].sources[{j}]", src["parameters"], True
 
 
 def _scalars(setting: Any) -> Iterator[Any]:
@@ -108,7 +111,7 @@ def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
                 s["base_model"] = _resolve_ref(s["base_model"], base_dir)
     if isinstance(cfg.get("tokenizer_source"), str) and cfg["tokenizer_source"] not in ("union", "base"):
         cfg["tokenizer_source"] = _resolve_ref(cfg["tokenizer_source"], base_dir)
-    for _where, params in _param_blocks(cfg):
+    for _where, params, _per_model in _param_blocks(cfg):
         if isinstance(params.get("regions"), str) and params["regions"]:
             reg = params["regions"]
             local = [p for p in (reg, os.path.join(base_dir, reg)) if os.path.exists(p)]
@@ -120,14 +123,18 @@ def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
 
 def check_cpi_values(cfg: Dict[str, Any]) -> None:
     """Range and type checks of ``cpi`` parameter values, one clear line each."""
-    from cpift_merge.method import PARAMETER_NAMES
+    from cpift_merge.method import check_parameter_place
 
-    for where, params in _param_blocks(cfg):
+    for where, params, per_model in _param_blocks(cfg):
         for key, setting in params.items():
-            if key not in PARAMETER_NAMES:
-                raise CpiftError(
-                    f"unknown cpi parameter {key!r} in {where}; known: {', '.join(PARAMETER_NAMES)}"
-                )
+            check_parameter_place(key, where, per_model)
+            if key == "task" and not isinstance(setting, str):
+                raise CpiftError(f"task in {where} must be a task name (a string), got {setting!r}")
+            if key == "exclude" and isinstance(setting, str):
+                try:
+                    re.compile(setting)
+                except re.error as err:
+                    raise CpiftError(f"exclude in {where} is not a valid regex ({err}): {setting!r}") from None
             if key in PLAIN and isinstance(setting, (list, dict)):
                 raise CpiftError(f"cpi parameter {key} in {where} must be one plain value (no gradient or filter)")
             for v in _scalars(setting):
@@ -181,14 +188,32 @@ def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
         rs = load_regions(regions)
         check_region_settings(rs, density, scope)
         names = rs.tensor_names
-        prints = {t: rs.meta["tasks"][t]["fingerprint"] for t in rs.tasks}
+        by_print = {rs.meta["tasks"][t]["fingerprint"]: t for t in rs.tasks}
+        explicit = {
+            m["model"]: (m.get("parameters") or {}).get("task")
+            for m in cfg["models"]
+            if isinstance(m, dict)
+        }
+        owner: Dict[str, str] = {}
         for path, ck in ckpts.items():
             fp = ck.fingerprint(names) if all(n in ck.infos for n in names) else None
-            if fp not in prints.values():
+            want = explicit.get(path)
+            if want is not None and want not in rs.tasks:
+                raise CpiftError(f"model {path}: task {want!r} is not in region file {rs.path} (it has {rs.tasks})")
+            if fp not in by_print:
                 raise CpiftError(
                     f"region file {rs.path} was made from other models: {path} matches none"
                     f" of its tasks {rs.tasks}; recompute the regions for these models"
                 )
+            if want is not None and by_print[fp] != want:
+                raise CpiftError(
+                    f"model {path} is task {by_print[fp]}, not {want}, in region file {rs.path};"
+                    f" set `task: {by_print[fp]}` on it"
+                )
+            task = by_print[fp]
+            if task in owner:
+                raise CpiftError(f"models {owner[task]} and {path} are both task {task}; merge each task once")
+            owner[task] = path
         return {"regions": rs.path, "density": rs.density, "scope": rs.scope,
                 "k": {t: rs.k(t) for t in rs.tasks}}
     density = DEFAULT_DENSITY if density is None else density
@@ -206,9 +231,14 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
     from pydantic import ValidationError
 
     from cpift_merge import method
-    from cpift_merge.regions import atomic_dir
+    from cpift_merge.regions import atomic_dir, ensure_free
 
     method.register()
+    ensure_free(out, overwrite)
+    if not getattr(options, "verbosity", 0):
+        import transformers
+
+        transformers.logging.set_verbosity_error()  # mergekit trips deprecation notices
     raw = load_yaml(config_path)
     cfg = resolve_recipe(raw, os.path.dirname(os.path.abspath(config_path)))
     try:

@@ -54,6 +54,7 @@ METHOD_NAME = "cpi"
 DEFAULT_DENSITY = 0.01
 DEFAULT_SCOPE = "global"
 PARAMETER_NAMES = ("omega", "density", "epsilon", "scope", "regions", "overlap", "exclude", "task")
+PER_MODEL = ("task",)  # the only per-model parameter; the rest are merge-wide
 
 # Per-tensor statistics of the current process's merges (read by `cpift merge`).
 _STATS_LOCK = threading.Lock()
@@ -74,14 +75,37 @@ def cache_dir() -> str:
 # ------------------------------------------------------------------ resolution
 
 
+def _stamp(path: str) -> Tuple:
+    """Sizes and mtimes of the files under ``path``: a cache key that notices rewrites."""
+    out = []
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ((path, st.st_size, st.st_mtime_ns),)
+    for root, _dirs, files in os.walk(path):
+        for f in sorted(files):
+            if f.endswith((".json", ".safetensors")):
+                st = os.stat(os.path.join(root, f))
+                out.append((f, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 @lru_cache(maxsize=16)
-def _regions(path: str) -> RegionSet:
+def _regions_at(path: str, stamp: Tuple) -> RegionSet:
     return load_regions(path)
 
 
+def _regions(path: str) -> RegionSet:
+    """The region directory at ``path``, re-read when its files change."""
+    return _regions_at(path, _stamp(path))
+
+
 @lru_cache(maxsize=16)
-def _checkpoint(path: str) -> Checkpoint:
+def _checkpoint_at(path: str, stamp: Tuple) -> Checkpoint:
     return Checkpoint(path)
+
+
+def _checkpoint(path: str) -> Checkpoint:
+    return _checkpoint_at(path, _stamp(path))
 
 
 def _model_path(model_id: Any) -> str:
@@ -143,17 +167,25 @@ def _match_task(
 
 def _check_against(regions: RegionSet, task: str, model_id: Any, name: str, tensor: torch.Tensor) -> None:
     recorded = regions.sample(task, name)
-    if recorded is not None and not _close(_samples_of(tensor), recorded):
+    if recorded is None:
+        return
+    values = _samples_of(tensor)
+    if _close(values, recorded):
+        return
+    others = [t for t in regions.tasks if t != task and _close(values, regions.sample(t, name) or [])]
+    if others:
         raise CpiftError(
-            f"region file {regions.path} was made from other models: tensor {name} of"
-            f" {_label(model_id)} does not match task {task}'s fingerprint; recompute"
-            " the regions for these models"
+            f"model {_label(model_id)} is task {others[0]}, not {task}, in region file"
+            f" {regions.path}; set `task: {others[0]}` on it"
         )
+    raise CpiftError(
+        f"region file {regions.path} was made from other models: tensor {name} of"
+        f" {_label(model_id)} does not match task {task}'s fingerprint; recompute"
+        " the regions for these models"
+    )
 
 
-def check_region_settings(
-    regions: RegionSet, density: Optional[float], scope: Optional[str], exclude: str = ""
-) -> None:
+def check_region_settings(regions: RegionSet, density: Optional[float], scope: Optional[str]) -> None:
     if density is not None and abs(regions.density - density) > 1e-12:
         raise CpiftError(
             f"region file {regions.path} has density {regions.density} but the recipe asks"
@@ -339,29 +371,38 @@ def check_parameters(config: Any) -> None:
     """Reject misspelled ``cpi`` parameters anywhere in a MergeConfiguration."""
     if getattr(config, "merge_method", None) != METHOD_NAME:
         return
-    allowed = set(PARAMETER_NAMES)
-    places: List[Tuple[str, Optional[Mapping]]] = [("parameters", config.parameters)]
+    # (where, parameters, True for a per-model block)
+    places: List[Tuple[str, Optional[Mapping], bool]] = [("parameters", config.parameters, False)]
     for m in config.models or []:
-        places.append((f"model {m.model}", m.parameters))
+        places.append((f"model {m.model}", m.parameters, True))
     for i, s in enumerate(config.slices or []):
-        places.append((f"slices[{i}]", s.parameters))
+        places.append((f"slices[{i}]", s.parameters, False))
         for src in s.sources:
-            places.append((f"slices[{i}] source {src.model}", src.parameters))
+            places.append((f"slices[{i}] source {src.model}", src.parameters, True))
     for mod_name, mod in (config.modules or {}).items():
-        places.append((f"modules.{mod_name}", mod.parameters))
+        places.append((f"modules.{mod_name}", mod.parameters, False))
         for m in mod.models or []:
-            places.append((f"modules.{mod_name} model {m.model}", m.parameters))
+            places.append((f"modules.{mod_name} model {m.model}", m.parameters, True))
         for i, s in enumerate(mod.slices or []):
-            places.append((f"modules.{mod_name}.slices[{i}]", s.parameters))
+            places.append((f"modules.{mod_name}.slices[{i}]", s.parameters, False))
             for src in s.sources:
-                places.append((f"modules.{mod_name}.slices[{i}] source {src.model}", src.parameters))
-    for where, params in places:
+                places.append((f"modules.{mod_name}.slices[{i}] source {src.model}", src.parameters, True))
+    for where, params, per_model in places:
         for key in params or {}:
-            if key not in allowed:
-                raise CpiftError(
-                    f"unknown cpi parameter {key!r} in {where}; known:"
-                    f" {', '.join(PARAMETER_NAMES)}"
-                )
+            check_parameter_place(key, where, per_model)
+
+
+def check_parameter_place(key: str, where: str, per_model: bool) -> None:
+    """Unknown names, and parameters where mergekit would silently not read them."""
+    if key not in PARAMETER_NAMES:
+        raise CpiftError(f"unknown cpi parameter {key!r} in {where}; known: {', '.join(PARAMETER_NAMES)}")
+    if per_model and key not in PER_MODEL:
+        raise CpiftError(
+            f"cpi parameter {key} in {where} is merge-wide: set it under the top-level (or a"
+            " slice's) parameters, not on one model"
+        )
+    if not per_model and key in PER_MODEL:
+        raise CpiftError(f"cpi parameter {key} in {where} names one model's task: set it on that model")
 
 
 def install_parameter_check() -> None:

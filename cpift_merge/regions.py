@@ -103,6 +103,12 @@ class MaskFileWriter:
         return digest.hexdigest()
 
 
+def ensure_free(out: str, overwrite: bool = False) -> None:
+    """Refuse an existing output early, before any expensive work."""
+    if os.path.exists(out) and not overwrite:
+        raise CpiftError(f"output {os.path.abspath(out)} already exists; pass --overwrite or choose another path")
+
+
 @contextmanager
 def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling of ``out``; rename it to ``out`` only on success.
@@ -111,8 +117,7 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     folder is removed and ``out`` is left as it was.
     """
     out = os.path.abspath(out)
-    if os.path.exists(out) and not overwrite:
-        raise CpiftError(f"output {out} already exists; pass --overwrite or choose another path")
+    ensure_free(out, overwrite)
     parent = os.path.dirname(out)
     try:
         os.makedirs(parent, exist_ok=True)
@@ -193,6 +198,7 @@ def compute_regions(
     loaded :class:`RegionSet`. Nothing is left at ``out`` if anything fails.
     """
     _check_args(density, scope, tau, order)
+    ensure_free(out, overwrite)
     names = list(tasks)
     check_task_names(names)
     if not names:
