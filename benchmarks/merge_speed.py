@@ -1,0 +1,313 @@
+#!/usr/bin/env python
+"""Wall time and peak memory of ``cpi`` next to mergekit's ``linear`` and ``ties``.
+
+Builds SmolLM2-135M-Instruct (fp32) plus three seeded task variants (reused when
+already in ``--work``), writes one recipe per method, then runs each measurement as
+its own child process -- the real command lines -- and reads the child's wall time and
+peak RSS (``os.wait4``'s ``ru_maxrss``: that child only, so peak memory is per method):
+
+  linear   mergekit-yaml: base + 3 variants, equal weights
+  ties     mergekit-yaml: base_model + 3 variants, density 0.01, weight 1
+  cpi      cpift merge:   base_model + 3 variants, density 0.01, scope global, with the
+           region pre-pass (CPIFT_CACHE points at a fresh empty folder for each run)
+  regions  cpift regions: density 0.01, 3 tasks, alone
+
+Prints a table (median over ``--repeat`` runs) and the target ratios with PASS/FAIL.
+Always exits 0 when every command ran (it is a benchmark); exits 1 if a command failed.
+
+    python benchmarks/merge_speed.py [--work DIR] [--repeat N] [--json PATH]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import shutil
+import statistics
+import subprocess
+import sys
+import tempfile
+import threading
+import time
+from typing import Dict, List, Optional
+
+# layer bands (of SmolLM2-135M's 30) each variant pushes hardest: as in cpift_merge/demo.py
+VARIANTS = {"math": range(0, 12), "code": range(9, 21), "chat": range(18, 30)}
+SEED0 = 1000
+DENSITY = 0.01
+METHODS = ("linear", "ties", "cpi", "regions")
+# (name, numerator, denominator, metric, op, target)
+TARGETS = (
+    ("cpi/linear wall", "cpi", "linear", "wall_s", "<=", 1.5),
+    ("cpi/ties wall", "cpi", "ties", "wall_s", "<=", 0.5),
+    ("cpi/linear RSS", "cpi", "linear", "rss_gb", "<=", 1.2),
+    ("regions RSS (GB)", "regions", None, "rss_gb", "<", 1.5),
+)
+BIN = os.path.dirname(sys.executable)  # console scripts of this interpreter's environment
+
+
+def _script(name: str) -> str:
+    path = os.path.join(BIN, name)
+    return path if os.path.exists(path) else (shutil.which(name) or name)
+
+
+# ------------------------------------------------------------------ set-up
+
+
+def prepare_models(work: str) -> Dict[str, str]:
+    """Base (the converted SmolLM2, cached) and the three variants (made once)."""
+    from cpift_merge.models import make_variant, prepare_smollm2
+
+    base = prepare_smollm2()
+    paths = {"base": base}
+    for i, (name, layers) in enumerate(VARIANTS.items()):
+        out = os.path.join(work, "variants", name)
+        if not os.path.isfile(os.path.join(out, "model.safetensors")):
+            t = time.perf_counter()
+            make_variant(base, out, seed=SEED0 + i, layers=list(layers))
+            print(f"made variant {name} (seed {SEED0 + i}, layers {layers.start}-{layers.stop - 1})"
+                  f" in {time.perf_counter() - t:.1f} s", flush=True)
+        paths[name] = out
+    return paths
+
+
+def write_recipes(work: str, paths: Dict[str, str]) -> Dict[str, str]:
+    import yaml
+
+    base = paths["base"]
+    tasks = [paths[n] for n in VARIANTS]
+    recipes = {
+        "linear": {
+            "merge_method": "linear",
+            "models": [{"model": p, "parameters": {"weight": 1.0}} for p in [base, *tasks]],
+            "parameters": {"normalize": True},
+            "dtype": "float32",
+        },
+        "ties": {
+            "merge_method": "ties",
+            "base_model": base,
+            "models": [{"model": p} for p in tasks],
+            "parameters": {"density": DENSITY, "weight": 1.0},
+            "dtype": "float32",
+        },
+        "cpi": {
+            "merge_method": "cpi",
+            "base_model": base,
+            "models": [{"model": p} for p in tasks],
+            "parameters": {"density": DENSITY, "scope": "global"},
+            "dtype": "float32",
+        },
+    }
+    out = {}
+    os.makedirs(os.path.join(work, "recipes"), exist_ok=True)
+    for name, recipe in recipes.items():
+        out[name] = os.path.join(work, "recipes", f"{name}.yml")
+        with open(out[name], "w", encoding="utf-8") as fh:
+            yaml.safe_dump(recipe, fh, sort_keys=False)
+    return out
+
+
+def command(method: str, work: str, paths: Dict[str, str], recipes: Dict[str, str], out: str) -> List[str]:
+    shard = ["--out-shard-size", "100B"]  # one output file whatever the model
+    if method in ("linear", "ties"):
+        return [_script("mergekit-yaml"), recipes[method], out, "--no-copy-tokenizer",
+                "--no-write-model-card", "--quiet", *shard]
+    if method == "cpi":
+        return [_script("cpift"), "merge", recipes["cpi"], out, "--no-copy-tokenizer",
+                "--no-write-model-card", "--quiet", *shard]
+    if method == "regions":
+        models = [f"--model={n}={paths[n]}" for n in VARIANTS]
+        return [_script("cpift"), "regions", "--base", paths["base"], *models,
+                "--density", str(DENSITY), "--out", out, "--quiet"]
+    raise ValueError(method)
+
+
+# -------------------------------------------------------------- measuring
+
+
+class _Sampler(threading.Thread):
+    """Polls /proc/PID/status for the split of RSS into anonymous memory and
+    file-backed pages (mostly the mmap'ed safetensors files). Sampled, so it can
+    miss short peaks; ``ru_maxrss`` from wait4 is the authoritative peak."""
+
+    def __init__(self, pid: int, every: float = 0.02):
+        super().__init__(daemon=True)
+        self.pid, self.every = pid, every
+        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.stop = threading.Event()
+
+    def run(self) -> None:
+        path = f"/proc/{self.pid}/status"
+        while not self.stop.is_set():
+            try:
+                with open(path, encoding="ascii", errors="replace") as fh:
+                    for line in fh:
+                        key, _, rest = line.partition(":")
+                        if key in self.peak:
+                            self.peak[key] = max(self.peak[key], int(rest.split()[0]))
+            except (OSError, ValueError, IndexError):
+                pass
+            self.stop.wait(self.every)
+
+
+def measure(cmd: List[str], env: Dict[str, str], log: str) -> Dict[str, float]:
+    """Run ``cmd`` as a child; its wall time, peak RSS (ru_maxrss) and CPU time."""
+    with open(log, "wb") as fh:
+        t0 = time.perf_counter()
+        proc = subprocess.Popen(cmd, env=env, stdout=fh, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        sampler = _Sampler(proc.pid)
+        sampler.start()
+        _pid, status, ru = os.wait4(proc.pid, 0)
+        wall = time.perf_counter() - t0
+        sampler.stop.set()
+        sampler.join()
+    proc.returncode = os.waitstatus_to_exitcode(status)  # so Popen does not wait again
+    return {
+        "rc": proc.returncode,
+        "wall_s": wall,
+        "rss_gb": ru.ru_maxrss * 1024 / 1e9,  # Linux: KiB
+        "cpu_s": ru.ru_utime + ru.ru_stime,
+        "anon_gb": sampler.peak["RssAnon"] * 1024 / 1e9,
+        "file_gb": sampler.peak["RssFile"] * 1024 / 1e9,
+    }
+
+
+def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool) -> Dict[str, float]:
+    runs = os.path.join(work, "runs")
+    os.makedirs(runs, exist_ok=True)
+    out = os.path.join(runs, f"{method}-{rep}")
+    shutil.rmtree(out, ignore_errors=True)
+    env = dict(os.environ)
+    env.setdefault("TQDM_DISABLE", "1")
+    fresh_cache = None
+    if method == "cpi":
+        # empty pre-pass cache: the run pays for the global region pre-pass; the recipe
+        # names the models by absolute path, so the converted base is still used as is.
+        fresh_cache = tempfile.mkdtemp(prefix="cpift-cache-", dir=runs)
+        env["CPIFT_CACHE"] = fresh_cache
+    log = os.path.join(runs, f"{method}-{rep}.log")
+    cmd = command(method, work, paths, recipes, out)
+    res = measure(cmd, env, log)
+    res["cmd"] = " ".join(cmd)
+    if res["rc"] == 0:
+        want = "regions.json" if method == "regions" else "model.safetensors"
+        if not os.path.isfile(os.path.join(out, want)):
+            res["rc"] = -1
+            res["error"] = f"{want} missing from {out}"
+    if res["rc"] != 0:
+        with open(log, encoding="utf-8", errors="replace") as fh:
+            res.setdefault("error", fh.read()[-2000:])
+    if not keep:
+        shutil.rmtree(out, ignore_errors=True)
+        if fresh_cache:
+            shutil.rmtree(fresh_cache, ignore_errors=True)
+    return res
+
+
+# ---------------------------------------------------------------- reporting
+
+
+def table(header, rows) -> str:
+    cells = [list(map(str, header))] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
+
+
+def main(argv: Optional[List[str]] = None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    ap.add_argument("--work", help="folder for variants, recipes and outputs (default: a temp dir)")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method; the median is reported")
+    ap.add_argument("--json", help="also write the numbers to this JSON file")
+    ap.add_argument("--methods", default=",".join(METHODS), help="comma list, subset of " + ",".join(METHODS))
+    ap.add_argument("--keep", action="store_true", help="keep merge outputs under WORK/runs")
+    args = ap.parse_args(argv)
+    methods = [m for m in args.methods.split(",") if m]
+    bad = [m for m in methods if m not in METHODS]
+    if bad or args.repeat < 1:
+        ap.error(f"unknown methods {bad}" if bad else "--repeat must be >= 1")
+
+    temp = None
+    if args.work:
+        work = os.path.abspath(args.work)
+        os.makedirs(work, exist_ok=True)
+    else:
+        work = temp = tempfile.mkdtemp(prefix="cpift-bench-")
+    try:
+        paths = prepare_models(work)
+        recipes = write_recipes(work, paths)
+        print(f"work dir {work}; base {paths['base']}", flush=True)
+        results: Dict[str, List[Dict]] = {m: [] for m in methods}
+        for rep in range(args.repeat):
+            # rotate the order so a neighbour's load does not always hit the same method
+            order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+            for m in order:
+                r = run_one(m, rep, work, paths, recipes, args.keep)
+                results[m].append(r)
+                status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
+                print(f"  run {rep + 1}/{args.repeat} {m:<8} {r['wall_s']:7.2f} s"
+                      f"  {r['rss_gb']:6.3f} GB (anon {r['anon_gb']:.2f}, file {r['file_gb']:.2f})  cpu {r['cpu_s']:7.2f} s  {status}", flush=True)
+                if r["rc"] != 0:
+                    print(f"    {r['cmd']}\n    " + r["error"].strip().replace("\n", "\n    "), flush=True)
+        return report(results, args, work)
+    finally:
+        if temp:
+            shutil.rmtree(temp, ignore_errors=True)
+
+
+def report(results: Dict[str, List[Dict]], args, work: str) -> int:
+    summary = {}
+    for m, runs in results.items():
+        ok = [r for r in runs if r["rc"] == 0]
+        summary[m] = {
+            "runs": len(runs),
+            "failed": len(runs) - len(ok),
+            "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
+            "rss_gb": statistics.median(r["rss_gb"] for r in ok) if ok else None,
+            "cpu_s": statistics.median(r["cpu_s"] for r in ok) if ok else None,
+            "anon_gb": statistics.median(r["anon_gb"] for r in ok) if ok else None,
+            "file_gb": statistics.median(r["file_gb"] for r in ok) if ok else None,
+            "all_wall_s": [round(r["wall_s"], 3) for r in runs],
+            "all_rss_gb": [round(r["rss_gb"], 4) for r in runs],
+            "cmd": runs[0]["cmd"] if runs else None,
+        }
+    print()
+    label = "median " if args.repeat > 1 else ""
+    print(f"SmolLM2-135M fp32, 3 variants, density {DENSITY}; {args.repeat} run(s) per method"
+          f" ({os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()})")
+    keys = ("wall_s", "rss_gb", "anon_gb", "file_gb", "cpu_s")
+    rows = [[m, *[("FAILED" if k == "wall_s" else "-") if s[k] is None else s[k] for k in keys]]
+            for m, s in summary.items()]
+    print(table(["method", f"{label}wall s", f"{label}peak RSS GB", "anon GB*", "file GB*", f"{label}cpu s"], rows))
+    print("* sampled peaks of RssAnon (heap) and RssFile (mmap'ed weights) from /proc, every 20 ms")
+    print()
+    checks = []
+    for name, num, den, metric, op, target in TARGETS:
+        a = summary.get(num, {}).get(metric)
+        b = summary.get(den, {}).get(metric) if den else 1.0
+        if a is None or b is None:
+            checks.append({"check": name, "value": None, "target": f"{op} {target}", "result": "SKIP"})
+            continue
+        value = a / b
+        ok = value <= target if op == "<=" else value < target
+        checks.append({"check": name, "value": value, "target": f"{op} {target}", "result": "PASS" if ok else "FAIL"})
+    print(table(["check", "value", "target", "result"],
+                [[c["check"], c["value"] if c["value"] is not None else "-", c["target"], c["result"]] for c in checks]))
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"work": work, "repeat": args.repeat, "density": DENSITY, "cpus": os.cpu_count(),
+                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "methods": summary,
+                       "runs": results, "checks": checks}, fh, indent=1)
+        print(f"\nwrote {args.json}")
+    failed = any(s["failed"] for s in summary.values())
+    return 1 if failed else 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
