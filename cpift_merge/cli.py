@@ -109,6 +109,107 @@ def regions(base, models, density, scope, exclude, tau, order, seed, out, overwr
     click.echo(f"wrote {rs.path}")
 
 
+def _train_options(fn):
+    """Training options shared by probe and train."""
+    opts = [
+        click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs)."),
+        click.option("--epochs", type=float, default=1.0, show_default=True),
+        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--weight-decay", type=float, default=0.0, show_default=True),
+        click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
+        click.option("--batch-size", type=int, default=8, show_default=True),
+        click.option("--grad-accum", type=int, default=1, show_default=True),
+        click.option("--max-length", type=int, default=256, show_default=True),
+        click.option("--seed", type=int, default=0, show_default=True),
+        click.option("--bf16", is_flag=True, help="bf16 autocast."),
+        click.option("--save-steps", type=int, default=25, show_default=True,
+                     help="Checkpoint interval (an interrupted run resumes from the last one)."),
+        click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option("--quiet", is_flag=True, help="No progress bars."),
+    ]
+    for o in reversed(opts):
+        fn = o(fn)
+    return fn
+
+
+def _config(lora=False, lora_rank=8, **kw):
+    from cpift_merge.train import TrainConfig
+
+    keys = ("steps", "epochs", "lr", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
+            "max_length", "seed", "bf16", "save_steps", "device")
+    cfg = TrainConfig(**{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank)
+    cfg.check()
+    return cfg
+
+
+def _load_tasks(pairs: Dict[str, str]):
+    from cpift_merge.data import load_examples
+    from cpift_merge.regions import check_task_names
+
+    check_task_names(list(pairs))
+    return {name: load_examples(path) for name, path in pairs.items()}
+
+
+@main.command()
+@click.option("--base", required=True, help="Pre-trained model theta_0 (HF folder).")
+@click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=DATA",
+              help="Task data (JSONL or a saved datasets folder); repeat per task.")
+@click.option("--out", required=True, help="Folder for the probes: OUT/NAME/ per task.")
+@click.option("--lora", is_flag=True, help="Train a LoRA adapter and save the merged model.")
+@click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--regions", "regions_density", type=float, default=None, metavar="DENSITY",
+              help="Then compute OUT/regions at this density (global scope).")
+@_train_options
+@_friendly
+def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
+    """Short fine-tune of BASE on each task alone (the probes that give the cores)."""
+    from cpift_merge.train import finetune
+
+    cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
+    data = _load_tasks(_pairs(tasks, "--task"))
+    paths = {}
+    for name, examples in data.items():
+        click.echo(f"probe {name}: {len(examples)} examples")
+        rec = finetune(base, examples, os.path.join(out, name), cfg, record="probe.json",
+                       extra={"task": name}, progress=not quiet)
+        click.echo(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
+        paths[name] = os.path.join(out, name)
+    if regions_density is not None:
+        from cpift_merge.regions import compute_from_paths
+
+        rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=regions_density,
+                                overwrite=True, progress=not quiet)
+        click.echo(region_report(rs))
+
+
+@main.command()
+@click.option("--base", required=True, help="Model to start from (HF folder).")
+@click.option("--regions", "regions_dir", default=None, help="Region directory (cores to freeze).")
+@click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=DATA")
+@click.option("--groups", default="from-regions", show_default=True,
+              help='Stages: from-regions, random:K, or given:"a,b;c".')
+@click.option("--sample", type=int, default=None, help="Seeded, balanced N examples per task.")
+@click.option("--out", required=True, help="OUT/stage-K/ per stage.")
+@_train_options
+@_friendly
+def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
+    """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
+    from cpift_merge.regions import load_regions
+    from cpift_merge.train import plan_groups, staged_train
+
+    cfg = _config(**kw)
+    if sample is not None and sample < 1:
+        raise CpiftError(f"--sample must be at least 1, got {sample}")
+    data = _load_tasks(_pairs(tasks, "--task"))
+    rs = load_regions(regions_dir) if regions_dir else None
+    plan = plan_groups(groups, list(data), rs, cfg.seed)
+    summary = staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=not quiet)
+    rows = [[s["stage"], ", ".join(s["tasks"]), s["frozen_entries"], s["steps"],
+             s["final_loss"] if s["final_loss"] is not None else "-"] for s in summary["stages"]]
+    click.echo(format_table(["stage", "tasks", "frozen", "steps", "final loss"], rows))
+    click.echo(f"final model: {summary['final']}")
+
+
 def _merge_command(fn):
     from mergekit.options import add_merge_options
 

@@ -1,0 +1,197 @@
+"""The masked update: frozen entries stay bit-identical, everything else trains.
+
+This is the one place where freezing happens (probes, staged SFT, calibration, the
+HF Trainer / TRL callbacks all use :class:`MaskedUpdate`). Zeroing gradients is not
+enough: decoupled weight decay and momentum carried over from an earlier stage still
+move an entry whose gradient is zero. So, per optimizer step:
+
+1. gradients of frozen entries are zeroed as soon as they are accumulated
+   (``register_post_accumulate_grad_hook``), so gradient clipping and every norm see
+   the masked gradients, also under gradient accumulation;
+2. an optimizer *step pre-hook* gathers the frozen entries' values (compactly, only
+   the frozen ones) and a *step post-hook* writes them back, whatever the optimizer
+   did (weight decay, momentum, AMSGrad, ...): ``torch.equal`` holds by construction;
+3. when a stage begins, optimizer moments of newly frozen entries are zeroed, so they
+   carry nothing over.
+
+Masks live on the parameter's device packed at 1 bit per entry (``storage="bits"``,
+default) or as bool (1 byte, ``storage="bytes"``, a little faster); parameters with
+no frozen entry carry no mask at all. The step hooks are registered on the torch
+optimizer itself, so they also fire through accelerate's wrapper, DDP and AMP.
+"""
+
+from __future__ import annotations
+
+from typing import Callable, Dict, Iterable, List, Mapping, Optional, Tuple
+
+import torch
+
+from cpift_merge import masks as maskcodec
+
+
+class _Frozen:
+    """The frozen entries of one parameter."""
+
+    __slots__ = ("param", "name", "numel", "count", "_packed", "_bool", "_saved")
+
+    def __init__(self, name: str, param: torch.Tensor, mask: torch.Tensor, storage: str):
+        flat = mask.reshape(-1).to(device=param.device, dtype=torch.bool)
+        if flat.numel() != param.numel():
+            raise ValueError(
+                f"mask for {name} has {flat.numel()} entries, the parameter {param.numel()}"
+            )
+        self.param, self.name, self.numel = param, name, param.numel()
+        self.count = int(flat.sum())
+        self._packed = maskcodec.pack_bits(flat) if storage == "bits" else None
+        self._bool = flat if storage == "bytes" else None
+        self._saved: Optional[torch.Tensor] = None
+
+    def mask(self) -> torch.Tensor:
+        """Flat bool mask (unpacked on the fly when stored as bits)."""
+        if self._bool is not None:
+            return self._bool
+        return maskcodec.unpack_bits(self._packed, self.numel)
+
+    @property
+    def nbytes(self) -> int:
+        t = self._bool if self._bool is not None else self._packed
+        return t.numel() * t.element_size()
+
+    def _data(self) -> torch.Tensor:
+        return _local(self.param).detach().view(-1)
+
+    def save(self) -> None:
+        self._saved = self._data().masked_select(self.mask())
+
+    def restore(self) -> None:
+        if self._saved is not None:
+            self._data().masked_scatter_(self.mask(), self._saved)
+            self._saved = None
+
+    def mask_grad(self) -> None:
+        g = self.param.grad
+        if g is not None:
+            _local(g).view(-1).masked_fill_(self.mask(), 0)
+
+
+def _local(t: torch.Tensor) -> torch.Tensor:
+    """The process-local tensor (FSDP2/DTensor shards expose ``to_local``)."""
+    return t.to_local() if hasattr(t, "to_local") else t
+
+
+class MaskedUpdate:
+    """Keep the masked (True = frozen) entries of a model's parameters bit-identical.
+
+    ``masks`` maps parameter names (as in ``model.named_parameters()``) to bool tensors
+    shaped like the parameter. Use it with any torch optimizer::
+
+        mu = MaskedUpdate(model, masks)
+        mu.attach(optimizer)          # hooks; zeroes moments of frozen entries
+        ... your usual loop (backward, clip_grad_norm_, optimizer.step()) ...
+        mu.detach()
+    """
+
+    def __init__(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor], storage: str = "bits"):
+        if storage not in ("bits", "bytes"):
+            raise ValueError("storage must be 'bits' or 'bytes'")
+        params = dict(_named_parameters(model))
+        unknown = [n for n in masks if n not in params]
+        if unknown:
+            raise KeyError(f"mask for unknown parameter {unknown[0]!r}")
+        self.frozen: List[_Frozen] = []
+        for name, mask in masks.items():
+            if bool(mask.any()) and params[name].is_floating_point():
+                self.frozen.append(_Frozen(name, params[name], mask, storage))
+        self._handles: List = []
+
+    # ------------------------------------------------------------------ facts
+    @property
+    def frozen_count(self) -> int:
+        return sum(f.count for f in self.frozen)
+
+    @property
+    def mask_bytes(self) -> int:
+        """Device memory the masks take (excludes transient buffers during a step)."""
+        return sum(f.nbytes for f in self.frozen)
+
+    # -------------------------------------------------------------- operations
+    def mask_grads(self) -> None:
+        for f in self.frozen:
+            f.mask_grad()
+
+    def save(self) -> None:
+        for f in self.frozen:
+            f.save()
+
+    def restore(self) -> None:
+        for f in self.frozen:
+            f.restore()
+
+    def reset_state(self, optimizer: torch.optim.Optimizer) -> None:
+        """Zero every per-entry optimizer state (moments) of the frozen entries."""
+        for f in self.frozen:
+            state = optimizer.state.get(f.param, {})
+            for value in state.values():
+                if isinstance(value, torch.Tensor) and value.shape == f.param.shape:
+                    _local(value).view(-1).masked_fill_(f.mask(), 0)
+
+    def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> "MaskedUpdate":
+        """Register gradient hooks (and step hooks when ``optimizer`` is given)."""
+        for f in self.frozen:
+            self._handles.append(f.param.register_post_accumulate_grad_hook(_grad_hook(f)))
+        if optimizer is not None:
+            opt = unwrap_optimizer(optimizer)
+            self.reset_state(opt)
+            self._handles.append(opt.register_step_pre_hook(lambda *_: self._pre_step()))
+            self._handles.append(opt.register_step_post_hook(lambda *_: self.restore()))
+        return self
+
+    def _pre_step(self) -> None:
+        self.mask_grads()  # e.g. grads set by hand after backward
+        self.save()
+
+    def detach(self) -> None:
+        for h in self._handles:
+            h.remove()
+        self._handles.clear()
+
+    def __enter__(self) -> "MaskedUpdate":
+        return self
+
+    def __exit__(self, *exc) -> None:
+        self.detach()
+
+
+def _grad_hook(f: _Frozen) -> Callable[[torch.Tensor], None]:
+    def hook(_param: torch.Tensor) -> None:
+        f.mask_grad()
+
+    return hook
+
+
+def _named_parameters(model: torch.nn.Module) -> Iterable[Tuple[str, torch.Tensor]]:
+    """Names as in the checkpoint: strip DDP's ``module.`` and FSDP/compile prefixes."""
+    for name, p in model.named_parameters():
+        for prefix in ("module.", "_orig_mod.", "_fsdp_wrapped_module."):
+            name = name.replace(prefix, "")
+        yield name, p
+
+
+def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
+    """The torch optimizer under accelerate's (or another) wrapper."""
+    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+        optimizer = optimizer.optimizer
+    return optimizer
+
+
+def masks_from_regions(model: torch.nn.Module, regions, tasks: Iterable[str]) -> Dict[str, torch.Tensor]:
+    """Union of the given tasks' cores, per parameter of ``model`` (bool, on CPU)."""
+    names = dict(_named_parameters(model))
+    out: Dict[str, torch.Tensor] = {}
+    for task in tasks:
+        for tensor in regions.tensor_names:
+            if tensor not in names:
+                continue
+            m = regions.mask(task, tensor)
+            out[tensor] = out[tensor] | m if tensor in out else m
+    return out

@@ -1,0 +1,339 @@
+"""Fine-tuning runs: task probes and staged SFT with frozen cores (HF Trainer).
+
+Each run (one probe, one stage) trains a model with HF ``Trainer`` and the
+:class:`FreezeCallback` (which applies :class:`cpift_merge.freeze.MaskedUpdate`),
+checkpoints into ``OUT.work/`` every ``save_steps`` so an interrupted run resumes
+where it stopped, and writes the finished model to ``OUT/`` atomically, with a JSON
+record and ``train_log.jsonl``. A finished run (its record exists) is not redone.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+from dataclasses import asdict, dataclass, field
+from typing import Any, Dict, List, Optional, Sequence
+
+import torch
+from transformers import TrainerCallback
+
+from cpift_merge.data import Collator, encode_all
+from cpift_merge.errors import CpiftError
+from cpift_merge.freeze import MaskedUpdate, unwrap_optimizer
+
+LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+@dataclass
+class TrainConfig:
+    """Training options shared by probes, stages and calibration."""
+
+    steps: Optional[int] = None  # optimizer steps (wins over epochs)
+    epochs: float = 1.0
+    lr: float = 1e-4
+    weight_decay: float = 0.0
+    max_grad_norm: float = 1.0
+    batch_size: int = 8
+    grad_accum: int = 1
+    max_length: int = 256
+    seed: int = 0
+    bf16: bool = False
+    save_steps: int = 25
+    warmup_steps: int = 0
+    scheduler: str = "linear"
+    lora: bool = False
+    lora_rank: int = 8
+    device: str = "auto"  # auto | cpu | cuda
+
+    def check(self) -> None:
+        if self.steps is not None and self.steps < 1:
+            raise CpiftError(f"--steps must be at least 1, got {self.steps}")
+        if self.epochs <= 0:
+            raise CpiftError(f"--epochs must be positive, got {self.epochs}")
+        for name in ("batch_size", "grad_accum", "save_steps", "lora_rank"):
+            if getattr(self, name) < 1:
+                raise CpiftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.lr <= 0:
+            raise CpiftError(f"--lr must be positive, got {self.lr}")
+        if self.weight_decay < 0 or self.max_grad_norm < 0:
+            raise CpiftError("--weight-decay and --max-grad-norm must be non-negative")
+        if self.device not in ("auto", "cpu", "cuda"):
+            raise CpiftError(f"--device must be auto, cpu or cuda, got {self.device!r}")
+        if self.device == "cuda" and not torch.cuda.is_available():
+            raise CpiftError("--device cuda asked for, but no CUDA device is available")
+
+    def fingerprint(self) -> str:
+        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+
+
+class FreezeCallback(TrainerCallback):
+    """HF ``Trainer`` / TRL ``SFTTrainer`` callback that keeps frozen entries
+    bit-identical. It attaches :class:`MaskedUpdate` when training begins (after the
+    optimizer exists and any checkpoint state was loaded) and detaches at the end.
+
+    ``trainer = Trainer(..., callbacks=[FreezeCallback(masks)])`` with ``masks`` a
+    ``{parameter name: bool tensor}`` (True = frozen).
+    """
+
+    def __init__(self, masks: Dict[str, torch.Tensor], storage: str = "bits"):
+        self.masks = masks
+        self.storage = storage
+        self.update: Optional[MaskedUpdate] = None
+
+    def on_train_begin(self, args, state, control, model=None, optimizer=None, **kwargs):
+        self.update = MaskedUpdate(model, self.masks, storage=self.storage).attach(unwrap_optimizer(optimizer))
+
+    def on_train_end(self, args, state, control, **kwargs):
+        if self.update is not None:
+            self.update.detach()
+
+
+class JsonlLogCallback(TrainerCallback):
+    """Append every Trainer log (loss, lr, grad norm) to a JSONL file."""
+
+    def __init__(self, path: str, resume_step: int = 0):
+        self.path = path
+        self.losses: List[float] = []
+        if os.path.exists(path):  # drop lines past the checkpoint we resume from
+            with open(path, encoding="utf-8") as fh:
+                keep = [line for line in fh if json.loads(line).get("step", 0) <= resume_step]
+            with open(path, "w", encoding="utf-8") as fh:
+                fh.writelines(keep)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if logs:
+            rec = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
+            if "loss" in rec:
+                self.losses.append(float(rec["loss"]))
+            with open(self.path, "a", encoding="utf-8") as fh:
+                fh.write(json.dumps(rec) + "\n")
+
+
+class _Examples(torch.utils.data.Dataset):
+    def __init__(self, rows):
+        self.rows = rows
+
+    def __len__(self):
+        return len(self.rows)
+
+    def __getitem__(self, i):
+        r = self.rows[i]
+        return {"input_ids": r.input_ids, "labels": r.labels}
+
+
+def _last_checkpoint(work: str) -> Optional[str]:
+    if not os.path.isdir(work):
+        return None
+    ckpts = [d for d in os.listdir(work) if d.startswith("checkpoint-") and d[11:].isdigit()]
+    ckpts = [d for d in ckpts if os.path.isfile(os.path.join(work, d, "trainer_state.json"))]
+    return os.path.join(work, max(ckpts, key=lambda d: int(d[11:]))) if ckpts else None
+
+
+def finetune(
+    base: str,
+    examples: Sequence[Dict[str, Any]],
+    out: str,
+    cfg: TrainConfig,
+    *,
+    frozen: Optional[Dict[str, torch.Tensor]] = None,
+    record: str = "run.json",
+    extra: Optional[Dict[str, Any]] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Fine-tune ``base`` on ``examples`` into ``out`` (resumable, atomic).
+
+    ``frozen`` maps parameter names to bool masks kept bit-identical. Returns the
+    record written to ``out/<record>``.
+    """
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    cfg.check()
+    out = os.path.abspath(out)
+    done = os.path.join(out, record)
+    if os.path.isfile(done):
+        with open(done, encoding="utf-8") as fh:
+            return json.load(fh)
+    work = out + ".work"
+    os.makedirs(work, exist_ok=True)
+    stamp = os.path.join(work, "run-config.json")
+    run_id = {"config": cfg.fingerprint(), "base": os.path.abspath(base), "n": len(examples),
+              "frozen": sum(int(m.sum()) for m in (frozen or {}).values())}
+    if os.path.isfile(stamp):
+        with open(stamp, encoding="utf-8") as fh:
+            if json.load(fh) != run_id:
+                raise CpiftError(
+                    f"{work} holds an interrupted run with other settings; delete it or rerun"
+                    " with the same options"
+                )
+    else:
+        with open(stamp, "w", encoding="utf-8") as fh:
+            json.dump(run_id, fh)
+
+    tok = AutoTokenizer.from_pretrained(base)
+    if tok.pad_token_id is None:
+        tok.pad_token = tok.eos_token
+    rows, report = encode_all(tok, examples, cfg.max_length)
+    if not rows:
+        raise CpiftError(f"{report.summary('data')}: nothing left to train on")
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    reference = {n: p.detach()[frozen[n]].clone() for n, p in model.named_parameters() if frozen and n in frozen}
+    if cfg.lora:
+        from peft import LoraConfig, get_peft_model
+
+        targets = [t for t in LORA_TARGETS if any(n.endswith(f"{t}.weight") for n, _ in model.named_parameters())]
+        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
+                                                 lora_dropout=0.0, target_modules=targets))
+    use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
+    args = TrainingArguments(
+        output_dir=work,
+        max_steps=cfg.steps if cfg.steps is not None else -1,
+        num_train_epochs=cfg.epochs,
+        learning_rate=cfg.lr,
+        weight_decay=cfg.weight_decay,
+        max_grad_norm=cfg.max_grad_norm,
+        per_device_train_batch_size=cfg.batch_size,
+        gradient_accumulation_steps=cfg.grad_accum,
+        lr_scheduler_type=cfg.scheduler,
+        warmup_steps=cfg.warmup_steps,
+        seed=cfg.seed,
+        data_seed=cfg.seed,
+        bf16=cfg.bf16,
+        use_cpu=use_cpu,
+        save_strategy="steps",
+        save_steps=cfg.save_steps,
+        save_total_limit=1,
+        logging_steps=1,
+        report_to=[],
+        disable_tqdm=not progress,
+        dataloader_num_workers=0,
+        remove_unused_columns=False,
+    )
+    resume = _last_checkpoint(work)
+    resume_step = 0
+    if resume:
+        with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as fh:
+            resume_step = int(json.load(fh).get("global_step", 0))
+    log = JsonlLogCallback(os.path.join(work, "train_log.jsonl"), resume_step)
+    callbacks: List[Any] = [log]
+    if frozen and not cfg.lora:
+        callbacks.append(FreezeCallback(frozen))
+    trainer = Trainer(model=model, args=args, train_dataset=_Examples(rows),
+                      data_collator=Collator(tok.pad_token_id), callbacks=callbacks)
+    result = trainer.train(resume_from_checkpoint=resume)
+    if cfg.lora:
+        model = model.merge_and_unload()
+    model = model.to("cpu")
+    identical = all(torch.equal(p.detach()[frozen[n]], reference[n])
+                    for n, p in model.named_parameters() if n in reference)
+    if frozen and not identical:
+        raise CpiftError(f"internal error: frozen entries moved in {out}; please report")
+    losses = [json.loads(line).get("loss") for line in open(os.path.join(work, "train_log.jsonl"), encoding="utf-8")]
+    losses = [x for x in losses if x is not None]
+    rec = {
+        "base": os.path.abspath(base),
+        "examples": report.examples,
+        "truncated": report.truncated,
+        "dropped": report.dropped,
+        "steps": int(result.global_step),
+        "frozen_entries": run_id["frozen"],
+        "frozen_bit_identical": bool(identical) if frozen else None,
+        "first_loss": losses[0] if losses else None,
+        "final_loss": losses[-1] if losses else None,
+        "losses": losses,
+        "config": asdict(cfg),
+        **(extra or {}),
+    }
+    from cpift_merge.regions import atomic_dir
+
+    with atomic_dir(out, overwrite=True) as tmp:
+        model.save_pretrained(tmp, safe_serialization=True)
+        tok.save_pretrained(tmp)
+        shutil.copy(os.path.join(work, "train_log.jsonl"), os.path.join(tmp, "train_log.jsonl"))
+        with open(os.path.join(tmp, record), "w", encoding="utf-8") as fh:
+            json.dump(rec, fh, indent=1)
+    shutil.rmtree(work, ignore_errors=True)
+    return rec
+
+
+# ------------------------------------------------------------------- stages
+
+
+def plan_groups(spec: str, tasks: Sequence[str], regions=None, seed: int = 0) -> List[List[str]]:
+    """Stage groups from ``from-regions``, ``random:K`` or ``given:"a,b;c"``."""
+    import random
+
+    if spec == "from-regions":
+        if regions is None:
+            raise CpiftError("--groups from-regions needs --regions")
+        groups = [[t for t in g if t in tasks] for g in regions.groups]
+        missing = [t for t in tasks if not any(t in g for g in groups)]
+        if missing:
+            raise CpiftError(f"task {missing[0]} is not in the region file {regions.path}; recompute the regions")
+        return [g for g in groups if g]
+    if spec.startswith("random:"):
+        try:
+            k = int(spec.split(":", 1)[1])
+        except ValueError:
+            raise CpiftError(f"--groups random:K needs an integer K, got {spec!r}") from None
+        if not 1 <= k <= len(tasks):
+            raise CpiftError(f"--groups random:{k} needs 1 <= K <= {len(tasks)} (the number of tasks)")
+        order = list(tasks)
+        random.Random(seed).shuffle(order)
+        return [order[i::k] for i in range(k)]
+    if spec.startswith("given:"):
+        groups = [[t.strip() for t in g.split(",") if t.strip()] for g in spec.split(":", 1)[1].split(";")]
+        groups = [g for g in groups if g]
+        named = [t for g in groups for t in g]
+        if sorted(named) != sorted(tasks) or len(set(named)) != len(named):
+            raise CpiftError(f"--groups {spec!r} must name every task exactly once (tasks: {', '.join(tasks)})")
+        return groups
+    raise CpiftError(f"--groups must be from-regions, random:K or given:\"a,b;c\", got {spec!r}")
+
+
+def staged_train(
+    base: str,
+    data: Dict[str, List[Dict[str, Any]]],
+    out: str,
+    groups: List[List[str]],
+    cfg: TrainConfig,
+    regions=None,
+    sample: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """Train the groups in order; stage k freezes the cores of every task trained in
+    stages 1..k-1. Each stage is saved under ``OUT/stage-K/`` with ``stage.json``."""
+    import random
+
+    from cpift_merge.data import sample_balanced
+    from cpift_merge.freeze import masks_from_regions
+
+    os.makedirs(out, exist_ok=True)
+    if sample is not None:
+        data = sample_balanced(data, sample, cfg.seed)
+    current = base
+    stages = []
+    earlier: List[str] = []
+    for k, group in enumerate(groups, 1):
+        stage_dir = os.path.join(out, f"stage-{k}")
+        frozen = None
+        if regions is not None and earlier:
+            from transformers import AutoConfig, AutoModelForCausalLM
+
+            with torch.device("meta"):
+                skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(current))
+            frozen = masks_from_regions(skeleton, regions, earlier)
+        rows = [ex for t in group for ex in data[t]]
+        random.Random(cfg.seed + k).shuffle(rows)
+        rec = finetune(current, rows, stage_dir, cfg, frozen=frozen, record="stage.json",
+                       extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)}, progress=progress)
+        stages.append({"stage": k, "tasks": group, "path": stage_dir, "frozen_entries": rec["frozen_entries"],
+                       "steps": rec["steps"], "final_loss": rec["final_loss"]})
+        earlier += group
+        current = stage_dir
+    summary = {"groups": groups, "stages": stages, "final": current,
+               "regions": getattr(regions, "path", None), "sample": sample}
+    with open(os.path.join(out, "train.json"), "w", encoding="utf-8") as fh:
+        json.dump(summary, fh, indent=1)
+    return summary
