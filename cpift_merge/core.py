@@ -36,10 +36,20 @@ def magnitude_keys(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
         -1
     ).to(torch.float32)
     delta = delta.abs_()
-    if not bool(torch.isfinite(delta).all()):
+    if not all_finite(delta):
         raise ValueError("non-finite value (NaN or Inf)")
     # abs() of -0.0 is +0.0, so every key is a non-negative int32
     return delta.view(torch.int32)
+
+
+def all_finite(t: torch.Tensor) -> bool:
+    """Whether every entry is finite. A NaN or Inf makes the sum non-finite, so the fast
+    sum decides; only a non-finite sum (or an overflow) pays the full check."""
+    if not t.is_floating_point() or t.numel() == 0:
+        return True
+    if bool(torch.isfinite(t.sum())):
+        return True
+    return bool(torch.isfinite(t).all())
 
 
 def _bincount(values: torch.Tensor, buckets: int) -> torch.Tensor:
@@ -101,12 +111,22 @@ class ThresholdFinder:
     def needs_low(self) -> bool:
         return self.result is None
 
-    def add_low(self, keys: torch.Tensor) -> None:
+    @property
+    def bucket(self) -> int:
+        """The high-16-bit bucket holding the k-th largest key (after ``end_high``)."""
+        if self._bucket is None:
+            raise RuntimeError("end_high() must be called first")
+        return self._bucket
+
+    def add_low(self, keys: torch.Tensor) -> torch.Tensor:
+        """Histogram the low bits of the keys in the threshold's bucket; returns those
+        low bits (so callers can count ties per tensor once the threshold is known)."""
         if self._bucket is None:
             raise RuntimeError("end_high() must be called before add_low()")
         low = keys[(keys >> 16) == self._bucket] & 0xFFFF
         if low.numel():
             self._low += _bincount(low, LOW_BUCKETS)
+        return low
 
     def end_low(self) -> Threshold:
         if self.result is not None:
@@ -122,6 +142,15 @@ class ThresholdFinder:
         return self.result
 
 
+def cut_mask(keys: torch.Tensor, key: int, ties: int) -> torch.Tensor:
+    """Keys above ``key``, plus the first ``ties`` entries equal to it (by index)."""
+    mask = keys > key
+    if ties > 0:
+        tied = (keys == key).nonzero().reshape(-1)[:ties]
+        mask[tied] = True
+    return mask
+
+
 class MaskCutter:
     """Turn keys into the exact mask, stream order, for one task's threshold."""
 
@@ -131,15 +160,22 @@ class MaskCutter:
         self.selected = 0
 
     def cut(self, keys: torch.Tensor) -> torch.Tensor:
-        key = self.threshold.key
-        mask = keys > key
+        mask = cut_mask(keys, self.threshold.key, self.ties_left)
         if self.ties_left > 0:
-            tied = (keys == key).nonzero().reshape(-1)
-            take = tied[: self.ties_left]
-            mask[take] = True
-            self.ties_left -= take.numel()
-        self.selected += int(mask.sum())
+            self.ties_left -= int(torch.count_nonzero(keys == self.threshold.key).clamp(max=self.ties_left))
+        self.selected += int(torch.count_nonzero(mask))
         return mask
+
+
+def tie_quotas(threshold: Threshold, tied_counts: Sequence[int]) -> List[int]:
+    """Split a threshold's ties over tensors in stream order, given how many entries
+    of each tensor equal the threshold key."""
+    left, out = threshold.ties, []
+    for c in tied_counts:
+        take = min(left, int(c))
+        out.append(take)
+        left -= take
+    return out
 
 
 def exact_top_k(keys: torch.Tensor, k: int) -> torch.Tensor:
@@ -198,9 +234,9 @@ def pairwise_intersections(masks: Sequence[torch.Tensor]) -> torch.Tensor:
     n = len(masks)
     out = torch.zeros((n, n), dtype=torch.int64)
     for a in range(n):
-        out[a, a] = int(masks[a].sum())
+        out[a, a] = int(torch.count_nonzero(masks[a]))
         for b in range(a + 1, n):
-            c = int((masks[a] & masks[b]).sum())
+            c = int(torch.count_nonzero(masks[a] & masks[b]))
             out[a, b] = out[b, a] = c
     return out
 

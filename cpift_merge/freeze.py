@@ -35,12 +35,13 @@ class _Frozen:
     __slots__ = ("param", "name", "numel", "count", "_packed", "_bool", "_saved")
 
     def __init__(self, name: str, param: torch.Tensor, mask: torch.Tensor, storage: str):
-        flat = mask.reshape(-1).to(device=param.device, dtype=torch.bool)
-        if flat.numel() != param.numel():
+        if mask.numel() != param.numel():
             raise ValueError(
-                f"mask for {name} has {flat.numel()} entries, the parameter {param.numel()}"
+                f"mask for {name} has {mask.numel()} entries, the parameter {param.numel()}"
             )
-        self.param, self.name, self.numel = param, name, param.numel()
+        local = _local(param)
+        flat = _shard_mask(name, mask, param).reshape(-1).to(device=local.device, dtype=torch.bool)
+        self.param, self.name, self.numel = param, name, local.numel()
         self.count = int(flat.sum())
         self._packed = maskcodec.pack_bits(flat) if storage == "bits" else None
         self._bool = flat if storage == "bytes" else None
@@ -79,6 +80,26 @@ def _local(t: torch.Tensor) -> torch.Tensor:
     return t.to_local() if hasattr(t, "to_local") else t
 
 
+def _shard_mask(name: str, mask: torch.Tensor, param: torch.Tensor) -> torch.Tensor:
+    """The part of a full-shape ``mask`` that lies in this process's shard of ``param``.
+
+    Plain tensors get the mask as it is. A DTensor (FSDP2 ``fully_shard``, tensor
+    parallel) holds only a block of the parameter locally: the mask is cut to that
+    block, found from the DTensor's mesh and placements.
+    """
+    if not hasattr(param, "to_local") or not hasattr(param, "placements"):
+        return mask
+    from torch.distributed.tensor import Replicate, Shard
+    from torch.distributed.tensor._utils import compute_local_shape_and_global_offset
+
+    odd = [p for p in param.placements if type(p) not in (Shard, Replicate)]
+    if odd:
+        raise ValueError(f"cannot freeze entries of {name}: unsupported DTensor placement {odd[0]}")
+    mask = mask.reshape(param.shape)
+    shape, offset = compute_local_shape_and_global_offset(param.shape, param.device_mesh, param.placements)
+    return mask[tuple(slice(o, o + n) for o, n in zip(offset, shape))]
+
+
 class MaskedUpdate:
     """Keep the masked (True = frozen) entries of a model's parameters bit-identical.
 
@@ -101,12 +122,15 @@ class MaskedUpdate:
         self.frozen: List[_Frozen] = []
         for name, mask in masks.items():
             if bool(mask.any()) and params[name].is_floating_point():
-                self.frozen.append(_Frozen(name, params[name], mask, storage))
+                f = _Frozen(name, params[name], mask, storage)
+                if f.count:  # a shard (FSDP2) may hold none of the frozen entries
+                    self.frozen.append(f)
         self._handles: List = []
 
     # ------------------------------------------------------------------ facts
     @property
     def frozen_count(self) -> int:
+        """Frozen entries held by this process (its shards only, under FSDP2)."""
         return sum(f.count for f in self.frozen)
 
     @property

@@ -30,25 +30,47 @@ DEFAULT_EPSILON = math.acos(0.9995)
 OVERLAP_RULES = ("max_delta", "mean")
 
 
-def slerp(t: float, a: torch.Tensor, b: torch.Tensor, epsilon: float = DEFAULT_EPSILON) -> torch.Tensor:
-    """Spherical interpolation of two flat vectors by factor ``t`` (linear when the
-    angle is below ``epsilon``). Computed in float32 (float64 for float64 inputs);
-    returned in ``a``'s dtype."""
+def _coefficients(t: float, nx: torch.Tensor, ny: torch.Tensor, dot: torch.Tensor, epsilon: float):
+    """SLERP weights of x and y from their norms and dot product (linear when the
+    angle is below ``epsilon`` or within ``epsilon`` of antipodal)."""
+    nx = torch.where(nx > 1e-8, nx, torch.ones_like(nx))
+    ny = torch.where(ny > 1e-8, ny, torch.ones_like(ny))
+    cos = (dot / (nx * ny)).clamp(-1, 1)
+    if float(cos.abs()) > math.cos(epsilon):
+        return 1 - t, t
+    theta = torch.acos(cos)
+    sin_theta = torch.sin(theta)
+    return torch.sin((1 - t) * theta) / sin_theta, torch.sin(t * theta) / sin_theta
+
+
+def slerp(
+    t: float,
+    a: torch.Tensor,
+    b: torch.Tensor,
+    epsilon: float = DEFAULT_EPSILON,
+    skip: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Spherical interpolation of two tensors (as flat vectors) by factor ``t``, linear
+    when their angle is below ``epsilon``. Computed in float32 (float64 for float64
+    inputs), returned in ``a``'s dtype and shape.
+
+    ``skip`` (flat indices) leaves entries out of the angle and norms: the result is the
+    SLERP of the other entries, computed without gathering them (the statistics of the
+    whole tensor minus those of the few skipped entries). Skipped entries of the output
+    hold the same interpolation formula and are meant to be overwritten.
+    """
     work = torch.float64 if a.dtype == torch.float64 else torch.float32
     x, y = a.reshape(-1).to(work), b.reshape(-1).to(work)
     if x.numel() == 0:
         return a.clone()
-    nx, ny = torch.linalg.vector_norm(x), torch.linalg.vector_norm(y)
-    nx = torch.where(nx > 1e-8, nx, torch.ones_like(nx))
-    ny = torch.where(ny > 1e-8, ny, torch.ones_like(ny))
-    dot = torch.dot(x / nx, y / ny).clamp(-1, 1)
-    if float(dot.abs()) > math.cos(epsilon):
-        out = (1 - t) * x + t * y
-    else:
-        theta = torch.acos(dot)
-        sin_theta = torch.sin(theta)
-        out = (torch.sin((1 - t) * theta) / sin_theta) * x + (torch.sin(t * theta) / sin_theta) * y
-    return out.to(a.dtype).reshape(a.shape)
+    xx, yy, xy = torch.dot(x, x), torch.dot(y, y), torch.dot(x, y)
+    if skip is not None and skip.numel():
+        xs, ys = x[skip].to(torch.float64), y[skip].to(torch.float64)
+        xx = (xx.double() - torch.dot(xs, xs)).clamp(min=0).to(work)
+        yy = (yy.double() - torch.dot(ys, ys)).clamp(min=0).to(work)
+        xy = (xy.double() - torch.dot(xs, ys)).to(work)
+    ca, cb = _coefficients(t, xx.sqrt(), yy.sqrt(), xy, epsilon)
+    return (ca * x + cb * y).to(a.dtype).reshape(a.shape)
 
 
 @dataclass
@@ -84,54 +106,56 @@ def cpi_fuse(
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1).to(dtype) for t in thetas]
     flat_cores = [c.reshape(-1).to(device=base.device, dtype=torch.bool) for c in cores]
-    n_owners = torch.stack(flat_cores).sum(0) if len(flat_cores) > 1 else flat_cores[0].to(torch.int8)
-    in_core = n_owners > 0
-    out = torch.empty_like(flat_base)
+    if len(flat_cores) == 1:
+        n_owners = flat_cores[0].to(torch.uint8)
+    else:
+        n_owners = torch.zeros_like(flat_base, dtype=torch.uint8)
+        for c in flat_cores:
+            n_owners += c
+    core_idx = n_owners.nonzero().reshape(-1)  # few: about density * numel * tasks
 
     # ---- non-core: one SLERP over the non-core entries of the whole tensor
-    free = ~in_core
-    if bool(free.any()):
-        a = flat_base[free]
-        if omega == 0.0:
-            out[free] = a
+    if omega == 0.0:
+        out = flat_base.clone()
+    else:
+        if len(flats) == 1:
+            target = flats[0]
         else:
-            if len(flats) == 1:
-                target = flats[0][free]
-            else:
-                target = torch.stack([f[free].to(torch.float32) for f in flats]).mean(0).to(dtype)
-            out[free] = target if omega == 1.0 else slerp(omega, a, target, epsilon)
+            acc = flats[0].to(torch.float32).clone()
+            for f in flats[1:]:
+                acc += f
+            target = (acc / len(flats)).to(dtype)
+        if omega == 1.0:
+            out = target.clone()
+        else:
+            out = slerp(omega, flat_base, target, epsilon, skip=core_idx)
 
-    # ---- core: transplant
+    # ---- core: transplant (work on the few core indices only)
     transplanted = [0] * len(flats)
-    single = n_owners == 1
-    multi = n_owners > 1
+    owners = n_owners[core_idx]
+    single, multi = core_idx[owners == 1], core_idx[owners > 1]
     for i, (f, c) in enumerate(zip(flats, flat_cores)):
-        own = c & single
+        own = single[c[single]]
         out[own] = f[own]
-        transplanted[i] = int(own.sum())
-    if bool(multi.any()):
+        transplanted[i] = own.numel()
+    if multi.numel():
+        member = torch.stack([c[multi] for c in flat_cores])
+        vals = torch.stack([f[multi] for f in flats])
         if overlap == "max_delta":
             ref = (theta0 if theta0 is not None else base).reshape(-1)[multi].to(torch.float32)
-            scores = torch.stack(
-                [
-                    torch.where(c[multi], (f[multi].to(torch.float32) - ref).abs(), torch.full_like(ref, -1.0))
-                    for f, c in zip(flats, flat_cores)
-                ]
-            )
+            scores = torch.where(member, (vals.to(torch.float32) - ref).abs(), torch.tensor(-1.0))
             winner = scores.argmax(0)  # first maximum wins ties
-            values = torch.stack([f[multi] for f in flats]).gather(0, winner[None]).reshape(-1)
-            out[multi] = values
+            out[multi] = vals.gather(0, winner[None]).reshape(-1)
             for i in range(len(flats)):
                 transplanted[i] += int((winner == i).sum())
         else:
-            owners = torch.stack([c[multi] for c in flat_cores]).to(torch.float32)
-            vals = torch.stack([f[multi].to(torch.float32) for f in flats])
-            out[multi] = ((vals * owners).sum(0) / owners.sum(0)).to(dtype)
-            for i, c in enumerate(flat_cores):
-                transplanted[i] += int((c & multi).sum())
+            w = member.to(torch.float32)
+            out[multi] = ((vals.to(torch.float32) * w).sum(0) / w.sum(0)).to(dtype)
+            for i in range(len(flats)):
+                transplanted[i] += int(member[i].sum())
     stats = FuseStats(
-        core_entries=int(in_core.sum()),
-        overlap_entries=int(multi.sum()),
+        core_entries=int(core_idx.numel()),
+        overlap_entries=int(multi.numel()),
         transplanted=transplanted,
     )
     return out.reshape(shape), stats

@@ -48,7 +48,7 @@ def encode(mask: torch.Tensor) -> torch.Tensor:
     The dtype tells the encoding apart; :func:`decode` needs only ``numel``.
     """
     flat = mask.reshape(-1)
-    count = int(flat.sum())
+    count = int(torch.count_nonzero(flat))
     idx_dtype = index_dtype(flat.numel())
     idx_bytes = count * torch.tensor([], dtype=idx_dtype).element_size()
     if idx_bytes < packed_size(flat.numel()):

@@ -218,9 +218,9 @@ def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
                 "k": {t: rs.k(t) for t in rs.tasks}}
     density = DEFAULT_DENSITY if density is None else density
     if (scope or DEFAULT_SCOPE) == "global" and density > 0:
-        rs = global_prepass(base, tasks, density, exclude, progress=progress)
-        return {"regions": rs.path, "density": density, "scope": "global",
-                "k": {p: rs.k(f"t{i}") for i, p in enumerate(tasks)}}
+        cut = global_prepass(base, tasks, density, exclude, progress=progress)
+        return {"density": density, "scope": "global",
+                "k": {p: cut.thresholds[f"t{i}"].k for i, p in enumerate(tasks)}}
     return {"density": density, "scope": scope or DEFAULT_SCOPE}
 
 

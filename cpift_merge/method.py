@@ -25,6 +25,7 @@ import json
 import logging
 import os
 import re
+import tempfile
 import threading
 from functools import lru_cache
 from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
@@ -44,10 +45,10 @@ from mergekit.merge_methods import (
 from mergekit.merge_methods import registry
 
 from cpift_merge import core
-from cpift_merge.checkpoint import Checkpoint, sample_positions
+from cpift_merge.checkpoint import Checkpoint, participating_tensors, sample_positions
 from cpift_merge.errors import CpiftError
 from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse
-from cpift_merge.regions import RegionSet, compute_regions, load_regions
+from cpift_merge.regions import GlobalCut, RegionSet, load_regions
 
 LOG = logging.getLogger(__name__)
 METHOD_NAME = "cpi"
@@ -217,30 +218,64 @@ def global_cache_key(
 _PREPASS_LOCK = threading.Lock()
 
 
+_CUTS: Dict[str, GlobalCut] = {}
+
+
 def global_prepass(
     base_path: str, task_paths: Sequence[str], density: float, exclude: str, progress: bool = True
-) -> RegionSet:
-    """Global-scope regions of ``task_paths`` against ``base_path``, cached on disk."""
+) -> GlobalCut:
+    """Global-scope thresholds of ``task_paths`` against ``base_path`` (two streaming
+    passes, no masks), cached on disk as JSON and in memory per process. The kernel
+    rebuilds each tensor's cores from its keys with :meth:`GlobalCut.mask`."""
     key = global_cache_key(base_path, task_paths, density, exclude)
-    out = os.path.join(cache_dir(), "regions", key)
     with _PREPASS_LOCK:
-        if os.path.isfile(os.path.join(out, "regions.json")):
+        if key in _CUTS:
+            return _CUTS[key]
+        path = os.path.join(cache_dir(), "cuts", f"{key}.json")
+        cut = None
+        if os.path.isfile(path):
             try:
-                return load_regions(out)
-            except CpiftError:
-                LOG.warning("cached regions %s are damaged; recomputing", out)
-        names = [f"t{i}" for i in range(len(task_paths))]
-        compute_regions(
-            Checkpoint(base_path, label=base_path),
-            {n: Checkpoint(p, label=p) for n, p in zip(names, task_paths)},
-            out,
-            density=density,
-            scope="global",
-            exclude=[exclude] if exclude else [],
-            overwrite=True,
-            progress=progress,
-        )
-        return load_regions(out)
+                with open(path, encoding="utf-8") as fh:
+                    cut = GlobalCut.from_json(json.load(fh))
+            except (OSError, ValueError, KeyError, TypeError):
+                LOG.warning("cached pre-pass %s is damaged; recomputing", path)
+        if cut is None:
+            base = Checkpoint(base_path, label=base_path)
+            tasks = {f"t{i}": Checkpoint(p, label=p) for i, p in enumerate(task_paths)}
+            tensors = participating_tensors(base, tasks, [exclude] if exclude else [])
+            if not tensors:
+                raise CpiftError("no floating-point tensors take part; check exclude")
+            cut = GlobalCut.find(base, tasks, tensors, density, progress=progress)
+            os.makedirs(os.path.dirname(path), exist_ok=True)
+            fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
+            with os.fdopen(fd, "w", encoding="utf-8") as fh:
+                json.dump(cut.to_json(), fh)
+            os.replace(tmp, path)
+        _CUTS[key] = cut
+        return cut
+
+
+def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.Tensor]:
+    """Cores of one tensor from a global cut. Keys must be computed from exactly the
+    values the pre-pass saw: when mergekit converted the inputs' dtype, the tensors are
+    re-read from disk for the keys (the merge itself still uses mergekit's inputs)."""
+    recorded = cut.dtypes[name]
+    shape = base_entry.tensor.shape
+
+    def original(entry) -> torch.Tensor:
+        t = entry.tensor
+        if _DTYPE_NAMES.get(t.dtype) == recorded:
+            return t
+        return _checkpoint(_model_path(entry.id)).get(name).to(t.device)
+
+    theta0 = original(base_entry)
+    return [
+        cut.mask(f"t{i}", name, core.magnitude_keys(original(e), theta0)).reshape(shape)
+        for i, e in enumerate(entries)
+    ]
+
+
+_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 # ---------------------------------------------------------------- the kernel
@@ -248,7 +283,7 @@ def global_prepass(
 
 def _check_finite(group: TensorGroup, name: str) -> None:
     for entry in group.entries:
-        if not bool(torch.isfinite(entry.tensor).all()):
+        if not core.all_finite(entry.tensor):
             raise CpiftError(
                 f"model {_label(entry.id)} has NaN or Inf in tensor {name}; fix or"
                 " re-export that checkpoint"
@@ -309,11 +344,11 @@ def cpi_merge(
         cores = [core.core_mask(t, base, d) for t in thetas]
     else:
         d = DEFAULT_DENSITY if density is None else density
-        rs = global_prepass(
+        cut = global_prepass(
             _model_path(base_entry.id), [_model_path(e.id) for e in entries], d, exclude
         )
-        if rs.has_tensor(name):
-            cores = [rs.mask(f"t{i}", name, device=base.device) for i in range(len(entries))]
+        if name in cut.dtypes:
+            cores = _global_cores(cut, name, base_entry, entries)
         else:
             cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
 

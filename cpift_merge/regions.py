@@ -122,6 +122,9 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     try:
         os.makedirs(parent, exist_ok=True)
         tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
+        umask = os.umask(0)
+        os.umask(umask)
+        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual mode
     except OSError as err:
         raise CpiftError(f"cannot write to {parent}: {err.strerror}") from None
     try:
@@ -177,6 +180,117 @@ def check_task_names(names: Sequence[str]) -> None:
         seen.add(name)
 
 
+def _stream(base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequence[TensorInfo],
+            desc: str, progress: bool, samples: Dict[str, Dict[str, List[float]]], wanted=None):
+    """Yield (info, {task: keys}) tensor by tensor, recording value samples.
+
+    ``wanted(tensor) -> task names`` limits what is read; a tensor no task wants is
+    not read at all."""
+    names = list(tasks)
+    for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False):
+        want = names if wanted is None else wanted(info.name)
+        if not want:
+            continue
+        theta0 = base.get(info.name)
+        samples["__base__"][info.name] = sample_values(theta0)
+        keys = {}
+        for n in want:
+            theta = tasks[n].get(info.name)
+            samples[n][info.name] = sample_values(theta)
+            keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base)
+            del theta
+        del theta0
+        yield info, keys
+
+
+@dataclass
+class GlobalCut:
+    """Exact global-scope cores without storing masks: per task the threshold key,
+    and per tensor how many entries equal to it are taken (ties, in stream order).
+    ``mask(task, tensor, keys)`` rebuilds a tensor's core from its keys."""
+
+    tensors: List[str]
+    dtypes: Dict[str, str]
+    thresholds: Dict[str, core.Threshold]
+    quotas: Dict[str, Dict[str, int]]
+    samples: Dict[str, Dict[str, List[float]]]
+
+    def mask(self, task: str, tensor: str, keys: torch.Tensor) -> torch.Tensor:
+        return core.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
+
+    @classmethod
+    def find(cls, base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequence[TensorInfo],
+             density: float, progress: bool = True) -> "GlobalCut":
+        """Passes 1 (high-bit histograms) and 2 (low bits, only tensors that reach the
+        threshold bucket) over the checkpoints."""
+        names = list(tasks)
+        total = sum(t.numel for t in tensors)
+        samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
+        spans: Dict[str, Dict[str, "tuple[int, int]"]] = {n: {} for n in names}
+        finders = {n: core.ThresholdFinder(core.budget(density, total)) for n in names}
+        for info, keys in _stream(base, tasks, tensors, "regions: pass 1/3 (histogram)", progress, samples):
+            for n, kk in keys.items():
+                finders[n].add_high(kk)
+                spans[n][info.name] = (int(kk.min()) >> 16, int(kk.max()) >> 16)
+        for f in finders.values():
+            f.end_high()
+
+        def in_bucket(tensor: str) -> List[str]:
+            return [n for n in names if finders[n].needs_low
+                    and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]]
+
+        lows: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
+        if any(f.needs_low for f in finders.values()):
+            for info, keys in _stream(base, tasks, tensors, "regions: pass 2/3 (threshold)", progress,
+                                      samples, in_bucket):
+                for n, kk in keys.items():
+                    low = finders[n].add_low(kk)
+                    if low.numel():
+                        values, counts = torch.unique(low, return_counts=True)
+                        lows[n][info.name] = torch.stack([values.to(torch.int64), counts])
+        thresholds = {n: finders[n].end_low() for n in names}
+        quotas: Dict[str, Dict[str, int]] = {}
+        for n in names:
+            th = thresholds[n]
+            if th.ties == 0:
+                quotas[n] = {}
+                continue
+            tied = []
+            for info in tensors:
+                vc = lows[n].get(info.name)
+                hit = 0
+                if vc is not None:
+                    sel = vc[1][vc[0] == (th.key & 0xFFFF)]
+                    hit = int(sel.sum()) if sel.numel() else 0
+                tied.append(hit)
+            quotas[n] = {t.name: q for t, q in zip(tensors, core.tie_quotas(th, tied)) if q}
+        return cls(
+            tensors=[t.name for t in tensors],
+            dtypes={t.name: t.dtype for t in tensors},
+            thresholds=thresholds,
+            quotas=quotas,
+            samples=samples,
+        )
+
+    def to_json(self) -> Dict:
+        return {
+            "tensors": self.tensors,
+            "dtypes": self.dtypes,
+            "thresholds": {n: {"k": t.k, "key": t.key, "ties": t.ties} for n, t in self.thresholds.items()},
+            "quotas": self.quotas,
+        }
+
+    @classmethod
+    def from_json(cls, data: Dict) -> "GlobalCut":
+        return cls(
+            tensors=list(data["tensors"]),
+            dtypes=dict(data["dtypes"]),
+            thresholds={n: core.Threshold(**t) for n, t in data["thresholds"].items()},
+            quotas={n: dict(q) for n, q in data["quotas"].items()},
+            samples={},
+        )
+
+
 def compute_regions(
     base: TensorSource,
     tasks: Mapping[str, TensorSource],
@@ -214,57 +328,26 @@ def compute_regions(
     if total == 0:
         raise CpiftError("no floating-point tensors take part; check --exclude")
 
-    bar = dict(disable=not progress, unit="tensor", leave=False)
-
-    samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
-
-    def stream(desc: str):
-        """Yield (info, {task: keys}) tensor by tensor, recording value samples."""
-        for info in tqdm(tensors, desc=desc, **bar):
-            theta0 = base.get(info.name)
-            samples["__base__"][info.name] = sample_values(theta0)
-            keys = {}
-            for n in names:
-                theta = tasks[n].get(info.name)
-                samples[n][info.name] = sample_values(theta)
-                keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base)
-                del theta
-            del theta0
-            yield info, keys
-
-    thresholds: Dict[str, Optional[core.Threshold]] = {n: None for n in names}
-    if scope == "global":
-        finders = {n: core.ThresholdFinder(core.budget(density, total)) for n in names}
-        for _info, keys in stream("regions: pass 1/3 (histogram)"):
-            for n in names:
-                finders[n].add_high(keys[n])
-        for f in finders.values():
-            f.end_high()
-        if any(f.needs_low for f in finders.values()):
-            for _info, keys in stream("regions: pass 2/3 (threshold)"):
-                for n in names:
-                    if finders[n].needs_low:
-                        finders[n].add_low(keys[n])
-        thresholds = {n: finders[n].end_low() for n in names}
+    cut = GlobalCut.find(base, tasks, tensors, density, progress) if scope == "global" else None
+    samples = cut.samples if cut else {n: {} for n in ["__base__", *names]}
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         os.makedirs(os.path.join(tmp, MASK_DIR))
         writers = {n: MaskFileWriter(os.path.join(tmp, MASK_DIR, f"{n}.safetensors")) for n in names}
-        cutters = {n: core.MaskCutter(thresholds[n]) for n in names if thresholds[n]}
         counts: Dict[str, Dict[str, int]] = {n: {} for n in names}
         inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
         desc = "regions: pass 3/3 (masks)" if scope == "global" else "regions"
-        for info, keys in stream(desc):
-            cut = []
+        for info, keys in _stream(base, tasks, tensors, desc, progress, samples):
+            cores = []
             for n in names:
-                if scope == "global":
-                    m = cutters[n].cut(keys[n])
+                if cut is not None:
+                    m = cut.mask(n, info.name, keys[n])
                 else:
                     m = core.exact_top_k(keys[n], core.budget(density, info.numel))
-                counts[n][info.name] = int(m.sum())
+                counts[n][info.name] = int(torch.count_nonzero(m))
                 writers[n].add(info.name, masks.encode(m))
-                cut.append(m)
-            inter += core.pairwise_intersections(cut)
+                cores.append(m)
+            inter += core.pairwise_intersections(cores)
         sizes = [sum(counts[n].values()) for n in names]
         jac = core.jaccard_from_counts(sizes, inter.tolist())
         components = core.connected_groups(names, jac, tau)
@@ -272,7 +355,7 @@ def compute_regions(
         task_meta = {}
         for i, n in enumerate(names):
             sha = writers[n].close({"format": FORMAT, "task": n})
-            th = thresholds[n]
+            th = cut.thresholds[n] if cut else None
             task_meta[n] = {
                 "path": tasks[n].path,
                 "k": sizes[i],

@@ -235,3 +235,24 @@ def test_region_api_refuses_unknown_task(tiny_models, tmp_path):
     with pytest.raises(CpiftError, match="no task 'zz'"):
         rs.mask("zz", rs.tensor_names[0])
     assert load_regions(rs.path).tasks == ["a"]
+
+
+def test_global_ties_span_tensors_exactly(tiny_models, make_variant, tmp_path):
+    """A variant that moved only the MLPs: most |delta| are 0, so the cut lands on a
+    huge tie at 0 spread over many tensors; stream order must decide, exactly k."""
+    sparse = make_variant("mlp-only", seed=5, only="mlp")
+    base = Checkpoint(tiny_models["base"])
+    ck = Checkpoint(sparse)
+    names = [n for n in base.names()]
+    d = torch.cat([(ck.get(n) - base.get(n)).abs().reshape(-1) for n in names])
+    moved = int((d > 0).sum())
+    density = (moved + 1000) / d.numel()  # k reaches 1000 entries into the zeros
+    rs = compute_from_paths(tiny_models["base"], {"s": sparse}, str(tmp_path / "reg"), density=density,
+                            progress=False)
+    got = torch.cat([rs.mask("s", n).reshape(-1) for n in rs.tensor_names])
+    order = torch.sort(-d.double(), stable=True).indices
+    ref = torch.zeros_like(got)
+    ref[order[: rs.k("s")]] = True
+    assert rs.k("s") == moved + 1000 or rs.k("s") == int(density * d.numel())
+    assert torch.equal(got, ref)
+    assert rs.meta["tasks"]["s"]["threshold"] == 0.0
