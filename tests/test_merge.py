@@ -256,3 +256,38 @@ def test_global_ties_span_tensors_exactly(tiny_models, make_variant, tmp_path):
     assert rs.k("s") == moved + 1000 or rs.k("s") == int(density * d.numel())
     assert torch.equal(got, ref)
     assert rs.meta["tasks"]["s"]["threshold"] == 0.0
+
+
+def test_works_with_slices_out_dtype_tokenizer_and_shards(tiny_lm, tmp_path):
+    """mergekit features around the kernel: slices, out_dtype, tokenizer, sharded output."""
+    import shutil
+
+    from conftest import save_variant
+
+    variants = {}
+    for i, t in enumerate("ab"):
+        variants[t] = save_variant(tiny_lm, str(tmp_path / t), seed=50 + i)
+        for f in os.listdir(tiny_lm):
+            if f.startswith("tokenizer") or f.endswith(".jinja") or f == "special_tokens_map.json":
+                shutil.copy(os.path.join(tiny_lm, f), variants[t])
+    cfg = {
+        "merge_method": "cpi",
+        "base_model": tiny_lm,
+        "slices": [{"sources": [{"model": tiny_lm, "layer_range": [0, 2]},
+                                {"model": variants["a"], "layer_range": [0, 2]},
+                                {"model": variants["b"], "layer_range": [0, 2]}]}],
+        "parameters": {"omega": 0.5, "density": 0.05, "scope": "tensor"},
+        "dtype": "float32",
+        "out_dtype": "bfloat16",
+        "tokenizer": {"source": "base"},
+    }
+    opts = MergeOptions(quiet=True, write_model_card=False, out_shard_size=20_000, lazy_unpickle=True)
+    out = cmerge.run(recipe(tmp_path, **cfg), str(tmp_path / "out"), opts)
+    assert os.path.exists(os.path.join(out, "model.safetensors.index.json"))
+    model = AutoModelForCausalLM.from_pretrained(out)
+    assert next(model.parameters()).dtype == torch.bfloat16
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(out)
+    ids = tok("hello", return_tensors="pt")["input_ids"]
+    assert torch.isfinite(model(ids).logits.float()).all()
