@@ -33,6 +33,8 @@ import threading
 import time
 from typing import Dict, List, Optional
 
+from cpift_merge.cli import format_table
+
 # layer bands (of SmolLM2-135M's 30) each variant pushes hardest: as in cpift_merge/demo.py
 VARIANTS = {"math": range(0, 12), "code": range(9, 21), "chat": range(18, 30)}
 SEED0 = 1000
@@ -210,14 +212,7 @@ def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool) -> Dic
 
 
 def table(header, rows) -> str:
-    cells = [list(map(str, header))] + [[f"{c:.3f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
+    return format_table(header, [[f"{c:.3f}" if isinstance(c, float) else c for c in r] for r in rows])
 
 
 def main(argv: Optional[List[str]] = None) -> int:

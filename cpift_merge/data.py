@@ -110,6 +110,16 @@ def _template_ids(tok, messages, add_generation_prompt: bool) -> List[int]:
     return list(out)
 
 
+def _turn_labels(tok, turn: List[int]) -> List[int]:
+    """Labels of one assistant turn: its tokens up to and including the end token;
+    what the template adds after it (ChatML's newline) is not the model's to learn."""
+    eos = tok.eos_token_id
+    if eos is None or eos not in turn:
+        return list(turn)
+    end = len(turn) - turn[::-1].index(eos)
+    return turn[:end] + [IGNORE] * (len(turn) - end)
+
+
 def encode(tok, ex: Dict[str, Any]) -> Encoded:
     """Token ids and labels (IGNORE on everything but the response/assistant tokens)."""
     if getattr(tok, "chat_template", None):
@@ -122,7 +132,7 @@ def encode(tok, ex: Dict[str, Any]) -> Encoded:
                 prompt = _template_ids(tok, messages[:i], add_generation_prompt=True)
                 if upto[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
                     raise CpiftError("the tokenizer's chat template is not prefix-stable; cannot mask prompts")
-                labels += [IGNORE] * (len(prompt) - len(ids)) + upto[len(prompt):]
+                labels += [IGNORE] * (len(prompt) - len(ids)) + _turn_labels(tok, upto[len(prompt):])
             else:
                 if upto[: len(ids)] != ids:
                     raise CpiftError("the tokenizer's chat template is not prefix-stable; cannot mask prompts")

@@ -12,11 +12,12 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, Iterator, List, Optional, Tuple
+from typing import Any, Dict, Iterator, List
 
 import yaml
 
 from cpift_merge.errors import CpiftError
+from cpift_merge.method_config import param_blocks
 
 # value ranges of the numeric cpi parameters: (low, high)
 RANGES = {"omega": (0.0, 1.0), "density": (0.0, 1.0), "epsilon": (0.0, 3.2)}
@@ -53,31 +54,6 @@ def _resolve_ref(value: str, base_dir: str) -> str:
     return "+".join(parts)
 
 
-def _param_blocks(cfg: Dict[str, Any]) -> Iterator[Tuple[str, Dict[str, Any], bool]]:
-    """(where, parameters, per_model) for every parameters block of a raw recipe."""
-    if isinstance(cfg.get("parameters"), dict):
-        yield "parameters", cfg["parameters"], False
-    for i, m in enumerate(cfg.get("models") or []):
-        if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
-            yield f"models[{i}]", m["parameters"], True
-    slices = list(enumerate(cfg.get("slices") or []))
-    for mod_name, mod in (cfg.get("modules") or {}).items():
-        if isinstance(mod, dict):
-            if isinstance(mod.get("parameters"), dict):
-                yield f"modules.{mod_name}", mod["parameters"], False
-            for i, m in enumerate(mod.get("models") or []):
-                if isinstance(m, dict) and isinstance(m.get("parameters"), dict):
-                    yield f"modules.{mod_name}.models[{i}]", m["parameters"], True
-            slices += [(f"{mod_name}.{i}", s) for i, s in enumerate(mod.get("slices") or [])]
-    for i, s in slices:
-        if isinstance(s, dict):
-            if isinstance(s.get("parameters"), dict):
-                yield f"slices[{i}]", s["parameters"], False
-            for j, src in enumerate(s.get("sources") or []):
-                if isinstance(src, dict) and isinstance(src.get("parameters"), dict):
-                    yield f"slices[{i}].sources[{j}]", src["parameters"], True
-
-
 def _scalars(setting: Any) -> Iterator[Any]:
     if isinstance(setting, dict):
         yield from _scalars(setting.get("value"))
@@ -111,7 +87,7 @@ def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
                 s["base_model"] = _resolve_ref(s["base_model"], base_dir)
     if isinstance(cfg.get("tokenizer_source"), str) and cfg["tokenizer_source"] not in ("union", "base"):
         cfg["tokenizer_source"] = _resolve_ref(cfg["tokenizer_source"], base_dir)
-    for _where, params, _per_model in _param_blocks(cfg):
+    for _where, params, _per_model in param_blocks(cfg):
         if isinstance(params.get("regions"), str) and params["regions"]:
             reg = params["regions"]
             local = [p for p in (reg, os.path.join(base_dir, reg)) if os.path.exists(p)]
@@ -125,7 +101,7 @@ def check_cpi_values(cfg: Dict[str, Any]) -> None:
     """Range and type checks of ``cpi`` parameter values, one clear line each."""
     from cpift_merge.method import check_parameter_place
 
-    for where, params, per_model in _param_blocks(cfg):
+    for where, params, per_model in param_blocks(cfg):
         for key, setting in params.items():
             check_parameter_place(key, where, per_model)
             if key == "task" and not isinstance(setting, str):

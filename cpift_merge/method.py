@@ -406,24 +406,11 @@ def check_parameters(config: Any) -> None:
     """Reject misspelled ``cpi`` parameters anywhere in a MergeConfiguration."""
     if getattr(config, "merge_method", None) != METHOD_NAME:
         return
-    # (where, parameters, True for a per-model block)
-    places: List[Tuple[str, Optional[Mapping], bool]] = [("parameters", config.parameters, False)]
-    for m in config.models or []:
-        places.append((f"model {m.model}", m.parameters, True))
-    for i, s in enumerate(config.slices or []):
-        places.append((f"slices[{i}]", s.parameters, False))
-        for src in s.sources:
-            places.append((f"slices[{i}] source {src.model}", src.parameters, True))
-    for mod_name, mod in (config.modules or {}).items():
-        places.append((f"modules.{mod_name}", mod.parameters, False))
-        for m in mod.models or []:
-            places.append((f"modules.{mod_name} model {m.model}", m.parameters, True))
-        for i, s in enumerate(mod.slices or []):
-            places.append((f"modules.{mod_name}.slices[{i}]", s.parameters, False))
-            for src in s.sources:
-                places.append((f"modules.{mod_name}.slices[{i}] source {src.model}", src.parameters, True))
-    for where, params, per_model in places:
-        for key in params or {}:
+    from cpift_merge.method_config import param_blocks
+
+    raw = config.model_dump(mode="json", exclude_none=True)
+    for where, params, per_model in param_blocks(raw):
+        for key in params:
             check_parameter_place(key, where, per_model)
 
 
