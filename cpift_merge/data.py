@@ -45,12 +45,12 @@ def load_examples(path: str) -> List[Dict[str, Any]]:
     path = os.path.expanduser(str(path))
     if os.path.isdir(path):
         try:
-            from datasets import load_from_disk
+            from datasets import DatasetDict, load_from_disk
 
             ds = load_from_disk(path)
         except Exception as err:
             raise CpiftError(f"cannot read dataset folder {path}: {err}") from None
-        if hasattr(ds, "keys") and not hasattr(ds, "column_names"):  # DatasetDict
+        if isinstance(ds, DatasetDict):  # (it has column_names too: a dict per split)
             if "train" not in ds:
                 raise CpiftError(f"dataset {path} has splits {list(ds)}; point at one split or add 'train'")
             ds = ds["train"]

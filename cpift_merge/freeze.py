@@ -202,10 +202,19 @@ def _named_parameters(model: torch.nn.Module) -> Iterable[Tuple[str, torch.Tenso
 
 
 def unwrap_optimizer(optimizer) -> torch.optim.Optimizer:
-    """The torch optimizer under accelerate's (or another) wrapper."""
-    while not isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "optimizer"):
+    """The torch optimizer under accelerate's (or another) wrapper.
+
+    accelerate's ``AcceleratedOptimizer`` subclasses ``torch.optim.Optimizer`` without
+    initialising it (it has no step-hook registries), so being an ``Optimizer`` is not
+    enough: unwrap until the object can hold step hooks.
+    """
+    while not _has_step_hooks(optimizer) and hasattr(optimizer, "optimizer"):
         optimizer = optimizer.optimizer
     return optimizer
+
+
+def _has_step_hooks(optimizer) -> bool:
+    return isinstance(optimizer, torch.optim.Optimizer) and hasattr(optimizer, "_optimizer_step_pre_hooks")
 
 
 def masks_from_regions(model: torch.nn.Module, regions, tasks: Iterable[str]) -> Dict[str, torch.Tensor]:

@@ -97,8 +97,15 @@ class JsonlLogCallback(TrainerCallback):
         self.path = path
         self.losses: List[float] = []
         if os.path.exists(path):  # drop lines past the checkpoint we resume from
+            keep = []
             with open(path, encoding="utf-8") as fh:
-                keep = [line for line in fh if json.loads(line).get("step", 0) <= resume_step]
+                for line in fh:
+                    try:
+                        rec = json.loads(line)
+                    except ValueError:  # cut short by a kill while it was written
+                        continue
+                    if rec.get("step", 0) <= resume_step:
+                        keep.append(json.dumps(rec) + "\n")
             with open(path, "w", encoding="utf-8") as fh:
                 fh.writelines(keep)
 
@@ -127,8 +134,18 @@ def _last_checkpoint(work: str) -> Optional[str]:
     if not os.path.isdir(work):
         return None
     ckpts = [d for d in os.listdir(work) if d.startswith("checkpoint-") and d[11:].isdigit()]
-    ckpts = [d for d in ckpts if os.path.isfile(os.path.join(work, d, "trainer_state.json"))]
+    ckpts = [d for d in ckpts if _readable_state(os.path.join(work, d, "trainer_state.json"))]
     return os.path.join(work, max(ckpts, key=lambda d: int(d[11:]))) if ckpts else None
+
+
+def _readable_state(path: str) -> bool:
+    """trainer_state.json is written last into a checkpoint, but not atomically: a run
+    killed while writing it leaves a checkpoint to pass over, not to resume from."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return "global_step" in json.load(fh)
+    except (OSError, ValueError):
+        return False
 
 
 def finetune(
@@ -152,10 +169,13 @@ def finetune(
     cfg.check()
     out = os.path.abspath(out)
     done = os.path.join(out, record)
+    work = out + ".work"
     if os.path.isfile(done):
+        shutil.rmtree(work, ignore_errors=True)  # left by a kill between the rename and the cleanup
         with open(done, encoding="utf-8") as fh:
             return json.load(fh)
-    work = out + ".work"
+    if os.path.exists(out):  # finished runs are written whole, record included
+        raise CpiftError(f"{out} exists but holds no {record}; it is not a finished run: delete it or choose another --out")
     os.makedirs(work, exist_ok=True)
     stamp = os.path.join(work, "run-config.json")
     run_id = {"config": cfg.fingerprint(), "base": os.path.abspath(base), "n": len(examples),
@@ -292,6 +312,18 @@ def plan_groups(spec: str, tasks: Sequence[str], regions=None, seed: int = 0) ->
     raise CpiftError(f"--groups must be from-regions, random:K or given:\"a,b;c\", got {spec!r}")
 
 
+def _skeleton(path: str) -> torch.nn.Module:
+    """The model at ``path`` on the meta device (names and shapes, no weights)."""
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    try:
+        config = AutoConfig.from_pretrained(path)
+    except (OSError, ValueError) as err:
+        raise CpiftError(f"cannot read the model config in {path}: {err}") from None
+    with torch.device("meta"):
+        return AutoModelForCausalLM.from_config(config)
+
+
 def staged_train(
     base: str,
     data: Dict[str, List[Dict[str, Any]]],
@@ -309,6 +341,20 @@ def staged_train(
     from cpift_merge.data import sample_balanced
     from cpift_merge.freeze import masks_from_regions
 
+    if regions is not None:  # before any training: the cores frozen in later stages must exist
+        missing = [t for g in groups[:-1] for t in g if t not in regions.tasks]
+        if missing:
+            raise CpiftError(
+                f"task {missing[0]} is not in the region file {regions.path} (it has {', '.join(regions.tasks)});"
+                " its core is needed to freeze it in later stages: recompute the regions"
+            )
+        params = dict(_skeleton(base).named_parameters())
+        for t in regions.tensor_names:
+            if t in params and list(params[t].shape) != list(regions.shape(t)):
+                raise CpiftError(
+                    f"region file {regions.path}: {t} has shape {list(regions.shape(t))}, in {base}"
+                    f" {list(params[t].shape)}; the regions were computed for another model"
+                )
     os.makedirs(out, exist_ok=True)
     if sample is not None:
         data = sample_balanced(data, sample, cfg.seed)
@@ -319,11 +365,7 @@ def staged_train(
         stage_dir = os.path.join(out, f"stage-{k}")
         frozen = None
         if regions is not None and earlier:
-            from transformers import AutoConfig, AutoModelForCausalLM
-
-            with torch.device("meta"):
-                skeleton = AutoModelForCausalLM.from_config(AutoConfig.from_pretrained(current))
-            frozen = masks_from_regions(skeleton, regions, earlier)
+            frozen = masks_from_regions(_skeleton(current), regions, earlier)
         rows = [ex for t in group for ex in data[t]]
         random.Random(cfg.seed + k).shuffle(rows)
         rec = finetune(current, rows, stage_dir, cfg, frozen=frozen, record="stage.json",

@@ -55,6 +55,10 @@ def main(out_path: str) -> None:
             json.dump({"identical": identical, "moved": moved, "grads_masked": frozen_grad_zero,
                        "replicas_equal": all(torch.equal(gathered[0], t) for t in gathered),
                        "world": dist.get_world_size(), "norms": norms}, fh)
+    # free DDP (its reducer) while the process group is alive: destroying it after
+    # destroy_process_group() hangs one rank at exit under gloo
+    del ddp, opt, mu
+    dist.barrier()
     dist.destroy_process_group()
 
 

@@ -1,0 +1,515 @@
+"""The trainer half: FreezeCallback under HF Trainer and TRL, `cpift probe` (full and
+LoRA), `cpift train` (stage plans, frozen cores, sampling, no redo, resume after a
+kill) and its one-line errors."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+import torch
+from click.testing import CliRunner
+from safetensors.torch import load_file
+
+from cpift_merge.cli import main
+from cpift_merge.data import Collator, encode_all, sample_balanced
+from cpift_merge.errors import CpiftError
+from cpift_merge.train import FreezeCallback, TrainConfig, plan_groups
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+ROOT = os.path.dirname(HERE)
+FAST = ["--batch-size", "4", "--lr", "1e-2", "--max-length", "64", "--quiet"]
+
+
+# ------------------------------------------------------------------ helpers
+
+
+def task_rows(kind: str, n: int = 16):
+    rows = []
+    for i in range(n):
+        if kind == "a":
+            rows.append({"prompt": f"add {i} {2 * i}", "response": f"{3 * i}"})
+        elif kind == "b":
+            rows.append({"prompt": f"rev {i}xy", "response": f"yx{str(i)[::-1]}"})
+        else:
+            rows.append({"messages": [{"role": "user", "content": f"up {i}q"},
+                                      {"role": "assistant", "content": f"{i}Q".upper()}]})
+    return rows
+
+
+def write_jsonl(path, rows):
+    with open(path, "w", encoding="utf-8") as fh:
+        for r in rows:
+            fh.write(json.dumps(r) + "\n")
+    return str(path)
+
+
+def cli(*args, code=0):
+    result = CliRunner().invoke(main, [str(a) for a in args])
+    assert result.exit_code == code, (result.output, result.exception)
+    return result
+
+
+def one_line_error(result, match):
+    lines = [line for line in result.stderr.splitlines() if line.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.stderr
+    assert match in lines[0], lines[0]
+    return lines[0]
+
+
+def weights(path):
+    return load_file(os.path.join(path, "model.safetensors"))
+
+
+def read_json(path):
+    with open(path, encoding="utf-8") as fh:
+        return json.load(fh)
+
+
+def log_steps(path):
+    with open(path, encoding="utf-8") as fh:
+        return [r["step"] for r in map(json.loads, fh) if "loss" in r]
+
+
+def random_masks(model, seed=1, density=0.3):
+    g = torch.Generator().manual_seed(seed)
+    return {n: torch.rand(p.shape, generator=g) < density for n, p in model.named_parameters()}
+
+
+def assert_frozen_and_trained(model, masks, before):
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach()[masks[n]], before[n][masks[n]]), f"frozen entries of {n} moved"
+    moved = sum(int((p.detach()[~masks[n]] != before[n][~masks[n]]).sum()) for n, p in model.named_parameters())
+    assert moved > 0
+
+
+@pytest.fixture(scope="module")
+def tasks(tmp_path_factory):
+    root = tmp_path_factory.mktemp("tasks")
+    return {k: write_jsonl(root / f"{k}.jsonl", task_rows(k)) for k in "abc"}
+
+
+@pytest.fixture(scope="module")
+def probes(tiny_lm, tasks, tmp_path_factory):
+    """`cpift probe` on tasks a and b (it also writes OUT/regions at density 0.05)."""
+    out = tmp_path_factory.mktemp("probes")
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}",
+        "--out", out, "--steps", 6, "--regions", 0.05, *FAST)
+    return {"out": str(out), "a": str(out / "a"), "b": str(out / "b")}
+
+
+@pytest.fixture(scope="module")
+def regions(tiny_lm, probes, tmp_path_factory):
+    from cpift_merge.regions import compute_from_paths
+
+    out = tmp_path_factory.mktemp("regions") / "r"
+    return compute_from_paths(tiny_lm, {"a": probes["a"], "b": probes["b"]}, str(out), density=0.05,
+                              order="given", given_order=["a", "b"], progress=False)
+
+
+@pytest.fixture(scope="module")
+def staged(tiny_lm, tasks, regions, tmp_path_factory):
+    """`cpift train --groups given:"a;b"` with the regions: stage 2 freezes a's core."""
+    out = tmp_path_factory.mktemp("staged") / "run"
+    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+            "--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", out, "--steps", 4,
+            "--weight-decay", 0.1, *FAST]
+    result = cli(*args)
+    return {"out": str(out), "args": args, "output": result.output}
+
+
+# ---------------------------------------------------- callbacks (HF and TRL)
+
+
+@pytest.mark.parametrize("bf16", [False, True], ids=["fp32", "bf16"])
+def test_hf_trainer_freeze_callback(tiny_lm, tmp_path, bf16):
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    rows, _ = encode_all(tok, task_rows("a"), 64)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    masks = random_masks(model)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
+                             gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.5,
+                             max_grad_norm=0.05, use_cpu=True, report_to=[], save_strategy="no",
+                             logging_steps=1, disable_tqdm=True, remove_unused_columns=False, bf16=bf16)
+    callback = FreezeCallback(masks)
+    data = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
+    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=Collator(tok.pad_token_id),
+                      callbacks=[callback])
+    trainer.train()
+    assert trainer.state.global_step == 4
+    assert callback.update.frozen_count == sum(int(m.sum()) for m in masks.values())
+    assert not callback.update._handles  # detached at the end of training
+    assert_frozen_and_trained(model, masks, before)
+
+
+def test_trl_sft_trainer_freeze_callback(tiny_lm, tmp_path):
+    trl = pytest.importorskip("trl")
+    from datasets import Dataset
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
+    masks = random_masks(model, seed=2)
+    before = {n: p.detach().clone() for n, p in model.named_parameters()}
+    data = Dataset.from_list([r for r in task_rows("c", 8)])  # a "messages" column
+    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
+                           gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.5,
+                           max_grad_norm=0.05, max_length=64, use_cpu=True, report_to="none",
+                           save_strategy="no", logging_steps=1, disable_tqdm=True)
+    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
+                             callbacks=[FreezeCallback(masks)])
+    trainer.train()
+    assert trainer.state.global_step == 3
+    assert_frozen_and_trained(model, masks, before)
+
+
+# ------------------------------------------------------------------ probes
+
+
+def test_probe_writes_full_checkpoints(tiny_lm, probes):
+    from transformers import AutoModelForCausalLM
+
+    base = weights(tiny_lm)
+    for name in ("a", "b"):
+        path = probes[name]
+        for f in ("config.json", "model.safetensors", "tokenizer.json", "probe.json", "train_log.jsonl"):
+            assert os.path.isfile(os.path.join(path, f)), f
+        assert not os.path.exists(path + ".work")  # the work folder is cleaned up
+        rec = read_json(os.path.join(path, "probe.json"))
+        assert rec["task"] == name and rec["steps"] == 6 and rec["examples"] == 16
+        assert rec["frozen_entries"] == 0 and rec["frozen_bit_identical"] is None
+        assert len(rec["losses"]) == 6 and rec["first_loss"] == rec["losses"][0]
+        assert rec["final_loss"] == rec["losses"][-1] and all(x > 0 for x in rec["losses"])
+        assert log_steps(os.path.join(path, "train_log.jsonl")) == [1, 2, 3, 4, 5, 6]
+        w = weights(path)
+        assert set(w) == set(base)
+        assert all(not torch.equal(w[k], base[k]) for k in base)  # a full fine-tune moves every tensor
+        AutoModelForCausalLM.from_pretrained(path)  # a loadable HF checkpoint
+    assert not torch.equal(weights(probes["a"])["lm_head.weight"], weights(probes["b"])["lm_head.weight"])
+
+
+def test_probe_regions_option(probes, regions):
+    from cpift_merge.regions import load_regions
+
+    rs = load_regions(os.path.join(probes["out"], "regions"))
+    assert sorted(rs.tasks) == ["a", "b"]
+    assert rs.k("a") == regions.k("a") and rs.k("b") == regions.k("b")
+
+
+def test_probe_lora_changes_only_target_modules(tiny_lm, tasks, tmp_path):
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path, "--lora",
+        "--lora-rank", 4, "--steps", 3, *FAST)
+    base, probe = weights(tiny_lm), weights(str(tmp_path / "a"))
+    assert set(probe) == set(base)  # merged back: plain base names, no adapter tensors
+    targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+    changed = {k for k in base if not torch.equal(base[k], probe[k])}
+    expected = {k for k in base if k.endswith(".weight") and k.split(".")[-2] in targets}
+    assert len(expected) == 7 * 2
+    assert changed == expected
+    rec = read_json(str(tmp_path / "a" / "probe.json"))
+    assert rec["config"]["lora"] is True and rec["steps"] == 3
+
+
+def test_probe_bad_data_is_one_line_error(tiny_lm, tmp_path):
+    bad = tmp_path / "bad.jsonl"
+    bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
+    result = cli("probe", "--base", tiny_lm, "--task", f"x={bad}", "--out", tmp_path / "o", code=2)
+    one_line_error(result, f"{bad}:2: not valid JSON")
+    assert not (tmp_path / "o").exists()
+
+
+# ------------------------------------------------------------------ stages
+
+
+def test_staged_given_order_and_frozen_core(staged, regions):
+    out = staged["out"]
+    summary = read_json(os.path.join(out, "train.json"))
+    assert summary["groups"] == [["a"], ["b"]]
+    assert [s["tasks"] for s in summary["stages"]] == [["a"], ["b"]]
+    assert summary["final"] == os.path.join(out, "stage-2")
+    s1 = read_json(os.path.join(out, "stage-1", "stage.json"))
+    s2 = read_json(os.path.join(out, "stage-2", "stage.json"))
+    for rec, k in ((s1, 1), (s2, 2)):
+        assert rec["stage"] == k and rec["steps"] == 4 and len(rec["losses"]) == 4
+        assert set(rec) >= {"tasks", "frozen_entries", "steps", "losses"}
+    assert s1["tasks"] == ["a"] and s1["frozen_entries"] == 0 and s1["frozen_tasks"] == []
+    assert s2["tasks"] == ["b"] and s2["frozen_tasks"] == ["a"]
+    assert s2["frozen_entries"] == regions.k("a") > 0
+    assert s2["frozen_bit_identical"] is True
+    assert s2["base"] == os.path.join(out, "stage-1")
+    # stage 2 left a's core bit-identical to stage 1, and trained (almost) all the rest
+    w1, w2 = weights(os.path.join(out, "stage-1")), weights(os.path.join(out, "stage-2"))
+    core = unchanged = total = 0
+    for t in regions.tensor_names:
+        m = regions.mask("a", t)
+        assert torch.equal(w2[t][m], w1[t][m]), t
+        core += int(m.sum())
+        unchanged += int((w2[t] == w1[t]).sum())
+        total += m.numel()
+    assert core == regions.k("a")
+    assert unchanged - core < 0.001 * total  # the frozen set is a's core, not more
+    assert "stage" in staged["output"] and "final model" in staged["output"]
+
+
+def test_finished_stages_are_not_redone(staged, monkeypatch):
+    import transformers
+
+    out = staged["out"]
+    files = [os.path.join(out, f"stage-{k}", f) for k in (1, 2) for f in ("model.safetensors", "stage.json")]
+    mtimes = {f: os.stat(f).st_mtime_ns for f in files}
+
+    def no_training(*a, **k):
+        raise AssertionError("a finished stage was trained again")
+
+    monkeypatch.setattr(transformers.Trainer, "train", no_training)
+    start = time.monotonic()
+    cli(*staged["args"])
+    assert time.monotonic() - start < 10
+    assert {f: os.stat(f).st_mtime_ns for f in files} == mtimes
+
+
+def test_random_groups_with_sample(tiny_lm, tasks, regions, tmp_path):
+    out = tmp_path / "run"
+    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+        "--task", f"b={tasks['b']}", "--groups", "random:2", "--sample", 3, "--seed", 1, "--out", out,
+        "--steps", 1, *FAST)
+    plan = plan_groups("random:2", ["a", "b"], seed=1)
+    assert plan == [["b"], ["a"]]  # this seed reverses the --task order
+    summary = read_json(str(out / "train.json"))
+    assert summary["groups"] == plan and summary["sample"] == 3
+    first = plan[0][0]
+    recs = [read_json(str(out / f"stage-{k}" / "stage.json")) for k in (1, 2)]
+    assert [r["tasks"] for r in recs] == plan
+    assert all(r["examples"] == 3 for r in recs)  # N drawn per task (one task per stage)
+    assert recs[1]["frozen_tasks"] == [first] and recs[1]["frozen_entries"] == regions.k(first)
+
+
+def test_from_regions_plan(tiny_lm, tasks, regions, tmp_path):
+    out = tmp_path / "run"
+    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+        "--task", f"b={tasks['b']}", "--out", out, "--steps", 1, "--sample", 2, *FAST)
+    summary = read_json(str(out / "train.json"))
+    assert summary["groups"] == regions.groups
+    assert [s["tasks"] for s in summary["stages"]] == regions.groups
+    assert summary["regions"] == regions.path
+    if len(regions.groups) > 1:
+        earlier = regions.groups[0]
+        assert summary["stages"][1]["frozen_entries"] > 0
+        assert read_json(str(out / "stage-2" / "stage.json"))["frozen_tasks"] == earlier
+
+
+def test_sample_draws_n_per_task(tiny_lm, tasks, tmp_path):
+    out = tmp_path / "run"
+    cli("train", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"c={tasks['c']}",
+        "--groups", "given:a,c", "--sample", 5, "--out", out, "--steps", 1, *FAST)
+    rec = read_json(str(out / "stage-1" / "stage.json"))
+    assert rec["tasks"] == ["a", "c"] and rec["examples"] == 10 and rec["frozen_entries"] == 0
+    drawn = sample_balanced({"a": task_rows("a"), "c": task_rows("c")}, 5, seed=0)
+    assert {k: len(v) for k, v in drawn.items()} == {"a": 5, "c": 5}
+
+
+def test_plan_groups(regions):
+    tasks = ["a", "b", "c", "d", "e"]
+    assert plan_groups('given:a,b;c;d,e', tasks) == [["a", "b"], ["c"], ["d", "e"]]
+    assert plan_groups("given: a , b ;; c;d;e", tasks) == [["a", "b"], ["c"], ["d"], ["e"]]
+    r = plan_groups("random:2", tasks, seed=3)
+    assert r == plan_groups("random:2", tasks, seed=3)  # seeded
+    assert len(r) == 2 and sorted(t for g in r for t in g) == tasks
+    assert sorted(len(g) for g in r) == [2, 3]
+    assert plan_groups("random:5", tasks) and len(plan_groups("random:1", tasks)) == 1
+    assert plan_groups("from-regions", ["a", "b"], regions) == regions.groups
+    for spec, match in [("given:a,b", "every task exactly once"), ("given:a;a,b;c;d;e", "exactly once"),
+                        ("given:a;b;c;d;e;f", "exactly once"), ("random:0", "1 <= K"),
+                        ("random:6", "1 <= K"), ("random:x", "integer"), ("staged", "must be from-regions"),
+                        ("from-regions", "needs --regions")]:
+        with pytest.raises(CpiftError, match=match):
+            plan_groups(spec, tasks)
+    with pytest.raises(CpiftError, match="task c is not in the region file"):
+        plan_groups("from-regions", ["a", "b", "c"], regions)
+
+
+@pytest.mark.parametrize("spec, match", [
+    ("given:a;zzz", "must name every task exactly once"),
+    ("random:x", "integer"),
+    ("random:3", "1 <= K <= 2"),
+    ("banana", "must be from-regions, random:K or given"),
+])
+def test_bad_groups_spec(tiny_lm, tasks, regions, tmp_path, spec, match):
+    result = cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+                 "--task", f"b={tasks['b']}", "--groups", spec, "--out", tmp_path / "o", code=2)
+    one_line_error(result, match)
+    assert not (tmp_path / "o").exists()
+
+
+@pytest.mark.parametrize("groups", ["from-regions", "given:c;a,b", "random:3"])
+def test_task_missing_from_regions(tiny_lm, tasks, regions, tmp_path, groups):
+    """c was never probed: refused before anything is trained (the last stage's tasks
+    need no core, so given:"a;b;c" would be allowed)."""
+    if groups == "random:3":
+        plan = plan_groups(groups, ["a", "b", "c"], seed=0)
+        if plan[-1] == ["c"]:
+            pytest.skip("this seed puts c last, where no core of it is needed")
+    result = cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+                 "--task", f"b={tasks['b']}", "--task", f"c={tasks['c']}", "--groups", groups,
+                 "--out", tmp_path / "o", "--steps", 1, code=2)
+    one_line_error(result, "task c is not in the region file")
+    assert not (tmp_path / "o" / "stage-1").exists()
+
+
+def test_three_stages_freeze_the_union_of_earlier_cores(tiny_lm, tasks, regions, tmp_path):
+    """given:"a;b;c": stage 3 freezes a's and b's cores; c, last, needs no core."""
+    out = tmp_path / "run"
+    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+        "--task", f"b={tasks['b']}", "--task", f"c={tasks['c']}", "--groups", "given:a;b;c",
+        "--out", out, "--steps", 2, "--sample", 4, *FAST)
+    recs = [read_json(str(out / f"stage-{k}" / "stage.json")) for k in (1, 2, 3)]
+    assert [r["frozen_tasks"] for r in recs] == [[], ["a"], ["a", "b"]]
+    union = {t: regions.mask("a", t) | regions.mask("b", t) for t in regions.tensor_names}
+    assert recs[2]["frozen_entries"] == sum(int(m.sum()) for m in union.values())
+    assert max(regions.k("a"), regions.k("b")) <= recs[2]["frozen_entries"] <= regions.k("a") + regions.k("b")
+    w2, w3 = weights(str(out / "stage-2")), weights(str(out / "stage-3"))
+    for t, m in union.items():
+        assert torch.equal(w3[t][m], w2[t][m]), t
+
+
+def test_regions_of_another_model_refused(tasks, regions, tmp_path):
+    from transformers import LlamaForCausalLM
+
+    from conftest import tiny_config, tiny_tokenizer
+
+    other = str(tmp_path / "other")
+    LlamaForCausalLM(tiny_config(vocab_size=112)).save_pretrained(other)
+    tiny_tokenizer().save_pretrained(other)
+    result = cli("train", "--base", other, "--regions", regions.path, "--task", f"a={tasks['a']}",
+                 "--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", tmp_path / "o", code=2)
+    one_line_error(result, "computed for another model")
+    assert not (tmp_path / "o" / "stage-1").exists()
+
+
+def test_interrupted_run_with_other_settings_refused(tiny_lm, tmp_path):
+    from cpift_merge.train import finetune
+
+    out = tmp_path / "probe"
+    (tmp_path / "probe.work").mkdir()
+    (tmp_path / "probe.work" / "run-config.json").write_text(json.dumps({"config": "something else"}))
+    with pytest.raises(CpiftError, match="interrupted run with other settings"):
+        finetune(tiny_lm, task_rows("a", 4), str(out), TrainConfig(steps=1), progress=False)
+
+
+def test_existing_output_that_is_not_a_run_is_not_replaced(tiny_lm, tmp_path):
+    from cpift_merge.train import finetune
+
+    out = tmp_path / "probe"
+    out.mkdir()
+    (out / "precious.txt").write_text("keep me")
+    with pytest.raises(CpiftError, match="not a finished run"):
+        finetune(tiny_lm, task_rows("a", 4), str(out), TrainConfig(steps=1), progress=False)
+    assert (out / "precious.txt").read_text() == "keep me"
+
+
+def test_log_callback_drops_lines_past_the_checkpoint_and_cut_lines(tmp_path):
+    from cpift_merge.train import JsonlLogCallback
+
+    path = tmp_path / "train_log.jsonl"
+    path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
+    JsonlLogCallback(str(path), resume_step=3)
+    assert log_steps(str(path)) == [1, 2, 3]
+    path.write_text(json.dumps({"step": 1, "loss": 1.0}) + "\n" + '{"step": 2, "lo')  # killed mid-line
+    cb = JsonlLogCallback(str(path), resume_step=2)
+
+    class State:
+        global_step = 2
+
+    cb.on_log(None, State(), None, logs={"loss": 0.5, "note": "x"})
+    assert [json.loads(line) for line in path.read_text().splitlines()] == [
+        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+    assert cb.losses == [0.5]
+
+
+def test_last_checkpoint_skips_a_cut_trainer_state(tmp_path):
+    from cpift_merge.train import _last_checkpoint
+
+    assert _last_checkpoint(str(tmp_path / "none")) is None
+    for step, text in ((2, '{"global_step": 2}'), (4, '{"global_st'), (10, None)):
+        d = tmp_path / f"checkpoint-{step}"
+        d.mkdir()
+        if text is not None:
+            (d / "trainer_state.json").write_text(text)
+    (tmp_path / "checkpoint-x").mkdir()
+    assert _last_checkpoint(str(tmp_path)) == str(tmp_path / "checkpoint-2")
+
+
+def test_train_config_checks():
+    TrainConfig().check()
+    for bad, match in [({"steps": 0}, "--steps"), ({"epochs": 0}, "--epochs"), ({"batch_size": 0}, "--batch-size"),
+                       ({"lr": 0}, "--lr"), ({"weight_decay": -1}, "--weight-decay"), ({"device": "tpu"}, "--device")]:
+        with pytest.raises(CpiftError, match=match):
+            TrainConfig(**bad).check()
+    assert TrainConfig(lr=1e-3).fingerprint() != TrainConfig().fingerprint()
+
+
+# ------------------------------------------------------------ resume after kill
+
+
+def _start_slow(args, sleep):
+    env = {**os.environ, "PYTHONPATH": ROOT, "CPIFT_TEST_STEP_SLEEP": str(sleep), "OMP_NUM_THREADS": "1"}
+    return subprocess.Popen([sys.executable, os.path.join(HERE, "workers", "slow_cli.py"), *map(str, args)],
+                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
+                            start_new_session=True)
+
+
+def _kill_at_checkpoint(proc, work, timeout=120):
+    """Wait for a complete checkpoint in ``work``, then kill -9 the run."""
+    deadline = time.monotonic() + timeout
+    try:
+        while time.monotonic() < deadline:
+            if os.path.isdir(work) and any(
+                d.startswith("checkpoint-") and os.path.isfile(os.path.join(work, d, "trainer_state.json"))
+                for d in os.listdir(work)
+            ):
+                return
+            if proc.poll() is not None:
+                pytest.fail(f"the run ended (rc {proc.returncode}) before a checkpoint appeared in {work}:\n"
+                            f"{proc.stderr.read().decode()[-3000:]}")
+            time.sleep(0.05)
+        pytest.fail(f"no checkpoint appeared in {work} within {timeout}s")
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+        proc.wait()
+        proc.stderr.close()
+
+
+def test_resume_after_kill(tiny_lm, tasks, regions, tmp_path):
+    out = tmp_path / "run"
+    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
+            "--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", out, "--steps", 8,
+            "--save-steps", 2, "--weight-decay", 0.1, *FAST]
+    # killed in stage 1, between checkpoints
+    _kill_at_checkpoint(_start_slow(args, 0.5), str(out / "stage-1.work"))
+    assert not (out / "stage-1").exists()  # nothing half-written in place
+    # killed again in stage 2 (stage 1 resumes and finishes first): resumes with frozen entries
+    _kill_at_checkpoint(_start_slow(args, 0.3), str(out / "stage-2.work"))
+    assert (out / "stage-1" / "stage.json").is_file() and not (out / "stage-2").exists()
+    cli(*args)
+    for k in (1, 2):
+        rec = read_json(str(out / f"stage-{k}" / "stage.json"))
+        assert rec["steps"] == 8 and len(rec["losses"]) == 8
+        # each step logged once: the run resumed from its checkpoint, it did not start over
+        assert log_steps(str(out / f"stage-{k}" / "train_log.jsonl")) == list(range(1, 9))
+        assert not (out / f"stage-{k}.work").exists()
+    rec2 = read_json(str(out / "stage-2" / "stage.json"))
+    assert rec2["frozen_entries"] == regions.k("a") and rec2["frozen_bit_identical"] is True
+    w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
+    for t in regions.tensor_names:
+        m = regions.mask("a", t)
+        assert torch.equal(w2[t][m], w1[t][m]), t
+    assert not any(n.startswith(".") for n in os.listdir(out))  # no temporary folders left
