@@ -53,7 +53,7 @@ def all_finite(t: torch.Tensor) -> bool:
 
 
 def _bincount(values: torch.Tensor, buckets: int) -> torch.Tensor:
-    return torch.bincount(values.to(torch.int64), minlength=buckets)
+    return torch.bincount(values, minlength=buckets)  # int32 input: no int64 copy
 
 
 @dataclass

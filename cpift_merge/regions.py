@@ -203,6 +203,46 @@ def _stream(base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequ
         yield info, keys
 
 
+def _histogram_cut(base, tasks, tensors, k, progress, samples):
+    """Two-pass exact cut (high-bit histogram, then low bits in the threshold's bucket,
+    reading only tensors whose keys reach it). Returns thresholds and, per task, the
+    count of keys equal to the threshold in each tensor (stream order)."""
+    names = list(tasks)
+    spans: Dict[str, Dict[str, "tuple[int, int]"]] = {n: {} for n in names}
+    finders = {n: core.ThresholdFinder(k) for n in names}
+    for info, keys in _stream(base, tasks, tensors, "regions: histogram", progress, samples):
+        for n, kk in keys.items():
+            finders[n].add_high(kk)
+            lo, hi = torch.aminmax(kk)
+            spans[n][info.name] = (int(lo) >> 16, int(hi) >> 16)
+    for f in finders.values():
+        f.end_high()
+
+    def in_bucket(tensor: str) -> List[str]:
+        return [n for n in names if finders[n].needs_low
+                and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]]
+
+    lows: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
+    if any(f.needs_low for f in finders.values()):
+        for info, keys in _stream(base, tasks, tensors, "regions: threshold", progress, samples, in_bucket):
+            for n, kk in keys.items():
+                low = finders[n].add_low(kk)
+                if low.numel():
+                    values, counts = torch.unique(low, return_counts=True)
+                    lows[n][info.name] = torch.stack([values.to(torch.int64), counts])
+    thresholds = {n: finders[n].end_low() for n in names}
+    tied: Dict[str, List[int]] = {}
+    for n in names:
+        low_key = thresholds[n].key & 0xFFFF
+        row = []
+        for info in tensors:
+            vc = lows[n].get(info.name)
+            sel = vc[1][vc[0] == low_key] if vc is not None else None
+            row.append(int(sel.sum()) if sel is not None and sel.numel() else 0)
+        tied[n] = row
+    return thresholds, tied
+
+
 @dataclass
 class GlobalCut:
     """Exact global-scope cores without storing masks: per task the threshold key,
@@ -221,49 +261,19 @@ class GlobalCut:
     @classmethod
     def find(cls, base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequence[TensorInfo],
              density: float, progress: bool = True) -> "GlobalCut":
-        """Passes 1 (high-bit histograms) and 2 (low bits, only tensors that reach the
-        threshold bucket) over the checkpoints."""
+        """Thresholds and tie quotas, exactly: two histogram passes over the high and
+        low 16 bits of the keys (the second reads only tensors that reach the
+        threshold's bucket). Memory: two fixed histograms per task."""
         names = list(tasks)
-        total = sum(t.numel for t in tensors)
+        k = core.budget(density, sum(t.numel for t in tensors))
         samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
-        spans: Dict[str, Dict[str, "tuple[int, int]"]] = {n: {} for n in names}
-        finders = {n: core.ThresholdFinder(core.budget(density, total)) for n in names}
-        for info, keys in _stream(base, tasks, tensors, "regions: pass 1/3 (histogram)", progress, samples):
-            for n, kk in keys.items():
-                finders[n].add_high(kk)
-                spans[n][info.name] = (int(kk.min()) >> 16, int(kk.max()) >> 16)
-        for f in finders.values():
-            f.end_high()
-
-        def in_bucket(tensor: str) -> List[str]:
-            return [n for n in names if finders[n].needs_low
-                    and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]]
-
-        lows: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
-        if any(f.needs_low for f in finders.values()):
-            for info, keys in _stream(base, tasks, tensors, "regions: pass 2/3 (threshold)", progress,
-                                      samples, in_bucket):
-                for n, kk in keys.items():
-                    low = finders[n].add_low(kk)
-                    if low.numel():
-                        values, counts = torch.unique(low, return_counts=True)
-                        lows[n][info.name] = torch.stack([values.to(torch.int64), counts])
-        thresholds = {n: finders[n].end_low() for n in names}
+        thresholds, tied = _histogram_cut(base, tasks, tensors, k, progress, samples)
         quotas: Dict[str, Dict[str, int]] = {}
         for n in names:
             th = thresholds[n]
-            if th.ties == 0:
-                quotas[n] = {}
-                continue
-            tied = []
-            for info in tensors:
-                vc = lows[n].get(info.name)
-                hit = 0
-                if vc is not None:
-                    sel = vc[1][vc[0] == (th.key & 0xFFFF)]
-                    hit = int(sel.sum()) if sel.numel() else 0
-                tied.append(hit)
-            quotas[n] = {t.name: q for t, q in zip(tensors, core.tie_quotas(th, tied)) if q}
+            quotas[n] = {} if th.ties == 0 else {
+                t.name: q for t, q in zip(tensors, core.tie_quotas(th, tied[n])) if q
+            }
         return cls(
             tensors=[t.name for t in tensors],
             dtypes={t.name: t.dtype for t in tensors},
@@ -336,7 +346,7 @@ def compute_regions(
         writers = {n: MaskFileWriter(os.path.join(tmp, MASK_DIR, f"{n}.safetensors")) for n in names}
         counts: Dict[str, Dict[str, int]] = {n: {} for n in names}
         inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
-        desc = "regions: pass 3/3 (masks)" if scope == "global" else "regions"
+        desc = "regions: masks" if scope == "global" else "regions"
         for info, keys in _stream(base, tasks, tensors, desc, progress, samples):
             cores = []
             for n in names:

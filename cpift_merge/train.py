@@ -241,6 +241,10 @@ def finetune(
         callbacks.append(FreezeCallback(frozen))
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(rows),
                       data_collator=Collator(tok.pad_token_id), callbacks=callbacks)
+    if not progress:  # with bars off, Trainer prints every log dict instead: keep quiet
+        from transformers.trainer_callback import PrinterCallback
+
+        trainer.remove_callback(PrinterCallback)
     result = trainer.train(resume_from_checkpoint=resume)
     if cfg.lora:
         model = model.merge_and_unload()

@@ -513,3 +513,22 @@ def test_resume_after_kill(tiny_lm, tasks, regions, tmp_path):
         m = regions.mask("a", t)
         assert torch.equal(w2[t][m], w1[t][m]), t
     assert not any(n.startswith(".") for n in os.listdir(out))  # no temporary folders left
+
+
+def test_same_seed_same_weights(tiny_lm, tmp_path):
+    """Seeds make runs repeatable on CPU: two runs, bit-identical weights and losses."""
+    from safetensors.torch import load_file
+
+    from cpift_merge.train import TrainConfig, finetune
+
+    exs = [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(6) for b in range(6)]
+    cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, weight_decay=0.1, seed=3)
+    r1 = finetune(tiny_lm, exs, str(tmp_path / "r1"), cfg, progress=False)
+    r2 = finetune(tiny_lm, exs, str(tmp_path / "r2"), cfg, progress=False)
+    assert r1["losses"] == r2["losses"]
+    w1 = load_file(str(tmp_path / "r1" / "model.safetensors"))
+    w2 = load_file(str(tmp_path / "r2" / "model.safetensors"))
+    assert all(torch.equal(w1[k], w2[k]) for k in w1)
+    r3 = finetune(tiny_lm, exs, str(tmp_path / "r3"), TrainConfig(steps=4, batch_size=4, lr=1e-3, seed=4),
+                  progress=False)
+    assert r3["losses"] != r1["losses"]
