@@ -30,9 +30,18 @@ from cpift_merge import masks as maskcodec
 
 
 class _Frozen:
-    """The frozen entries of one parameter."""
+    """The frozen entries of one parameter.
 
-    __slots__ = ("param", "name", "numel", "count", "_packed", "_bool", "_saved")
+    Encoding, whichever is smaller (like the region files): sorted int64 flat indices
+    (what torch's index ops take) when under 1/64 of the entries are frozen (then every
+    operation costs O(frozen)),
+    else packed bits (``storage="bits"``) or a bool mask (``"bytes"``). A bit mask is
+    unpacked once per optimizer step and the bool kept until the step's restore.
+    Dense masks save the parameter whole for the step (a plain copy is much faster
+    than gathering the frozen entries) and restore with one ``where``.
+    """
+
+    __slots__ = ("param", "name", "numel", "count", "_idx", "_packed", "_bool", "_cache", "_saved")
 
     def __init__(self, name: str, param: torch.Tensor, mask: torch.Tensor, storage: str):
         if mask.numel() != param.numel():
@@ -42,37 +51,64 @@ class _Frozen:
         local = _local(param)
         flat = _shard_mask(name, mask, param).reshape(-1).to(device=local.device, dtype=torch.bool)
         self.param, self.name, self.numel = param, name, local.numel()
-        self.count = int(flat.sum())
-        self._packed = maskcodec.pack_bits(flat) if storage == "bits" else None
-        self._bool = flat if storage == "bytes" else None
+        self.count = int(torch.count_nonzero(flat))
+        sparse = 8 * self.count < maskcodec.packed_size(self.numel)
+        self._idx = flat.nonzero().reshape(-1) if sparse else None
+        self._packed = maskcodec.pack_bits(flat) if not sparse and storage == "bits" else None
+        self._bool = flat if not sparse and storage == "bytes" else None
+        self._cache: Optional[torch.Tensor] = None
         self._saved: Optional[torch.Tensor] = None
 
     def mask(self) -> torch.Tensor:
-        """Flat bool mask (unpacked on the fly when stored as bits)."""
+        """Flat bool mask (built from indices or bits when needed)."""
         if self._bool is not None:
             return self._bool
-        return maskcodec.unpack_bits(self._packed, self.numel)
+        if self._cache is None:
+            if self._idx is not None:
+                m = torch.zeros(self.numel, dtype=torch.bool, device=self._idx.device)
+                m[self._idx] = True
+                return m
+            self._cache = maskcodec.unpack_bits(self._packed, self.numel)
+        return self._cache
 
     @property
     def nbytes(self) -> int:
-        t = self._bool if self._bool is not None else self._packed
+        t = next(x for x in (self._idx, self._packed, self._bool) if x is not None)
         return t.numel() * t.element_size()
 
     def _data(self) -> torch.Tensor:
         return _local(self.param).detach().view(-1)
 
     def save(self) -> None:
-        self._saved = self._data().masked_select(self.mask())
+        data = self._data()
+        self._saved = data.index_select(0, self._idx) if self._idx is not None else data.clone()
 
     def restore(self) -> None:
         if self._saved is not None:
-            self._data().masked_scatter_(self.mask(), self._saved)
+            data = self._data()
+            if self._idx is not None:
+                data.index_copy_(0, self._idx, self._saved)
+            else:
+                torch.where(self.mask(), self._saved, data, out=data)
             self._saved = None
+        self._cache = None  # the next step unpacks again
 
     def mask_grad(self) -> None:
         g = self.param.grad
         if g is not None:
-            _local(g).view(-1).masked_fill_(self.mask(), 0)
+            flat = _local(g).view(-1)
+            if self._idx is not None:
+                flat.index_fill_(0, self._idx, 0)
+            else:
+                flat.masked_fill_(self.mask(), 0)
+
+    def zero_state(self, value: torch.Tensor) -> None:
+        flat = _local(value).view(-1)
+        if self._idx is not None:
+            flat.index_fill_(0, self._idx, 0)
+        else:
+            flat.masked_fill_(self.mask(), 0)
+        self._cache = None
 
 
 def _local(t: torch.Tensor) -> torch.Tensor:
@@ -157,7 +193,7 @@ class MaskedUpdate:
             state = optimizer.state.get(f.param, {})
             for value in state.values():
                 if isinstance(value, torch.Tensor) and value.shape == f.param.shape:
-                    _local(value).view(-1).masked_fill_(f.mask(), 0)
+                    f.zero_state(value)
 
     def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> "MaskedUpdate":
         """Register gradient hooks (and step hooks when ``optimizer`` is given)."""

@@ -137,12 +137,8 @@ def _task_models(cfg: Dict[str, Any]) -> List[str]:
 def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
     """Checks and pre-pass for a ``cpi`` recipe; returns facts for the stats file."""
     from cpift_merge.checkpoint import Checkpoint, participating_tensors
-    from cpift_merge.method import (
-        DEFAULT_DENSITY,
-        DEFAULT_SCOPE,
-        check_region_settings,
-        global_prepass,
-    )
+    from cpift_merge.method import check_region_settings
+    from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
     from cpift_merge.regions import load_regions
 
     check_cpi_values(cfg)

@@ -229,8 +229,10 @@ def test_params_without_frozen_entries_carry_no_mask():
     held = {f.name for f in mu.frozen}
     assert held == {n for n, m in masks.items() if m.any()}
     assert not held & {"model.norm.weight", "lm_head.weight", "model.embed_tokens.weight"}
-    # at most 1 bit per entry, rounded up per tensor
-    assert mu.mask_bytes == sum((params[n].numel() + 7) // 8 for n in held)
+    # at most 1 bit per entry, rounded up per tensor; a sparse mask is kept as indices
+    per = {f.name: f.nbytes for f in mu.frozen}
+    assert per[odd] == 8  # one int64 index instead of 128 bytes of bits
+    assert all(per[n] == (params[n].numel() + 7) // 8 for n in held if n != odd)
     assert mu.mask_bytes <= sum(params[n].numel() for n in held) / 8 + len(held)
     assert mu.frozen_count == sum(int(m.sum()) for m in masks.values())
     # the dropped params still train (their entries are all free)
@@ -380,3 +382,23 @@ def test_fsdp2_two_processes(tmp_path):
     # every frozen entry is held by exactly one shard
     assert sum(res["frozen_counts"]) == res["frozen_total"]
     assert all(c > 0 for c in res["frozen_counts"])
+
+
+@pytest.mark.parametrize("share", [0.001, 0.3])
+def test_sparse_and_dense_encodings_both_bit_exact(share):
+    """Under 1/64 frozen a parameter keeps int64 indices (O(frozen) work per step),
+    above it packed bits; both keep frozen entries bit-identical under AdamW + wd."""
+    model = make_model()
+    g = torch.Generator().manual_seed(7)
+    masks = {n: torch.rand(p.shape, generator=g) < share for n, p in model.named_parameters()}
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, opt, 2)
+    before = snapshot(model)
+    mu = MaskedUpdate(model, masks)
+    kinds = {f._idx is not None for f in mu.frozen}
+    assert kinds == ({True} if share < 1 / 64 else {False})
+    with mu.attach(opt):
+        train(model, opt, 3)
+    for n, p in model.named_parameters():
+        assert torch.equal(p.detach()[masks[n]], before[n][masks[n]])
+    assert any(not torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]) for n, p in model.named_parameters())
