@@ -80,7 +80,7 @@ def main() -> int:
         mu = updates.get(name)
         mask_bytes = mu.mask_bytes if mu else 0
         frozen = mu.frozen_count if mu else 0
-        transient = frozen * 4  # fp32 values of frozen entries held during a step
+        transient = mu.step_buffer_bytes if mu else 0
         rows.append([name, f"{med:.3f}", f"{100 * (med / plain - 1):+.1f}%", f"{8 * mask_bytes / n_params:.3f}",
                      f"{mask_bytes / 2**20:.1f}", f"{transient / 2**20:.1f}"])
         out[name] = {"median_s": med, "steps": times[name], "mask_bytes": mask_bytes,

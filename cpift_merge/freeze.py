@@ -170,6 +170,12 @@ class MaskedUpdate:
         return sum(f.count for f in self.frozen)
 
     @property
+    def step_buffer_bytes(self) -> int:
+        """Transient memory a step holds: the frozen values (sparse masks) or a copy
+        of each parameter with a dense mask."""
+        return sum((f.count if f._idx is not None else f.numel) * f.param.element_size() for f in self.frozen)
+
+    @property
     def mask_bytes(self) -> int:
         """Device memory the masks take (excludes transient buffers during a step)."""
         return sum(f.nbytes for f in self.frozen)
