@@ -2,7 +2,8 @@
 
 Reads single-file and sharded safetensors (``model.safetensors.index.json``). Also
 computes model fingerprints (tensor names, shapes, dtypes and a fixed sample of
-values) cheaply: the sample is read through safetensors slices, not whole tensors.
+values) cheaply: only the sampled entries are read, not whole tensors. Tensors are
+read with positioned reads, not a memory map (see ``_Shard``).
 """
 
 from __future__ import annotations
