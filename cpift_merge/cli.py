@@ -210,6 +210,28 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
     click.echo(f"final model: {summary['final']}")
 
 
+@main.group()
+def tasks() -> None:
+    """The built-in tasks (math, code, logic, format)."""
+
+
+@tasks.command("export")
+@click.argument("out_dir")
+@click.option("--train", "n_train", type=int, default=200, show_default=True, help="Train examples per task.")
+@click.option("--test", "n_test", type=int, default=50, show_default=True, help="Test examples per task.")
+@click.option("--seed", type=int, default=0, show_default=True)
+@_friendly
+def tasks_export(out_dir, n_train, n_test, seed):
+    """Write each built-in task as OUT_DIR/NAME/train.jsonl and test.jsonl."""
+    from cpift_merge.tasks import export
+
+    if n_train < 1 or n_test < 1:
+        raise CpiftError("--train and --test must be at least 1")
+    rows = [[name, info["metric"], info["domain"], info["train"], info["test"]]
+            for name, info in export(out_dir, n_train, n_test, seed).items()]
+    click.echo(format_table(["task", "metric", "domain", "train", "test"], rows))
+
+
 def _merge_command(fn):
     from mergekit.options import add_merge_options
 

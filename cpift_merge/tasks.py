@@ -1,0 +1,168 @@
+"""Built-in tasks: four heterogeneous, seeded task generators with exact checkers.
+
+In the spirit of the papers' suite (math word problems, code, logical reasoning,
+instruction following), small enough for SmolLM2-135M on a CPU, and pulling the model
+in different directions (a number, a program's output, a letter, a formatted string):
+
+* ``math``    word problems with one or two operations; metric ``numeric`` (last number)
+* ``code``    "what does this Python snippet print?"; metric ``exact``
+* ``logic``   ordering puzzles as multiple choice; metric ``choice`` (the letter)
+* ``format``  instruction following (case, reversal, joining, counting); metric ``exact``
+
+Each generator draws examples from a seeded RNG; train and test splits never share a
+prompt (test prompts are drawn first, train skips them). ``cpift tasks export DIR``
+writes ``DIR/NAME/{train,test}.jsonl`` in the format users bring.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import random
+import re
+from typing import Callable, Dict, List, Tuple
+
+from cpift_merge.errors import CpiftError
+
+Example = Dict[str, str]
+
+_NAMES = ["Ada", "Ben", "Cleo", "Dev", "Eli", "Fay", "Gus", "Hana", "Ivo", "Jun"]
+_ITEMS = ["apples", "books", "coins", "pens", "stamps", "shells", "marbles", "cards"]
+_WORDS = ["river", "stone", "cloud", "maple", "tiger", "lemon", "piano", "comet", "otter", "tulip"]
+
+
+def _math(rng: random.Random) -> Example:
+    who, item = rng.choice(_NAMES), rng.choice(_ITEMS)
+    a, b, c = rng.randint(2, 40), rng.randint(2, 30), rng.randint(2, 9)
+    kind = rng.randrange(4)
+    if kind == 0:
+        q, ans = f"{who} has {a} {item} and finds {b} more. How many {item} does {who} have now?", a + b
+    elif kind == 1:
+        a = a + b
+        q, ans = f"{who} has {a} {item} and gives away {b}. How many {item} are left?", a - b
+    elif kind == 2:
+        q, ans = f"{who} buys {c} boxes with {b} {item} in each box. How many {item} is that?", b * c
+    else:
+        q, ans = (f"{who} has {a} {item}, buys {c} packs of {b} more, then gives away {a // 2}."
+                  f" How many {item} does {who} have?", a + b * c - a // 2)
+    return {"prompt": q, "response": f"The answer is {ans}.", "answer": str(ans)}
+
+
+def _code(rng: random.Random) -> Example:
+    x, y = rng.randint(1, 20), rng.randint(1, 20)
+    kind = rng.randrange(4)
+    if kind == 0:
+        src, ans = f"x = {x}\ny = {y}\nprint(x * y + x)", x * y + x
+    elif kind == 1:
+        w = rng.choice(_WORDS)
+        src, ans = f"s = '{w}'\nprint(s[::-1])", w[::-1]
+    elif kind == 2:
+        src, ans = f"total = 0\nfor i in range({x}):\n    total += i\nprint(total)", sum(range(x))
+    else:
+        src, ans = f"items = [{x}, {y}, {x + y}]\nprint(max(items) - min(items))", x + y - min(x, y)
+    ans = str(ans)
+    return {"prompt": f"What does this Python code print?\n{src}", "response": ans, "answer": ans}
+
+
+def _logic(rng: random.Random) -> Example:
+    people = rng.sample(_NAMES, 3)
+    order = people[:]
+    rng.shuffle(order)  # order[0] is the tallest
+    facts = [f"{order[0]} is taller than {order[1]}.", f"{order[1]} is taller than {order[2]}."]
+    rng.shuffle(facts)
+    ask_tallest = rng.random() < 0.5
+    target = order[0] if ask_tallest else order[2]
+    options = people[:]
+    rng.shuffle(options)
+    letters = "ABC"
+    ans = letters[options.index(target)]
+    q = (" ".join(facts) + f" Who is the {'tallest' if ask_tallest else 'shortest'}?\n"
+         + "\n".join(f"{letters[i]}. {p}" for i, p in enumerate(options))
+         + "\nAnswer with the letter.")
+    return {"prompt": q, "response": ans, "answer": ans}
+
+
+def _format(rng: random.Random) -> Example:
+    words = rng.sample(_WORDS, rng.randint(2, 4))
+    text = " ".join(words)
+    kind = rng.randrange(4)
+    if kind == 0:
+        q, ans = f"Write this in capital letters: {text}", text.upper()
+    elif kind == 1:
+        q, ans = f"Join these words with commas and no spaces: {text}", ",".join(words)
+    elif kind == 2:
+        q, ans = f"Write these words in reverse order: {text}", " ".join(reversed(words))
+    else:
+        q, ans = f"How many words are in this sentence? {text}", str(len(words))
+    return {"prompt": q, "response": ans, "answer": ans}
+
+
+GENERATORS: Dict[str, Tuple[Callable[[random.Random], Example], str, str]] = {
+    "math": (_math, "numeric", "math"),
+    "code": (_code, "exact", "code"),
+    "logic": (_logic, "choice", "reasoning"),
+    "format": (_format, "exact", "instruction"),
+}
+
+
+def generate(name: str, n_train: int, n_test: int, seed: int = 0) -> Tuple[List[Example], List[Example]]:
+    """Disjoint train/test splits of task ``name`` (test drawn first, by prompt)."""
+    if name not in GENERATORS:
+        raise CpiftError(f"unknown built-in task {name!r}; choose from {', '.join(GENERATORS)}")
+    gen = GENERATORS[name][0]
+    rng = random.Random(f"{name}:{seed}")
+    test: List[Example] = []
+    seen = set()
+    tries = 0
+    while len(test) < n_test:
+        ex = gen(rng)
+        tries += 1
+        if ex["prompt"] not in seen:
+            seen.add(ex["prompt"])
+            test.append(ex)
+        if tries > 100 * (n_test + n_train) + 1000:
+            raise CpiftError(f"task {name}: cannot draw {n_test} distinct test examples")
+    train: List[Example] = []
+    train_seen = set()
+    while len(train) < n_train:
+        ex = gen(rng)
+        tries += 1
+        if ex["prompt"] not in seen and ex["prompt"] not in train_seen:
+            train_seen.add(ex["prompt"])
+            train.append(ex)
+        if tries > 100 * (n_test + n_train) + 1000:
+            raise CpiftError(f"task {name}: cannot draw {n_train} train examples disjoint from the test split")
+    return train, test
+
+
+def check(metric: str, output: str, answer: str) -> bool:
+    """Exact checkers: ``exact`` (whitespace/case-normalised), ``numeric`` (last number
+    in the output), ``choice`` (the first standalone option letter)."""
+    if metric == "exact":
+        norm = lambda s: " ".join(s.strip().lower().split())  # noqa: E731
+        return norm(output) == norm(answer)
+    if metric == "numeric":
+        nums = re.findall(r"-?\d+(?:\.\d+)?", output.replace(",", ""))
+        return bool(nums) and float(nums[-1]) == float(answer)
+    if metric == "choice":
+        m = re.search(r"\b([A-Z])\b", output.strip())
+        return m is not None and m.group(1) == answer.strip().upper()
+    raise CpiftError(f"unknown metric {metric!r}; use exact, numeric or choice")
+
+
+def export(out: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Dict[str, Dict[str, str]]:
+    """Write every built-in task as ``OUT/NAME/train.jsonl`` and ``test.jsonl``."""
+    written = {}
+    for name, (_gen, metric, domain) in GENERATORS.items():
+        train, test = generate(name, n_train, n_test, seed)
+        folder = os.path.join(out, name)
+        os.makedirs(folder, exist_ok=True)
+        for split, rows in (("train", train), ("test", test)):
+            tmp = os.path.join(folder, f".{split}.jsonl.tmp")
+            with open(tmp, "w", encoding="utf-8") as fh:
+                for r in rows:
+                    fh.write(json.dumps(r) + "\n")
+            os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))
+        written[name] = {"metric": metric, "domain": domain, "train": os.path.join(folder, "train.jsonl"),
+                         "test": os.path.join(folder, "test.jsonl")}
+    return written

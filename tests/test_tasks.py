@@ -1,0 +1,60 @@
+"""Built-in task generators and their exact checkers."""
+
+import json
+import os
+
+import pytest
+from click.testing import CliRunner
+
+from cpift_merge.cli import main
+from cpift_merge.data import load_examples
+from cpift_merge.errors import CpiftError
+from cpift_merge.tasks import GENERATORS, check, generate
+
+
+@pytest.mark.parametrize("name", list(GENERATORS))
+def test_generators_are_seeded_disjoint_and_checkable(name):
+    train, test = generate(name, 150, 40, seed=1)
+    assert (train, test) == generate(name, 150, 40, seed=1)
+    assert generate(name, 150, 40, seed=2)[1] != test
+    assert len(train) == 150 and len(test) == 40
+    assert not {e["prompt"] for e in train} & {e["prompt"] for e in test}
+    assert len({e["prompt"] for e in train}) == 150
+    metric = GENERATORS[name][1]
+    for ex in train + test:
+        assert check(metric, ex["response"], ex["answer"])  # the reference passes
+    wrong = "Z" if metric == "choice" else "99999 nothing"
+    assert not any(check(metric, wrong, ex["answer"]) for ex in test)
+
+
+def test_math_and_code_answers_are_right():
+    for ex in generate("code", 0, 30, seed=0)[1]:
+        src = ex["prompt"].split("\n", 1)[1]
+        out = []
+        exec(src, {"print": lambda *a: out.append(" ".join(map(str, a)))})  # noqa: S102 - our own snippets
+        assert out[-1] == ex["answer"]
+
+
+def test_checkers_on_hand_made_outputs():
+    assert check("exact", "  Hello   World ", "hello world")
+    assert not check("exact", "hello world!", "hello world")
+    assert check("numeric", "so 3 + 4 = 7", "7") and check("numeric", "The answer is 1,200.", "1200")
+    assert not check("numeric", "7 apples, then 8", "7") and not check("numeric", "none", "7")
+    assert check("choice", "B. Ada", "B") and check("choice", "B", "b")
+    assert not check("choice", "The answer is C", "B") and not check("choice", "", "B")
+    with pytest.raises(CpiftError):
+        check("bleu", "a", "a")
+    with pytest.raises(CpiftError):
+        generate("poetry", 1, 1)
+
+
+def test_export_writes_user_format(tmp_path):
+    res = CliRunner().invoke(main, ["tasks", "export", str(tmp_path), "--train", "20", "--test", "5"])
+    assert res.exit_code == 0, res.output
+    for name in GENERATORS:
+        rows = load_examples(os.path.join(tmp_path, name, "train.jsonl"))
+        assert len(rows) == 20 and set(rows[0]) == {"prompt", "response"}
+        with open(os.path.join(tmp_path, name, "test.jsonl")) as fh:
+            assert len([json.loads(line) for line in fh]) == 5
+    bad = CliRunner().invoke(main, ["tasks", "export", str(tmp_path), "--test", "0"])
+    assert bad.exit_code == 2 and "at least 1" in bad.output
