@@ -210,6 +210,50 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
     click.echo(f"final model: {summary['final']}")
 
 
+def _eval_specs(values: Sequence[str]) -> Dict[str, Tuple[str, str]]:
+    out: Dict[str, Tuple[str, str]] = {}
+    for v in values:
+        name, sep, rest = v.partition("=")
+        if ":py:" in rest:
+            path, metric = rest.split(":py:", 1)
+            metric = "py:" + metric
+        else:
+            path, _, metric = rest.rpartition(":")
+        if not sep or not name or not path or not metric:
+            raise CpiftError(f"--task takes NAME=TEST.jsonl:METRIC, got {v!r}")
+        if name in out:
+            raise CpiftError(f"duplicate task name {name!r} in --task")
+        out[name] = (path, metric)
+    return out
+
+
+@main.command("eval")
+@click.option("--model", "model_path", required=True, help="HF model folder to evaluate.")
+@click.option("--task", "tasks_", multiple=True, required=True, metavar="NAME=TEST.jsonl:METRIC",
+              help="METRIC: exact, numeric, choice or py:module.function; repeat per task.")
+@click.option("--max-new-tokens", type=int, default=32, show_default=True)
+@click.option("--batch-size", type=int, default=16, show_default=True)
+@click.option("--limit", type=int, default=0, help="Score only the first N examples of each task.")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True)
+@click.option("--out", "out_json", default=None, help="Write the results as JSON here.")
+@_friendly
+def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_json):
+    """Greedy generation on each task's test set, scored by an exact metric."""
+    import json
+
+    from cpift_merge.evaluate import evaluate
+
+    if max_new_tokens < 1 or batch_size < 1 or limit < 0:
+        raise CpiftError("--max-new-tokens and --batch-size must be at least 1, --limit non-negative")
+    res = evaluate(model_path, _eval_specs(tasks_), max_new_tokens, batch_size, limit, device)
+    click.echo(format_table(["task", "metric", "n", "score"],
+                            [[n, r["metric"], r["n"], f"{r['score']:.1f}"] for n, r in res.items()]))
+    if out_json:
+        with open(out_json, "w", encoding="utf-8") as fh:
+            json.dump({"model": os.path.abspath(model_path), "tasks": res}, fh, indent=1)
+        click.echo(f"wrote {out_json}")
+
+
 @main.group()
 def tasks() -> None:
     """The built-in tasks (math, code, logic, format)."""
