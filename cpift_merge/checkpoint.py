@@ -67,6 +67,24 @@ _DTYPES = {
 }
 
 
+DTYPE_NAMES = {v: k for k, v in _DTYPES.items() if v is not None}
+
+
+def file_stamps(path: str) -> tuple:
+    """(name, size, mtime) of a checkpoint's or region directory's .json and
+    .safetensors files (or of one file): a cache key that notices rewrites."""
+    if os.path.isfile(path):
+        st = os.stat(path)
+        return ((path, st.st_size, st.st_mtime_ns),)
+    out = []
+    for root, _dirs, files in os.walk(path):
+        for f in sorted(files):
+            if f.endswith((".json", ".safetensors")):
+                st = os.stat(os.path.join(root, f))
+                out.append((f, st.st_size, st.st_mtime_ns))
+    return tuple(out)
+
+
 class _Shard:
     """One safetensors file read with positioned reads (no memory map).
 

@@ -19,7 +19,7 @@ import math
 import random
 from fractions import Fraction
 from dataclasses import dataclass
-from typing import Dict, Iterable, List, Mapping, Optional, Sequence
+from typing import Dict, List, Optional, Sequence
 
 import torch
 
@@ -151,22 +151,6 @@ def cut_mask(keys: torch.Tensor, key: int, ties: int) -> torch.Tensor:
     return mask
 
 
-class MaskCutter:
-    """Turn keys into the exact mask, stream order, for one task's threshold."""
-
-    def __init__(self, threshold: Threshold):
-        self.threshold = threshold
-        self.ties_left = threshold.ties
-        self.selected = 0
-
-    def cut(self, keys: torch.Tensor) -> torch.Tensor:
-        mask = cut_mask(keys, self.threshold.key, self.ties_left)
-        if self.ties_left > 0:
-            self.ties_left -= int(torch.count_nonzero(keys == self.threshold.key).clamp(max=self.ties_left))
-        self.selected += int(torch.count_nonzero(mask))
-        return mask
-
-
 def tie_quotas(threshold: Threshold, tied_counts: Sequence[int]) -> List[int]:
     """Split a threshold's ties over tensors in stream order, given how many entries
     of each tensor equal the threshold key."""
@@ -185,7 +169,8 @@ def exact_top_k(keys: torch.Tensor, k: int) -> torch.Tensor:
     finder.end_high()
     if finder.needs_low:
         finder.add_low(keys)
-    return MaskCutter(finder.end_low()).cut(keys)
+    th = finder.end_low()
+    return cut_mask(keys, th.key, th.ties)
 
 
 def core_mask(theta: torch.Tensor, theta0: torch.Tensor, density: float) -> torch.Tensor:
@@ -308,8 +293,3 @@ def order_groups(
         groups.sort(key=lambda g: pos[g[0]])
         return groups
     raise ValueError(f"order must be 'random' or 'given', got {order!r}")
-
-
-def group_of(groups: Iterable[Sequence[str]]) -> Mapping[str, int]:
-    """Task name -> index of its group."""
-    return {t: i for i, g in enumerate(groups) for t in g}

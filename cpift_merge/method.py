@@ -20,13 +20,12 @@ Unknown parameter names are errors (mergekit would ignore them silently).
 
 from __future__ import annotations
 
-import json
 import logging
 import os
 import re
 import threading
 from functools import lru_cache
-from typing import Any, Dict, List, Mapping, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from pydantic import Field
@@ -43,10 +42,10 @@ from mergekit.merge_methods import (
 from mergekit.merge_methods import registry
 
 from cpift_merge import core
-from cpift_merge.checkpoint import Checkpoint, sample_positions
+from cpift_merge.checkpoint import DTYPE_NAMES, Checkpoint, file_stamps, sample_positions
 from cpift_merge.errors import CpiftError
 from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse
-from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, cache_dir, global_prepass  # noqa: F401
+from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
 from cpift_merge.regions import GlobalCut, RegionSet, load_regions
 
 LOG = logging.getLogger(__name__)
@@ -67,20 +66,6 @@ def reset_stats() -> None:
 # ------------------------------------------------------------------ resolution
 
 
-def _stamp(path: str) -> Tuple:
-    """Sizes and mtimes of the files under ``path``: a cache key that notices rewrites."""
-    out = []
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return ((path, st.st_size, st.st_mtime_ns),)
-    for root, _dirs, files in os.walk(path):
-        for f in sorted(files):
-            if f.endswith((".json", ".safetensors")):
-                st = os.stat(os.path.join(root, f))
-                out.append((f, st.st_size, st.st_mtime_ns))
-    return tuple(out)
-
-
 @lru_cache(maxsize=16)
 def _regions_at(path: str, stamp: Tuple) -> RegionSet:
     return load_regions(path)
@@ -88,7 +73,7 @@ def _regions_at(path: str, stamp: Tuple) -> RegionSet:
 
 def _regions(path: str) -> RegionSet:
     """The region directory at ``path``, re-read when its files change."""
-    return _regions_at(path, _stamp(path))
+    return _regions_at(path, file_stamps(path))
 
 
 @lru_cache(maxsize=16)
@@ -97,7 +82,7 @@ def _checkpoint_at(path: str, stamp: Tuple) -> Checkpoint:
 
 
 def _checkpoint(path: str) -> Checkpoint:
-    return _checkpoint_at(path, _stamp(path))
+    return _checkpoint_at(path, file_stamps(path))
 
 
 def _model_path(model_id: Any) -> str:
@@ -199,7 +184,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.
 
     def original(entry) -> torch.Tensor:
         t = entry.tensor
-        if _DTYPE_NAMES.get(t.dtype) == recorded:
+        if DTYPE_NAMES.get(t.dtype) == recorded:
             return t
         return _checkpoint(_model_path(entry.id)).get(name).to(t.device)
 
@@ -208,9 +193,6 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.
         cut.mask(f"t{i}", name, core.magnitude_keys(original(e), theta0)).reshape(shape)
         for i, e in enumerate(entries)
     ]
-
-
-_DTYPE_NAMES = {torch.float32: "F32", torch.float16: "F16", torch.bfloat16: "BF16", torch.float64: "F64"}
 
 
 # ---------------------------------------------------------------- the kernel

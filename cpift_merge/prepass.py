@@ -14,7 +14,7 @@ import tempfile
 import threading
 from typing import Dict, Sequence
 
-from cpift_merge.checkpoint import Checkpoint, participating_tensors
+from cpift_merge.checkpoint import Checkpoint, file_stamps, participating_tensors
 from cpift_merge.errors import CpiftError
 from cpift_merge.regions import GlobalCut
 
@@ -35,12 +35,7 @@ def global_cache_key(
     """Cache key of a global pre-pass: models (paths, sizes, mtimes) and settings."""
     h = hashlib.sha256()
     for p in [base_path, *task_paths]:
-        h.update(p.encode())
-        for root, _dirs, files in os.walk(p):
-            for f in sorted(files):
-                if f.endswith((".safetensors", ".json")):
-                    st = os.stat(os.path.join(root, f))
-                    h.update(f"{f}:{st.st_size}:{st.st_mtime_ns}".encode())
+        h.update(repr((p, file_stamps(p))).encode())
     h.update(json.dumps([density, exclude]).encode())
     return h.hexdigest()[:24]
 

@@ -46,7 +46,6 @@ MASK_DIR = "masks"
 SCOPES = ("global", "tensor")
 ORDERS = ("random", "given")
 _ST_DTYPES = {torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
-_TORCH_DTYPES = {v: k for k, v in _ST_DTYPES.items()}
 
 
 class TensorSource(Protocol):
@@ -150,7 +149,7 @@ def _finite_keys(
     try:
         return core.magnitude_keys(theta, theta0)
     except ValueError:
-        culprit = base if not bool(torch.isfinite(theta0).all()) else task
+        culprit = base if not core.all_finite(theta0) else task
         raise CpiftError(
             f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export"
             " that checkpoint"

@@ -47,10 +47,11 @@ def test_ties_across_tensors_follow_stream_order():
         finder.add_low(kk)
     th = finder.end_low()
     assert th.value == 2.0 and th.ties == 5  # 9.0 is above; 5 of the eight 2.0s
-    cutter = core.MaskCutter(th)
-    got = [cutter.cut(kk).tolist() for kk in keys]
+    quotas = core.tie_quotas(th, [int((kk == th.key).sum()) for kk in keys])
+    assert quotas == [4, 1, 0]  # ties go to the earlier tensors
+    got = [core.cut_mask(kk, th.key, q).tolist() for kk, q in zip(keys, quotas)]
     assert got == [[True] * 4, [True, False, False], [True, False]]
-    assert cutter.selected == 6
+    assert sum(map(sum, got)) == 6
 
 
 def test_global_threshold_equals_concatenated_top_k():
@@ -65,8 +66,9 @@ def test_global_threshold_equals_concatenated_top_k():
     finder.end_high()
     for kk in keys:
         finder.add_low(kk)
-    cutter = core.MaskCutter(finder.end_low())
-    got = torch.cat([cutter.cut(kk) for kk in keys])
+    th = finder.end_low()
+    quotas = core.tie_quotas(th, [int((kk == th.key).sum()) for kk in keys])
+    got = torch.cat([core.cut_mask(kk, th.key, q) for kk, q in zip(keys, quotas)])
     assert torch.equal(got, brute_top_k(torch.cat(parts).abs(), k))
 
 
