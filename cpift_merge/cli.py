@@ -66,7 +66,28 @@ def region_report(rs) -> str:
     return "\n".join(out)
 
 
-@click.group()
+class _Cli(click.Group):
+    """``merge`` takes mergekit's options, and importing mergekit (peft, transformers)
+    takes seconds: that command is built only when it is used, after its global
+    pre-pass has been started in a child process to run beside those imports."""
+
+    def get_command(self, ctx, cmd_name):
+        if cmd_name == "merge" and cmd_name not in self.commands:
+            self.add_command(_merge_command())
+        return super().get_command(ctx, cmd_name)
+
+    def list_commands(self, ctx):
+        return sorted({*super().list_commands(ctx), "merge"})
+
+    def resolve_command(self, ctx, args):
+        if args and args[0] == "merge" and "merge" not in self.commands:
+            from cpift_merge.merge import prestart
+
+            prestart(args[1:], ctx)
+        return super().resolve_command(ctx, args)
+
+
+@click.group(cls=_Cli)
 @click.version_option(package_name="cpift-merge")
 def main() -> None:
     """Core Parameter Isolation (CPI-FT) for mergekit: core regions, the `cpi`
@@ -171,7 +192,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
     for name, examples in data.items():
         click.echo(f"probe {name}: {len(examples)} examples")
         rec = finetune(base, examples, os.path.join(out, name), cfg, record="probe.json",
-                       extra={"task": name}, progress=not quiet)
+                       extra={"task": name}, progress=not quiet, desc=f"probe {name}")
         click.echo(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
         paths[name] = os.path.join(out, name)
     if regions_density is not None:
@@ -276,26 +297,58 @@ def tasks_export(out_dir, n_train, n_test, seed):
     click.echo(format_table(["task", "metric", "domain", "train", "test"], rows))
 
 
-def _merge_command(fn):
+def _merge_command() -> click.Command:
     from mergekit.options import add_merge_options
 
-    return add_merge_options(fn)
+    @click.command("merge", context_settings={"show_default": True})
+    @click.argument("config_file")
+    @click.argument("out_path")
+    @click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it exists.")
+    @add_merge_options
+    @_friendly
+    def merge(merge_options, config_file, out_path, overwrite):
+        """Run a mergekit YAML recipe with `cpi` available (takes every mergekit-yaml
+        option). Validates first; writes OUT_PATH atomically."""
+        from cpift_merge.merge import run
+
+        merge_options.apply_global_options()
+        out = run(config_file, out_path, merge_options, overwrite=overwrite, progress=not merge_options.quiet)
+        click.echo(f"wrote {out}")
+
+    return merge
 
 
-@main.command(context_settings={"show_default": True})
-@click.argument("config_file")
-@click.argument("out_path")
-@click.option("--overwrite", is_flag=True, help="Replace OUT_PATH if it exists.")
-@_merge_command
+@main.command("run")
+@click.argument("pipeline_file", required=False)
+@click.option("--out", default=None, help="Output folder (overrides the file's out:).")
+@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
+              help="Overrides the file's device: (auto uses a GPU when there is one).")
+@click.option("--seed", type=int, default=None, help="Overrides the file's seed:.")
+@click.option("--methods", default=None, metavar="LIST",
+              help="Comma-separated methods to run (overrides the file's methods:).")
+@click.option("--quiet", is_flag=True, help="No progress output; print only the result tables.")
 @_friendly
-def merge(merge_options, config_file, out_path, overwrite):
-    """Run a mergekit YAML recipe with `cpi` available (takes every mergekit-yaml
-    option). Validates first; writes OUT_PATH atomically."""
-    from cpift_merge.merge import run
+def run_cmd(pipeline_file, out, device, seed, methods, quiet):
+    """Run a CPI-FT pipeline file: probes, regions, staged SFT, the cpi merge,
+    calibration, the baselines and the evaluation; writes OUT/results.json and
+    OUT/report.md. With no PIPELINE_FILE, runs the shipped default (SmolLM2-135M-Instruct
+    on the built-in tasks: cpift, dpi and full_sft). A rerun reuses finished steps."""
+    from cpift_merge.pipeline import run_pipeline
+    from cpift_merge.pipeline_config import load_pipeline
+    from cpift_merge.report import summary_text
 
-    merge_options.apply_global_options()
-    out = run(config_file, out_path, merge_options, overwrite=overwrite, progress=not merge_options.quiet)
-    click.echo(f"wrote {out}")
+    overrides = {"out": out, "device": device, "seed": seed,
+                 "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None}
+    pipe = load_pipeline(pipeline_file, overrides)
+    import transformers
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()  # per-load/save bars; training keeps its loss bar
+    results = run_pipeline(pipe, quiet=quiet)
+    click.echo("")
+    click.echo(summary_text(results))
+    click.echo("")
+    click.echo(f"done in {results['seconds']:.0f} s; report: {os.path.join(results['out'], 'report.md')}")
 
 
 @main.command()

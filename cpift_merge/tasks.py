@@ -98,8 +98,8 @@ def _format(rng: random.Random) -> Example:
 
 
 GENERATORS: Dict[str, Tuple[Callable[[random.Random], Example], str, str]] = {
-    "math": (_math, "numeric", "math"),
-    "code": (_code, "exact", "code"),
+    "math": (_math, "numeric", "reasoning"),
+    "code": (_code, "exact", "reasoning"),
     "logic": (_logic, "choice", "reasoning"),
     "format": (_format, "exact", "instruction"),
 }

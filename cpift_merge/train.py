@@ -18,6 +18,7 @@ from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 from transformers import TrainerCallback
+from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from cpift_merge.data import Collator, encode_all
 from cpift_merge.errors import CpiftError
@@ -118,6 +119,33 @@ class JsonlLogCallback(TrainerCallback):
                 fh.write(json.dumps(rec) + "\n")
 
 
+class LossBar(ProgressCallback):
+    """Trainer's progress bar with the loss in its postfix, instead of a printed dict
+    per logging step."""
+
+    def __init__(self, desc: str = ""):
+        super().__init__()
+        self.desc = desc
+
+    def on_train_begin(self, args, state, control, **kwargs):
+        super().on_train_begin(args, state, control, **kwargs)
+        if self.training_bar is not None and self.desc:
+            self.training_bar.set_description(self.desc)
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        if self.training_bar is not None and logs and "loss" in logs:
+            self.training_bar.set_postfix(loss=f"{float(logs['loss']):.4f}", refresh=False)
+
+
+class NoFinalCheckpoint(TrainerCallback):
+    """Trainer saves a full checkpoint (model and optimizer state) when training ends;
+    ``finetune`` writes the finished model itself right after, so skip that one."""
+
+    def on_step_end(self, args, state, control, **kwargs):
+        if state.global_step >= state.max_steps and state.global_step % args.save_steps:
+            control.should_save = False
+
+
 class _Examples(torch.utils.data.Dataset):
     def __init__(self, rows):
         self.rows = rows
@@ -158,6 +186,7 @@ def finetune(
     record: str = "run.json",
     extra: Optional[Dict[str, Any]] = None,
     progress: bool = True,
+    desc: str = "",
 ) -> Dict[str, Any]:
     """Fine-tune ``base`` on ``examples`` into ``out`` (resumable, atomic).
 
@@ -226,7 +255,7 @@ def finetune(
         save_total_limit=1,
         logging_steps=1,
         report_to=[],
-        disable_tqdm=not progress,
+        disable_tqdm=True,  # our LossBar replaces Trainer's bar
         dataloader_num_workers=0,
         remove_unused_columns=False,
     )
@@ -236,15 +265,17 @@ def finetune(
         with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as fh:
             resume_step = int(json.load(fh).get("global_step", 0))
     log = JsonlLogCallback(os.path.join(work, "train_log.jsonl"), resume_step)
-    callbacks: List[Any] = [log]
+    callbacks: List[Any] = [log, NoFinalCheckpoint()]
     if frozen and not cfg.lora:
         callbacks.append(FreezeCallback(frozen))
     trainer = Trainer(model=model, args=args, train_dataset=_Examples(rows),
                       data_collator=Collator(tok.pad_token_id), callbacks=callbacks)
-    if not progress:  # with bars off, Trainer prints every log dict instead: keep quiet
-        from transformers.trainer_callback import PrinterCallback
-
-        trainer.remove_callback(PrinterCallback)
+    # Trainer prints every log dict (with bars off) or writes it under the bar: show the
+    # loss in the bar's postfix instead (train_log.jsonl keeps every log)
+    trainer.remove_callback(PrinterCallback)
+    trainer.remove_callback(ProgressCallback)
+    if progress:
+        trainer.add_callback(LossBar(desc))
     result = trainer.train(resume_from_checkpoint=resume)
     if cfg.lora:
         model = model.merge_and_unload()
@@ -373,7 +404,8 @@ def staged_train(
         rows = [ex for t in group for ex in data[t]]
         random.Random(cfg.seed + k).shuffle(rows)
         rec = finetune(current, rows, stage_dir, cfg, frozen=frozen, record="stage.json",
-                       extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)}, progress=progress)
+                       extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)}, progress=progress,
+                       desc=f"stage {k}/{len(groups)} ({'+'.join(group)})")
         stages.append({"stage": k, "tasks": group, "path": stage_dir, "frozen_entries": rec["frozen_entries"],
                        "steps": rec["steps"], "final_loss": rec["final_loss"]})
         earlier += group

