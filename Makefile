@@ -17,7 +17,7 @@ $(STAMP): pyproject.toml
 setup: $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/cpift demo --out demo
+	$(BIN)/cpift run --out demo
 
 test: $(STAMP)
 	$(BIN)/python -m pytest
@@ -28,6 +28,8 @@ test-all: $(STAMP)
 bench: $(STAMP)
 	$(BIN)/python benchmarks/startup.py
 	$(BIN)/python benchmarks/merge_speed.py
+	$(BIN)/python benchmarks/masked_step.py
+	$(BIN)/python benchmarks/seesaw.py
 
 clean:
 	rm -rf $(VENV) demo

@@ -351,14 +351,14 @@ def run_cmd(pipeline_file, out, device, seed, methods, quiet):
     click.echo(f"done in {results['seconds']:.0f} s; report: {os.path.join(results['out'], 'report.md')}")
 
 
-@main.command()
-@click.option("--out", default="demo", show_default=True, help="Folder for the demo's models and outputs.")
+@main.command("merge-demo")
+@click.option("--out", default="merge-demo", show_default=True, help="Folder for the demo's models and outputs.")
 @click.option("--density", type=float, default=0.01, show_default=True)
 @click.option("--omega", type=float, default=0.5, show_default=True)
 @click.option("--overwrite/--no-overwrite", default=True, show_default=True)
 @_friendly
-def demo(out, density, omega, overwrite):
-    """Merge demo on a real model: SmolLM2-135M-Instruct, three seeded task
+def merge_demo(out, density, omega, overwrite):
+    """Merge-only demo on a real model: SmolLM2-135M-Instruct, three seeded task
     variants, `cpift regions`, a `cpi` merge, and a generation from the result."""
     from cpift_merge.demo import run_demo
 

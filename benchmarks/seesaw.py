@@ -1,0 +1,131 @@
+"""Quality benchmark: every method of the CPI-FT comparison, several seeds, mean ± std.
+
+Runs ``cpift run`` on a pipeline file once per seed (each seed changes the probes',
+stages' and baselines' data order and the random stage order; the task data stay
+fixed), then prints:
+
+* Table 1: test accuracy per task and method, mean ± std over seeds, and the average
+  normalized score (0-10);
+* Table 2: forgetting in sequential fine-tuning (ΔA, ΔB for A→B and B→A), mean ± std.
+
+Finished seeds are reused (``cpift run`` reuses finished steps), so an interrupted
+benchmark continues where it stopped.
+
+    python benchmarks/seesaw.py                      # benchmarks/seesaw_cpu.yml, seeds 0,1,2
+    python benchmarks/seesaw.py --pipeline merge_configs/pipeline_full.yml --device cuda
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import sys
+import time
+
+HERE = os.path.dirname(os.path.abspath(__file__))
+
+
+def mean_std(vals):
+    m = statistics.fmean(vals)
+    s = statistics.stdev(vals) if len(vals) > 1 else 0.0
+    return m, s
+
+
+def aggregate(runs):
+    """Mean ± std of every score across the runs' results.json."""
+    first = runs[0]
+    tasks = list(first["tasks"])
+    table1 = {}
+    for m in first["methods"]:
+        row = {}
+        for t in tasks:
+            row[t] = mean_std([r["methods"][m]["scores"][t]["score"] for r in runs])
+        row["avg_normalized"] = mean_std([r["methods"][m]["avg_normalized"] for r in runs])
+        table1[m] = row
+    table2 = {}
+    for d, variants in (first.get("forgetting") or {}).items():
+        for v, rec in variants.items():
+            table2.setdefault(d, {})[v] = {
+                "first": rec["first"], "second": rec["second"],
+                "delta_first": mean_std([r["forgetting"][d][v]["delta_first"] for r in runs]),
+                "delta_second": mean_std([r["forgetting"][d][v]["delta_second"] for r in runs]),
+            }
+    return tasks, table1, table2
+
+
+def render(tasks, table1, table2, seeds, n_test):
+    from cpift_merge.cli import format_table
+    from cpift_merge.report import LABELS
+
+    pm = lambda ms, signed=False: (f"{ms[0]:+.1f}" if signed else f"{ms[0]:.1f}") + f" ± {ms[1]:.1f}"  # noqa: E731
+    rows = [[LABELS.get(m, m), *[pm(row[t]) for t in tasks],
+             f"{row['avg_normalized'][0]:.2f} ± {row['avg_normalized'][1]:.2f}"] for m, row in table1.items()]
+    out = [f"Table 1: test accuracy (%), mean ± std over seeds {seeds} ({n_test} test examples per task)", "",
+           format_table(["method", *tasks, "avg norm. (0-10)"], rows)]
+    if table2:
+        header = ["sequential"]
+        for d, v in table2.items():
+            header += [f"{d}: Δ{v['plain']['first']} (forgetting)", f"{d}: Δ{v['plain']['second']} (learning)"]
+        rows2 = []
+        for variant, label in (("plain", "plain SFT"), ("frozen", "first task's core frozen (DPI)")):
+            row = [label]
+            for d, v in table2.items():
+                row += [pm(v[variant]["delta_first"], True), pm(v[variant]["delta_second"], True)]
+            rows2.append(row)
+        out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points), mean ± std", "",
+                format_table(header, rows2)]
+    return "\n".join(out)
+
+
+def main(argv=None) -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--pipeline", default=None,
+                    help="pipeline file (default: benchmarks/seesaw_cpu.yml, or merge_configs/pipeline_full.yml"
+                         " when a GPU is there)")
+    ap.add_argument("--seeds", default="0,1,2")
+    ap.add_argument("--out", default="runs/seesaw", help="OUT/seed-S per seed")
+    ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    ap.add_argument("--json", default=None, help="also write the aggregate here")
+    ap.add_argument("--quiet", action="store_true")
+    args = ap.parse_args(argv)
+
+    import torch
+    import transformers
+
+    from cpift_merge.pipeline import run_pipeline
+    from cpift_merge.pipeline_config import load_pipeline
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    pipeline = args.pipeline
+    if pipeline is None:
+        gpu = torch.cuda.is_available() and args.device != "cpu"
+        pipeline = os.path.join(os.path.dirname(HERE), "merge_configs", "pipeline_full.yml") if gpu \
+            else os.path.join(HERE, "seesaw_cpu.yml")
+    seeds = [int(s) for s in args.seeds.split(",")]
+    runs = []
+    t0 = time.time()
+    for s in seeds:
+        pipe = load_pipeline(pipeline, {"seed": s, "out": os.path.join(args.out, f"seed-{s}"), "device": args.device})
+        print(f"== seed {s}: {pipeline} -> {pipe.out}", flush=True)
+        runs.append(run_pipeline(pipe, quiet=args.quiet))
+        print(f"== seed {s} done ({runs[-1]['seconds']:.0f} s this run)", flush=True)
+    tasks, table1, table2 = aggregate(runs)
+    n_test = runs[0]["methods"]["base"]["scores"][tasks[0]]["n"]
+    text = render(tasks, table1, table2, seeds, n_test)
+    compute = sum(sum(r["timings"].values()) for r in runs)
+    print()
+    print(f"pipeline {os.path.relpath(pipeline)}; device {runs[0]['device']};"
+          f" step time summed over seeds {compute / 60:.0f} min; this invocation {(time.time() - t0) / 60:.0f} min")
+    print(text)
+    if args.json:
+        with open(args.json, "w", encoding="utf-8") as fh:
+            json.dump({"pipeline": pipeline, "seeds": seeds, "table1": table1, "table2": table2,
+                       "runs": [r["out"] for r in runs]}, fh, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
