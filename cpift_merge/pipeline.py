@@ -288,7 +288,7 @@ class Run:
         tasks = list(tasks or self.pipe.task_names)
         ev = self.pipe.eval
         specs = {t: (self.data[t]["test"], self.pipe.task(t).metric) for t in tasks}
-        fp = fingerprint("eval", model["fp"], ev.model_dump(), specs, [self.data_fp[t] for t in tasks])
+        fp = fingerprint("eval", model["fp"], ev.scoring(), specs, [self.data_fp[t] for t in tasks])
         out = self.path("eval", key.replace(":", "_").replace("/", "_") + ".json")
 
         def go():
@@ -332,6 +332,8 @@ class Run:
                 self.evaluate("dpi")
         if "cpift" in methods:
             self._cpift(rs, groups)
+            if pipe.eval.intermediate:
+                self.evaluate("cpift_merged")
             self.evaluate("cpift")
         if "full_sft" in methods:
             self.staged("full_sft", self.base, self.base_fp, [list(names)], pipe.stage)
@@ -452,6 +454,8 @@ class Run:
     def results(self, seconds: float) -> Record:
         pipe = self.pipe
         order = ["base", *[m for m in pipe.methods if m != "sequential"]]
+        if "cpift" in order and "cpift_merged" in self.scores:
+            order.insert(order.index("cpift"), "cpift_merged")
         methods = {}
         for m in order:
             if m not in self.scores:
@@ -484,6 +488,7 @@ class Run:
             "sequential_scores": {k: v for k, v in self.scores.items() if k.startswith("sequential/")},
             "timings": dict(self.steps.timings),
             "seconds": round(seconds, 1),
+            "compute_seconds": round(sum(self.steps.timings.values()), 1),
         }
 
 

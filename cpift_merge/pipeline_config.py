@@ -127,6 +127,11 @@ class EvalSpec(_Strict):
     max_new_tokens: int = Field(24, ge=1)
     batch_size: int = Field(16, ge=1)
     limit: int = Field(0, ge=0)
+    intermediate: bool = False  # also score CPI-FT's merged model before calibration
+
+    def scoring(self) -> dict:
+        """The settings a score depends on (``intermediate`` picks models, not scores)."""
+        return self.model_dump(exclude={"intermediate"})
 
 
 class Pipeline(_Strict):

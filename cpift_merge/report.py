@@ -13,6 +13,7 @@ LABELS = {
     "multistage_random": "Multi-stage (random)",
     "multistage_heuristic": "Multi-stage (heuristic)",
     "dpi": "DPI (staged, frozen cores)",
+    "cpift_merged": "CPI-FT merge, before calibration",
     "cpift": "CPI-FT",
     "task_arithmetic": "Task arithmetic (probes)",
     "ties": "TIES (probes)",
@@ -117,7 +118,7 @@ def write_report(out: str, results: Dict[str, Any]) -> str:
         "# CPI-FT pipeline report",
         "",
         f"Base model: `{results['base']}`; seed {results['seed']}; device {results['device']};"
-        f" wall time {results['seconds']:.0f} s.",
+        f" this run {results['seconds']:.0f} s, all steps {results.get('compute_seconds', 0):.0f} s.",
         "",
         "## Table 1: test accuracy (%) per task",
         "",

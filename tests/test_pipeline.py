@@ -52,7 +52,7 @@ def spec(lm: str, out: str, **over) -> dict:
         "regions": {"density": 0.05},
         "methods": ALL,
         "sequential": {"pair": ["math", "code"]},
-        "eval": {"max_new_tokens": 3},
+        "eval": {"max_new_tokens": 3, "intermediate": True},
     }
     doc.update(over)
     return doc
@@ -78,6 +78,7 @@ def test_every_method_and_artifact(full_run):
     on_disk = json.load(open(os.path.join(out, "results.json")))
     assert on_disk["methods"].keys() == results["methods"].keys()
     expected = ["base", *[m for m in ALL if m != "sequential"]]
+    expected.insert(expected.index("cpift"), "cpift_merged")  # eval.intermediate
     assert list(results["methods"]) == expected
     for m, rec in results["methods"].items():
         assert set(rec["scores"]) == set(tasks)
@@ -188,7 +189,7 @@ def test_interrupted_run_continues(lm, tmp_path, monkeypatch):
     monkeypatch.setattr(pipeline.Run, "staged", real)
     res = run_pipeline(load_pipeline(path), quiet=True)
     assert os.stat(merged).st_mtime_ns == stamp  # the merge done before the interruption is reused
-    assert set(res["methods"]) == {"base", "cpift", "full_sft"}
+    assert set(res["methods"]) == {"base", "cpift_merged", "cpift", "full_sft"}
     assert res["timings"]["merge/cpift_merged"] > 0
 
 
