@@ -54,6 +54,7 @@ class Steps:
     """Fingerprinted, resumable steps: ``run(key, fp, outputs, fn)``."""
 
     def __init__(self, out: str, quiet: bool = False):
+        self.out = out
         self.dir = os.path.join(out, ".steps")
         self.quiet = quiet
         self.timings: Dict[str, float] = {}
@@ -79,12 +80,23 @@ class Steps:
         if not self.quiet:
             click.echo(msg)
 
+    # paths under OUT are recorded relative to it, so a moved or copied OUT still resumes
+    def _rel(self, result: Any) -> Any:
+        if isinstance(result, str) and os.path.isabs(result) and result.startswith(self.out + os.sep):
+            return {"path_in_out": os.path.relpath(result, self.out)}
+        return result
+
+    def _abs(self, result: Any) -> Any:
+        if isinstance(result, dict) and set(result) == {"path_in_out"}:
+            return os.path.join(self.out, result["path_in_out"])
+        return result
+
     def run(self, key: str, fp: str, outputs: Sequence[str], fn: Callable[[], Any], what: str = "") -> Any:
         rec = self.read(key)
         if rec and rec.get("fingerprint") == fp and rec.get("state") == "done" and all(map(os.path.exists, outputs)):
             self.say(f"[{key}] done earlier, reused")
             self.timings[key] = rec.get("seconds", 0.0)
-            return rec.get("result")
+            return self._abs(rec.get("result"))
         if rec and rec.get("fingerprint") == fp:
             self.say(f"[{key}] resuming an interrupted run")
         else:
@@ -102,7 +114,7 @@ class Steps:
         result = fn()
         seconds = round(time.time() - t0, 2)
         self.timings[key] = seconds
-        self._write(key, {"fingerprint": fp, "state": "done", "seconds": seconds, "result": result})
+        self._write(key, {"fingerprint": fp, "state": "done", "seconds": seconds, "result": self._rel(result)})
         self.say(f"[{key}] finished in {seconds:.1f} s")
         return result
 
@@ -278,6 +290,8 @@ class Run:
 
         desc = " -> ".join("+".join(g) for g in groups)
         final = self.steps.run(f"train/{key}", fp, [out], go, f"staged SFT: {desc}")
+        if not self.pipe.keep_stages:
+            prune_stages(out, final)
         self.models[key] = {"path": final, "fp": fp, "groups": groups}
         return final
 
@@ -288,7 +302,7 @@ class Run:
         tasks = list(tasks or self.pipe.task_names)
         ev = self.pipe.eval
         specs = {t: (self.data[t]["test"], self.pipe.task(t).metric) for t in tasks}
-        fp = fingerprint("eval", model["fp"], ev.scoring(), specs, [self.data_fp[t] for t in tasks])
+        fp = fingerprint("eval", model["fp"], ev.scoring(), {t: (self.data_fp[t], m) for t, (_p, m) in specs.items()})
         out = self.path("eval", key.replace(":", "_").replace("/", "_") + ".json")
 
         def go():
@@ -373,7 +387,8 @@ class Run:
             params["epsilon"] = pipe.merge.epsilon
         recipe = {"merge_method": "cpi", "base_model": backbone["path"],
                   "models": self._probe_models(probes, True), "parameters": params, "dtype": "float32"}
-        fp = fingerprint("cpift-merge", backbone["fp"], self.models["regions"]["fp"], recipe["parameters"])
+        fp = fingerprint("cpift-merge", backbone["fp"], self.models["regions"]["fp"],
+                         {k: v for k, v in params.items() if k != "regions"})
         merged = self._merge("cpift_merged", recipe, fp)
         self.models["cpift_merged"] = {"path": merged, "fp": fp}
         cal = pipe.calibration
@@ -396,7 +411,8 @@ class Run:
             recipe = {"merge_method": "cpi", "base_model": self.base, "models": self._probe_models(probes, True),
                       "parameters": {"regions": rs.path, "omega": 0.0, "overlap": "mean"}, "dtype": "float32"}
         fp = fingerprint("merge", method, self.base_fp, probe_fps, self.models.get("regions", {}).get("fp"),
-                         {k: v for k, v in recipe.items() if k not in ("models", "base_model")},
+                         {k: v for k, v in recipe.items() if k not in ("models", "base_model", "parameters")},
+                         {k: v for k, v in recipe.get("parameters", {}).items() if k != "regions"},
                          [m.get("parameters") for m in recipe["models"]])
         out = self._merge(method, recipe, fp)
         self.models[method] = {"path": out, "fp": fp}
@@ -490,6 +506,17 @@ class Run:
             "seconds": round(seconds, 1),
             "compute_seconds": round(sum(self.steps.timings.values()), 1),
         }
+
+
+def prune_stages(out: str, final: str) -> None:
+    """Delete the weights of a finished staged run's intermediate stages (their
+    stage.json and logs stay): only the final model is used downstream."""
+    for d in sorted(os.listdir(out)):
+        stage = os.path.join(out, d)
+        if d.startswith("stage-") and os.path.abspath(stage) != os.path.abspath(final):
+            for f in os.listdir(stage):
+                if f.endswith(".safetensors") or f == "model.safetensors.index.json":
+                    os.remove(os.path.join(stage, f))
 
 
 def normalized_average(scores: Dict[str, Record]) -> float:

@@ -139,6 +139,7 @@ class Pipeline(_Strict):
     out: str = "cpift-run"
     seed: int = 0
     device: Literal["auto", "cpu", "cuda"] = "auto"
+    keep_stages: bool = False  # keep the weights of every intermediate stage (disk: one model each)
     tasks: List[TaskSpec] = Field(..., min_length=1)
     builtin_data: BuiltinData = BuiltinData()
     regions: RegionSpec = RegionSpec()

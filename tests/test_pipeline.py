@@ -98,6 +98,13 @@ def test_every_method_and_artifact(full_run):
     # heuristic groups by domain: math, code and logic are all "reasoning"
     assert results["methods"]["multistage_heuristic"]["groups"] == [tasks]
     assert results["methods"]["full_sft"]["groups"] == [tasks]
+    # intermediate stages keep their records but not their weights; final models stay whole
+    dpi = os.path.join(out, "methods", "dpi")
+    for k in range(1, len(results["groups"]) + 1):
+        stage = os.path.join(dpi, f"stage-{k}")
+        assert os.path.isfile(os.path.join(stage, "stage.json"))
+        last = stage == results["methods"]["dpi"]["path"]
+        assert os.path.isfile(os.path.join(stage, "model.safetensors")) == last
     # the cpift backbone is the DPI model; calibration trained every group on 4 examples per task
     recipe = yaml.safe_load(open(os.path.join(out, "recipes", "cpift_merged.yml")))
     assert recipe["merge_method"] == "cpi" and recipe["base_model"] == results["methods"]["dpi"]["path"]
@@ -149,11 +156,17 @@ def test_rerun_reuses_and_redoes_only_what_changed(lm, tmp_path, capsys):
     full_file = os.path.join(out, "methods", "full_sft", "stage-1", "model.safetensors")
     stamps = {p: os.stat(p).st_mtime_ns for p in (probe_file, full_file)}
     capsys.readouterr()
-    # same file again: everything reused
-    run_pipeline(load_pipeline(write(tmp_path, doc)))
+    # same file again, after moving OUT: everything reused, paths follow the move
+    moved = str(tmp_path / "moved")
+    os.rename(out, moved)
+    doc["out"] = moved
+    res = run_pipeline(load_pipeline(write(tmp_path, doc)))
     text = capsys.readouterr().out
     assert "[probe/math] done earlier, reused" in text and "[train/dpi] done earlier, reused" in text
     assert "finished in" not in text
+    assert res["methods"]["dpi"]["path"].startswith(moved + os.sep)
+    os.rename(moved, out)
+    doc["out"] = out
     # a stage setting changes: probes and regions reused, both staged runs redone
     doc["stage"] = {"epochs": 1, "lr": 5e-4}
     res = run_pipeline(load_pipeline(write(tmp_path, doc)))
