@@ -139,6 +139,11 @@ class Run:
         self.pipe = pipe
         self.out = pipe.out
         self.quiet = quiet
+        if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isdir(os.path.join(self.out, ".steps")):
+            raise CpiftError(f"out {self.out} exists and is not a cpift run folder (no .steps/);"
+                             " choose another out (a rerun into the same out resumes it)")
+        if os.path.exists(self.out) and not os.path.isdir(self.out):
+            raise CpiftError(f"out {self.out} is a file; choose a folder")
         os.makedirs(self.out, exist_ok=True)
         self.steps = Steps(self.out, quiet)
         self.base = ""

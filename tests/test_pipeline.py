@@ -295,6 +295,15 @@ def test_normalized_average_and_tables():
     assert h2[1:] == ["a->b: Δa (forgetting)", "a->b: Δb (learning)"] and rows2[0][1:] == ["-3.0", "+4.0"]
 
 
+def test_out_must_be_a_run_folder(lm, tmp_path):
+    out = tmp_path / "mine"
+    out.mkdir()
+    (out / "notes.txt").write_text("keep me")
+    line = _cli_error(tmp_path, spec(lm, str(out)))
+    assert "is not a cpift run folder" in line
+    assert os.listdir(out) == ["notes.txt"]
+
+
 def test_bad_values_caught_before_any_work(lm, tmp_path):
     with pytest.raises(CpiftError, match="multistage_k"):
         load_pipeline(write(tmp_path, spec(lm, str(tmp_path / "o"), baselines={"multistage_k": 5})))
