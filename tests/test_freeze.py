@@ -15,6 +15,7 @@ import torch
 from transformers import LlamaForCausalLM
 
 from conftest import tiny_config
+from cpift_merge import freeze
 from cpift_merge.freeze import MaskedUpdate, masks_from_regions, unwrap_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
@@ -363,6 +364,7 @@ def test_ddp_two_processes(tmp_path):
     assert res["replicas_equal"] is True
     assert res["grads_masked"] is True
     assert res["moved"] > 0
+    assert res["path"] == "adam"
 
 
 def test_fsdp2_two_processes(tmp_path):
@@ -379,6 +381,10 @@ def test_fsdp2_two_processes(tmp_path):
     assert res["moments_zeroed"] is True
     assert res["norms_match"] is True
     assert res["moved"] > 0
+    assert res["path"] == "adam"
+    # then SGD (save/restore path) on the same shards
+    assert res["sgd_path"] == "generic"
+    assert res["sgd_identical"] is True and res["sgd_moved"] > 0
     # every frozen entry is held by exactly one shard
     assert sum(res["frozen_counts"]) == res["frozen_total"]
     assert all(c > 0 for c in res["frozen_counts"])
@@ -402,3 +408,266 @@ def test_sparse_and_dense_encodings_both_bit_exact(share):
     for n, p in model.named_parameters():
         assert torch.equal(p.detach()[masks[n]], before[n][masks[n]])
     assert any(not torch.equal(p.detach()[~masks[n]], before[n][~masks[n]]) for n, p in model.named_parameters())
+
+
+# ------------------------------------------- Adam fast path vs save/restore
+
+
+def _groups(model, lr=1e-2, wd=0.1):
+    """HF Trainer style: decay and no-decay (1-d params) groups, different lr."""
+    decay = [p for p in model.parameters() if p.dim() > 1]
+    rest = [p for p in model.parameters() if p.dim() <= 1]
+    return [{"params": decay, "weight_decay": wd, "lr": lr}, {"params": rest, "weight_decay": 0.0, "lr": lr / 2}]
+
+
+def _reference_step(model, opt, masks, clip=1.0):
+    """What the masked update must equal: masked gradients, a plain step, frozen
+    values written back by hand."""
+    saved = {n: p.detach().clone() for n, p in model.named_parameters()}
+    for n, p in model.named_parameters():
+        p.grad.masked_fill_(masks[n], 0)
+    torch.nn.utils.clip_grad_norm_(model.parameters(), clip)
+    opt.step()
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.copy_(torch.where(masks[n], saved[n], p))
+    opt.zero_grad()
+
+
+ADAM_VARIANTS = {
+    "adamw": dict(cls=torch.optim.AdamW),
+    "adamw-foreach": dict(cls=torch.optim.AdamW, foreach=True),
+    "adamw-amsgrad-maximize": dict(cls=torch.optim.AdamW, amsgrad=True, maximize=True),
+    "adamw-fused": dict(cls=torch.optim.AdamW, fused=True),
+    "adam-decoupled": dict(cls=torch.optim.Adam, decoupled_weight_decay=True),
+    "adamw-bf16-weights": dict(cls=torch.optim.AdamW, dtype=torch.bfloat16),
+}
+
+
+@pytest.mark.parametrize("variant", list(ADAM_VARIANTS))
+def test_adam_fast_path_matches_reference(variant):
+    """The Adam path (no save/restore; weight decay applied to free entries only)
+    leaves frozen entries bit-identical and their moments at zero, with state carried
+    over from a free phase, two groups (wd and no wd), a scheduler changing lr every
+    step and clipping; free entries equal a masked plain step."""
+    kw = dict(ADAM_VARIANTS[variant])
+    cls, dtype = kw.pop("cls"), kw.pop("dtype", torch.float32)
+    models, opts, scheds = [], [], []
+    for _ in range(2):
+        model = make_model(dtype)
+        opt = cls(_groups(model), **kw)
+        models.append(model)
+        opts.append(opt)
+        scheds.append(torch.optim.lr_scheduler.LambdaLR(opt, lambda s: 1.0 / (1 + s)))
+    masks = random_masks(models[0])
+    for model, opt, sched in zip(models, opts, scheds):  # free phase: moments build up
+        for s in range(2):
+            x = batch(s)
+            model(x, labels=x).loss.backward()
+            opt.step()
+            opt.zero_grad()
+            sched.step()
+    model, ref = models
+    before = snapshot(model)
+    mu = MaskedUpdate(model, masks).attach(opts[0])
+    with torch.no_grad():  # the reference zeroes the same moments by hand
+        for n, p in ref.named_parameters():
+            for v in opts[1].state[p].values():
+                if v.shape == p.shape:
+                    v.masked_fill_(masks[n], 0)
+    for s in range(3):
+        x = batch(10 + s)
+        model(x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
+        opts[0].step()
+        opts[0].zero_grad()
+        assert mu.last_step == "adam"
+        assert [g["weight_decay"] for g in opts[0].param_groups] == [0.1, 0.0]  # given back
+        ref(x, labels=x).loss.backward()
+        _reference_step(ref, opts[1], masks)
+        for sched in scheds:
+            sched.step()
+    mu.detach()
+    assert_frozen(model, masks, before)
+    assert free_moved(model, masks, before) > 0
+    params, ref_params = dict(model.named_parameters()), dict(ref.named_parameters())
+    for n, p in params.items():
+        for key, v in opts[0].state[p].items():
+            if v.shape == p.shape:
+                assert bool((v[masks[n]] == 0).all()), (n, key)  # frozen moments stay zero
+        if variant == "adamw-fused":  # the fused kernel rounds its own decay differently
+            torch.testing.assert_close(p.detach(), ref_params[n].detach(), rtol=1e-5, atol=1e-7)
+        else:
+            assert torch.equal(p.detach(), ref_params[n].detach()), n
+    assert mu.step_buffer_bytes <= 64 * freeze._BLOCK  # block scratch only, no parameter copies
+
+
+def test_adam_fast_path_and_save_restore_agree():
+    """``adam_fast_path=False`` (save/restore around a full AdamW step) gives the same
+    model bit for bit."""
+    out = []
+    for fast in (True, False):
+        model = make_model()
+        masks = random_masks(model)
+        opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.3)
+        train(model, opt, 2)
+        before = snapshot(model)
+        with MaskedUpdate(model, masks, adam_fast_path=fast).attach(opt) as mu:
+            train(model, opt, 3, start=5, clip=1.0)
+            assert mu.last_step == ("adam" if fast else "generic")
+        assert_frozen(model, masks, before)
+        out.append(snapshot(model))
+    assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
+
+
+@pytest.mark.parametrize("make_opt", [
+    lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),  # L2 folded into the gradient
+    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+    lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5, weight_decay=0.1),
+], ids=["adam-l2", "sgd", "rmsprop"])
+def test_other_optimizers_take_save_restore(make_opt):
+    """Where a zero gradient does not leave an entry in place (L2 term, eps = 0,
+    other optimizers) the step is saved and restored instead."""
+    model = make_model()
+    masks = random_masks(model)
+    opt = make_opt(model.parameters())
+    train(model, opt, 2)
+    before = snapshot(model)
+    with MaskedUpdate(model, masks).attach(opt) as mu:
+        train(model, opt, 2, start=5, clip=1.0)
+        assert mu.last_step == "generic"
+        assert mu.step_buffer_bytes >= 4 * sum(int(m.numel()) for m in masks.values())  # parameter copies
+    assert_frozen(model, masks, before)
+    assert free_moved(model, masks, before) > 0
+
+
+def test_adam_path_conditions():
+    exact = freeze._adam_exact
+    assert exact({"weight_decay": 0.1, "eps": 1e-8, "decoupled_weight_decay": True})
+    assert exact({"weight_decay": 0.0, "eps": 1e-8, "decoupled_weight_decay": False})
+    assert not exact({"weight_decay": 0.1, "eps": 1e-8, "decoupled_weight_decay": False})  # L2
+    assert not exact({"weight_decay": 0.1, "eps": 0.0, "decoupled_weight_decay": True})  # 0 / 0
+    assert not exact({"weight_decay": torch.tensor(0.1), "eps": 1e-8, "decoupled_weight_decay": True})
+
+
+def test_adam_fast_path_needs_its_weight_decay_split():
+    """Control: masked gradients and zeroed moments alone let AdamW's decay move frozen
+    entries (what the Adam path takes over for free entries only)."""
+    model = make_model()
+    masks = random_masks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.5)
+    before = snapshot(model)
+    mu = MaskedUpdate(model, masks)
+    mu.reset_state(opt)
+    h = opt.register_step_pre_hook(lambda *_: mu.mask_grads())
+    with mu.attach():
+        train(model, opt, 2)
+    h.remove()
+    assert frozen_moved(model, masks, before) > 0
+
+
+def test_nonfinite_frozen_gradients_are_zeroed_exactly():
+    """NaN/inf gradients on frozen entries (set by hand, after the grad hook) become
+    exact zeros: frozen entries and their moments stay put."""
+    model = make_model()
+    masks = random_masks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    before = snapshot(model)
+    with MaskedUpdate(model, masks).attach(opt):
+        for n, p in model.named_parameters():
+            g = torch.randn_like(p)
+            g[masks[n]] = float("nan")
+            g.view(-1)[masks[n].view(-1).nonzero()[::2]] = float("inf")
+            p.grad = g
+        opt.step()
+    assert_frozen(model, masks, before)
+    for n, p in model.named_parameters():
+        assert torch.isfinite(p).all(), n
+        assert bool((opt.state[p]["exp_avg"][masks[n]] == 0).all()), n
+
+
+def test_weight_decay_given_back_after_a_failed_step():
+    model = make_model()
+    masks = random_masks(model)
+    opt = torch.optim.AdamW(_groups(model), lr=1e-2)
+    mu = MaskedUpdate(model, masks).attach(opt)
+    fail = {"now": True}
+
+    def boom(*_):
+        if fail["now"]:
+            raise RuntimeError("boom")
+
+    h = opt.register_step_pre_hook(boom)  # runs after MaskedUpdate's pre-hook
+    x = batch(0)
+    model(x, labels=x).loss.backward()
+    with pytest.raises(RuntimeError, match="boom"):
+        opt.step()
+    assert opt.param_groups[0]["weight_decay"] == 0.0  # borrowed by the step that failed
+    fail["now"] = False
+    before = snapshot(model)
+    opt.step()
+    assert [g["weight_decay"] for g in opt.param_groups] == [0.1, 0.0]
+    assert_frozen(model, masks, before)
+    opt.param_groups[0]["weight_decay"] = 0.0
+    mu._decay_off.append((opt.param_groups[0], 0.1))  # as if a step had failed
+    mu.detach()
+    h.remove()
+    assert opt.param_groups[0]["weight_decay"] == 0.1
+
+
+def test_loaded_optimizer_state_is_zeroed_on_frozen_entries():
+    """Moments loaded after attach (e.g. a checkpoint) are zeroed on frozen entries
+    again, so the Adam path stays exact."""
+    model = make_model()
+    masks = random_masks(model)
+    opt = torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.1)
+    train(model, opt, 2)
+    state = copy.deepcopy(opt.state_dict())
+    before = snapshot(model)
+    with MaskedUpdate(model, masks).attach(opt):
+        opt.load_state_dict(state)
+        for n, p in model.named_parameters():
+            assert bool((opt.state[p]["exp_avg"][masks[n]] == 0).all()), n
+        train(model, opt, 2, start=5)
+    assert_frozen(model, masks, before)
+
+
+class _Odd(torch.nn.Module):
+    """Sizes that are not multiples of 8 (tails), one under 8 entries."""
+
+    def __init__(self):
+        super().__init__()
+        torch.manual_seed(0)
+        self.a = torch.nn.Linear(13, 29)
+        self.b = torch.nn.Linear(29, 5)
+        self.c = torch.nn.Parameter(torch.randn(3))
+
+    def forward(self, x):
+        return (self.b(torch.tanh(self.a(x))) * self.c.sum()).pow(2).mean()
+
+
+@pytest.mark.parametrize("storage", ["bits", "bytes"])
+@pytest.mark.parametrize("opt_name", ["adamw", "sgd"])
+def test_odd_sizes_and_many_blocks(monkeypatch, storage, opt_name):
+    monkeypatch.setattr(freeze, "_BLOCK", 4)  # 32-entry blocks: several per tensor, short last ones
+    model = _Odd()
+    g = torch.Generator().manual_seed(3)
+    masks = {n: torch.rand(p.shape, generator=g) < 0.4 for n, p in model.named_parameters()}
+    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.2) if opt_name == "adamw"
+           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2))
+    for s in range(2):
+        model(torch.randn(4, 13, generator=g)).backward()
+        opt.step()
+        opt.zero_grad()
+    before = snapshot(model)
+    with MaskedUpdate(model, masks, storage=storage).attach(opt) as mu:
+        for f in mu.frozen:
+            assert f._idx is None and torch.equal(f.mask(), masks[f.name].reshape(-1))
+        assert mu.mask_bytes <= sum(m.numel() / (8 if storage == "bits" else 1) + 7 for m in masks.values())
+        for s in range(3):
+            model(torch.randn(4, 13, generator=g)).backward()
+            opt.step()
+            opt.zero_grad()
+        assert mu.last_step == ("adam" if opt_name == "adamw" else "generic")
+    assert_frozen(model, masks, before)
+    assert free_moved(model, masks, before) > 0

@@ -43,6 +43,7 @@ def main(out_path: str) -> None:
         )
         opt.step()
         opt.zero_grad()
+    path = mu.last_step
     identical = all(torch.equal(p.detach()[masks[n]], before[n][masks[n]]) for n, p in model.named_parameters())
     moved = sum(int((p.detach()[~masks[n]] != before[n][~masks[n]]).sum()) for n, p in model.named_parameters())
     # replicas agree bit for bit
@@ -54,7 +55,7 @@ def main(out_path: str) -> None:
         with open(out_path, "w") as fh:
             json.dump({"identical": identical, "moved": moved, "grads_masked": frozen_grad_zero,
                        "replicas_equal": all(torch.equal(gathered[0], t) for t in gathered),
-                       "world": dist.get_world_size(), "norms": norms}, fh)
+                       "world": dist.get_world_size(), "norms": norms, "path": path}, fh)
     # free DDP (its reducer) while the process group is alive: destroying it after
     # destroy_process_group() hangs one rank at exit under gloo
     del ddp, opt, mu

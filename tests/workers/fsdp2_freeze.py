@@ -67,19 +67,34 @@ def main(out_path: str) -> None:
         norms_match &= bool(torch.allclose(norm, reference, rtol=1e-5, atol=1e-7))
         opt.step()
         opt.zero_grad()
+    path = mu.last_step
     after = {n: full(p.detach()) for n, p in params.items()}
     identical = all(torch.equal(after[n][masks[n]], before[n][masks[n]]) for n in params)
     moved = sum(int((after[n][~masks[n]] != before[n][~masks[n]]).sum()) for n in params)
     counts = [0, 0]
     dist.all_gather_object(counts, local_frozen)
     mu.detach()
+    # the save/restore path on the same shards: SGD with momentum and weight decay
+    sgd = torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.1)
+    mu = MaskedUpdate(model, masks).attach(sgd)
+    for _ in range(2):
+        model(x, labels=x).loss.backward()
+        torch.nn.utils.clip_grad_norm_(model.parameters(), 0.5)
+        sgd.step()
+        sgd.zero_grad()
+    sgd_path = mu.last_step
+    mu.detach()
+    final = {n: full(p.detach()) for n, p in params.items()}
+    sgd_identical = all(torch.equal(final[n][masks[n]], before[n][masks[n]]) for n in params)
+    sgd_moved = sum(int((final[n][~masks[n]] != after[n][~masks[n]]).sum()) for n in params)
     if rank == 0:
         with open(out_path, "w") as fh:
             json.dump({"identical": identical, "moved": moved, "grads_masked": grads_masked,
                        "moments_zeroed": moments_zeroed, "norms_match": norms_match, "norms": norms,
                        "sharded": sharded, "embed_rows_rank0": uneven, "frozen_counts": counts,
                        "frozen_total": sum(int(m.sum()) for m in masks.values()),
-                       "world": dist.get_world_size()}, fh)
+                       "world": dist.get_world_size(), "path": path, "sgd_path": sgd_path,
+                       "sgd_identical": sgd_identical, "sgd_moved": sgd_moved}, fh)
     dist.barrier()
     dist.destroy_process_group()
 
