@@ -18,6 +18,7 @@ from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
 from cpift_merge.errors import CpiftError
+from cpift_merge.prepass import file_stamps  # noqa: F401  (re-exported; lives in the light module)
 
 SAMPLE_POINTS = 8
 INDEX_NAME = "model.safetensors.index.json"
@@ -70,19 +71,28 @@ _DTYPES = {
 DTYPE_NAMES = {v: k for k, v in _DTYPES.items() if v is not None}
 
 
-def file_stamps(path: str) -> tuple:
-    """(name, size, mtime) of a checkpoint's or region directory's .json and
-    .safetensors files (or of one file): a cache key that notices rewrites."""
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return ((path, st.st_size, st.st_mtime_ns),)
-    out = []
-    for root, _dirs, files in os.walk(path):
-        for f in sorted(files):
-            if f.endswith((".json", ".safetensors")):
-                st = os.stat(os.path.join(root, f))
-                out.append((f, st.st_size, st.st_mtime_ns))
-    return tuple(out)
+class Scratch:
+    """Reusable flat buffers, one per slot, grown to the largest request.
+
+    Streaming passes touch every tensor of several models; a fresh tensor for each read
+    and each intermediate costs a page fault per 4 KiB page (for a 100 MB tensor, several
+    times the cost of the arithmetic on it). Views of a slot are valid until the slot is
+    taken again."""
+
+    def __init__(self) -> None:
+        self._bufs: Dict[str, torch.Tensor] = {}
+
+    def take(self, slot: str, nbytes: int) -> torch.Tensor:
+        """A flat uint8 view of ``nbytes`` bytes of buffer ``slot``."""
+        buf = self._bufs.get(slot)
+        if buf is None or buf.numel() < nbytes:
+            self._bufs.pop(slot, None)
+            buf = self._bufs[slot] = torch.empty(max(nbytes, 1), dtype=torch.uint8)
+        return buf[:nbytes]
+
+    def floats(self, slot: str, numel: int) -> torch.Tensor:
+        """A flat float32 view of ``numel`` entries of buffer ``slot``."""
+        return self.take(slot, 4 * numel).view(torch.float32)
 
 
 class _Shard:
@@ -111,13 +121,16 @@ class _Shard:
             if e["data_offsets"][1] + self.data_start > size:
                 raise CpiftError(f"model {label}: {path} is truncated (tensor {name} runs past the end)")
 
-    def read(self, name: str) -> torch.Tensor:
+    def read(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         e = self.entries[name]
         begin, end = e["data_offsets"]
         dtype = _DTYPES.get(e["dtype"])
         if dtype is None:
             raise CpiftError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
-        flat = torch.empty(end - begin, dtype=torch.uint8)  # no zero-fill, unlike bytearray
+        if out is None:
+            flat = torch.empty(end - begin, dtype=torch.uint8)  # no zero-fill, unlike bytearray
+        else:
+            flat = out[: end - begin]
         view = memoryview(flat.numpy())
         done = 0
         while done < len(view):  # pread may return short reads on huge tensors
@@ -224,10 +237,16 @@ class Checkpoint:
     def names(self) -> List[str]:
         return list(self.infos)
 
-    def get(self, name: str) -> torch.Tensor:
+    def get(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Tensor ``name``; read into ``out`` (a flat uint8 tensor of at least its size in
+        bytes, e.g. from :class:`Scratch`) when given, so the result is a view of it."""
         if name not in self._where:
             raise CpiftError(f"model {self.label}: no tensor named {name}")
-        return self._where[name].read(name)
+        return self._where[name].read(name, out)
+
+    def nbytes(self, name: str) -> int:
+        begin, end = self._where[name].entries[name]["data_offsets"]
+        return end - begin
 
     def sample(self, name: str) -> List[float]:
         """:func:`sample_values` of one tensor, reading only those entries."""

@@ -80,7 +80,7 @@ class _Cli(click.Group):
         return sorted({*super().list_commands(ctx), "merge"})
 
     def resolve_command(self, ctx, args):
-        if args and args[0] == "merge" and "merge" not in self.commands:
+        if args and args[0] == "merge":
             from cpift_merge.merge import prestart
 
             prestart(args[1:], ctx)

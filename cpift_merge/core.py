@@ -27,16 +27,21 @@ HIGH_BUCKETS = 1 << 15  # sign bit is always 0 for |delta|
 LOW_BUCKETS = 1 << 16
 
 
-def magnitude_keys(theta: torch.Tensor, theta0: torch.Tensor) -> torch.Tensor:
+def magnitude_keys(
+    theta: torch.Tensor, theta0: torch.Tensor, out: Optional[torch.Tensor] = None, check: bool = True
+) -> torch.Tensor:
     """Flat int32 keys that sort like ``|theta - theta0|`` (computed in float32).
 
-    Raises ValueError when the difference is not finite (NaN/Inf in a checkpoint).
+    ``out``: a flat float32 tensor of ``theta.numel()`` entries to compute into (it may
+    be ``theta``'s own storage); the keys are then a view of it. Raises ValueError when
+    the difference is not finite (NaN/Inf in a checkpoint), unless ``check`` is False
+    (for callers that know these exact values passed the check before).
     """
-    delta = theta.detach().reshape(-1).to(torch.float32) - theta0.detach().reshape(
-        -1
-    ).to(torch.float32)
+    a = theta.detach().reshape(-1).to(torch.float32)
+    b = theta0.detach().reshape(-1).to(torch.float32)
+    delta = a - b if out is None else torch.sub(a, b, out=out)
     delta = delta.abs_()
-    if not all_finite(delta):
+    if check and not all_finite(delta):
         raise ValueError("non-finite value (NaN or Inf)")
     # abs() of -0.0 is +0.0, so every key is a non-negative int32
     return delta.view(torch.int32)
@@ -90,9 +95,13 @@ class ThresholdFinder:
         self._above = 0
         self.result: Optional[Threshold] = None
 
-    def add_high(self, keys: torch.Tensor) -> None:
+    def add_high(self, keys: torch.Tensor, in_place: bool = False) -> torch.Tensor:
+        """Count the high 16 bits of ``keys``; returns them (``keys`` itself, shifted,
+        when ``in_place``: saves a tensor-sized allocation when the keys are spent)."""
         self.total += keys.numel()
-        self._high += _bincount(keys >> 16, HIGH_BUCKETS)
+        high = torch.bitwise_right_shift(keys, 16, out=keys) if in_place else keys >> 16
+        self._high += _bincount(high, HIGH_BUCKETS)
+        return high
 
     def end_high(self) -> None:
         if self.k > self.total:
@@ -123,7 +132,8 @@ class ThresholdFinder:
         low bits (so callers can count ties per tensor once the threshold is known)."""
         if self._bucket is None:
             raise RuntimeError("end_high() must be called before add_low()")
-        low = keys[(keys >> 16) == self._bucket] & 0xFFFF
+        lo = self._bucket << 16
+        low = keys[(keys >= lo) & (keys <= lo | 0xFFFF)] & 0xFFFF
         if low.numel():
             self._low += _bincount(low, LOW_BUCKETS)
         return low

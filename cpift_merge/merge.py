@@ -12,12 +12,13 @@ from __future__ import annotations
 import json
 import os
 import re
-from typing import Any, Dict, Iterator, List
+from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
 from cpift_merge.errors import CpiftError
 from cpift_merge.method_config import param_blocks
+from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE
 
 # value ranges of the numeric cpi parameters: (low, high)
 RANGES = {"omega": (0.0, 1.0), "density": (0.0, 1.0), "epsilon": (0.0, 3.2)}
@@ -134,21 +135,79 @@ def _task_models(cfg: Dict[str, Any]) -> List[str]:
     return [m["model"] for m in cfg.get("models") or [] if isinstance(m, dict) and m.get("model") != base]
 
 
+def _local_models(cfg: Dict[str, Any]) -> Optional[Tuple[str, List[str]]]:
+    """(base, tasks) of a plain ``models:`` recipe whose models are all local folders;
+    None for slices, modules, hub models and LoRAs (mergekit and the kernel check those)."""
+    base = cfg.get("base_model")
+    tasks = _task_models(cfg)
+    local = [p for p in [base, *tasks] if isinstance(p, str) and os.path.isdir(p) and "+" not in p]
+    if not cfg.get("models") or len(local) != len(tasks) + 1:
+        return None
+    return base, tasks
+
+
+def _positionals(args: Sequence[str]) -> Iterator[str]:
+    for i, a in enumerate(args):
+        if a == "--":
+            yield from args[i + 1:]
+            return
+        if not a.startswith("-"):
+            yield a
+
+
+def prestart(args: Sequence[str], ctx: Any = None) -> None:
+    """Start the global pre-pass of ``cpift merge ARGS`` in a child process, before the
+    parent imports mergekit (seconds of single-threaded imports the pre-pass now runs
+    beside). Best effort and silent: anything unusual (no readable cpi recipe, no
+    global pre-pass needed, cached, small models) starts nothing, and the merge then
+    reports, checks and computes as before. The merge waits for the child in
+    :func:`cpift_merge.prepass.global_prepass`; a click ``ctx`` stops it at exit."""
+    if "--help" in args:
+        return
+    config = next((a for a in _positionals(args) if os.path.isfile(a)), None)
+    if config is None:
+        return
+    try:
+        cfg = resolve_recipe(load_yaml(config), os.path.dirname(os.path.abspath(config)))
+        if cfg.get("merge_method") != "cpi" or _shared(cfg, "regions"):
+            return
+        models = _local_models(cfg)
+        density = _shared(cfg, "density", DEFAULT_DENSITY)
+        exclude = _shared(cfg, "exclude", "") or ""
+        if (
+            models is None
+            or (_shared(cfg, "scope") or DEFAULT_SCOPE) != "global"
+            or isinstance(density, bool)
+            or not isinstance(density, (int, float))
+            or not 0 < density <= 1
+            or not isinstance(exclude, str)
+        ):
+            return
+        re.compile(exclude)
+    except Exception:  # noqa: BLE001 -- the merge itself reports what is wrong
+        return
+    from cpift_merge import prepass
+
+    quiet = [a for a in args if a in ("--quiet", "--no-quiet")]
+    progress = not quiet or quiet[-1] != "--quiet"
+    if prepass.start_background(models[0], models[1], density, exclude, progress=progress) and ctx is not None:
+        ctx.call_on_close(prepass.cancel_background)
+
+
 def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
     """Checks and pre-pass for a ``cpi`` recipe; returns facts for the stats file."""
     from cpift_merge.checkpoint import Checkpoint, participating_tensors
     from cpift_merge.method import check_region_settings
-    from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
+    from cpift_merge.prepass import global_prepass
     from cpift_merge.regions import load_regions
 
     check_cpi_values(cfg)
-    base = cfg.get("base_model")
-    if not base:
+    if not cfg.get("base_model"):
         raise CpiftError("the cpi method needs a base_model (theta_0 or the backbone)")
-    tasks = _task_models(cfg)
-    local = [p for p in [base, *tasks] if os.path.isdir(p) and "+" not in p]
-    if not cfg.get("models") or len(local) != len(tasks) + 1:
+    models = _local_models(cfg)
+    if models is None:
         return {}  # slices/modules/hub models: mergekit and the kernel check the rest
+    base, tasks = models
     base_ckpt = Checkpoint(base, label=f"base {base}")
     ckpts = {p: Checkpoint(p, label=p) for p in tasks}
     participating_tensors(base_ckpt, ckpts)  # same tensors, shapes, architecture

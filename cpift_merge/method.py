@@ -42,10 +42,10 @@ from mergekit.merge_methods import (
 from mergekit.merge_methods import registry
 
 from cpift_merge import core
-from cpift_merge.checkpoint import DTYPE_NAMES, Checkpoint, file_stamps, sample_positions
+from cpift_merge.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
 from cpift_merge.errors import CpiftError
 from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse
-from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
+from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, file_stamps, global_prepass
 from cpift_merge.regions import GlobalCut, RegionSet, load_regions
 
 LOG = logging.getLogger(__name__)
@@ -189,8 +189,11 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.
         return _checkpoint(_model_path(entry.id)).get(name).to(t.device)
 
     theta0 = original(base_entry)
+    # one buffer for every task's keys (each mask is cut before the next keys overwrite
+    # them); no finiteness check: the pre-pass passed these exact values
+    buf = torch.empty(theta0.numel(), dtype=torch.float32, device=theta0.device)
     return [
-        cut.mask(f"t{i}", name, core.magnitude_keys(original(e), theta0)).reshape(shape)
+        cut.mask(f"t{i}", name, core.magnitude_keys(original(e), theta0, out=buf, check=False)).reshape(shape)
         for i, e in enumerate(entries)
     ]
 

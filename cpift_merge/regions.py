@@ -32,6 +32,7 @@ from tqdm.auto import tqdm
 from cpift_merge import core, masks
 from cpift_merge.checkpoint import (
     Checkpoint,
+    Scratch,
     TensorInfo,
     fingerprint_from_samples,
     participating_tensors,
@@ -144,10 +145,11 @@ def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
 
 
 def _finite_keys(
-    theta: torch.Tensor, theta0: torch.Tensor, tensor: str, task: TensorSource, base: TensorSource
+    theta: torch.Tensor, theta0: torch.Tensor, tensor: str, task: TensorSource, base: TensorSource,
+    out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     try:
-        return core.magnitude_keys(theta, theta0)
+        return core.magnitude_keys(theta, theta0, out=out)
     except ValueError:
         culprit = base if not core.all_finite(theta0) else task
         raise CpiftError(
@@ -184,22 +186,33 @@ def _stream(base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequ
     """Yield (info, {task: keys}) tensor by tensor, recording value samples.
 
     ``wanted(tensor) -> task names`` limits what is read; a tensor no task wants is
-    not read at all."""
+    not read at all. The keys live in buffers reused for the next tensor: use them (or
+    change them) before asking for the next one."""
     names = list(tasks)
+    scratch = Scratch()
     for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False):
         want = names if wanted is None else wanted(info.name)
         if not want:
             continue
-        theta0 = base.get(info.name)
+        theta0 = _read(base, info.name, scratch, "__base__")
         samples["__base__"][info.name] = sample_values(theta0)
         keys = {}
         for n in want:
-            theta = tasks[n].get(info.name)
+            theta = _read(tasks[n], info.name, scratch, n)
             samples[n][info.name] = sample_values(theta)
-            keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base)
+            # the task's read buffer becomes its keys (a float32 read is overwritten)
+            out = theta.reshape(-1) if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32 \
+                else scratch.floats(f"{n}/keys", info.numel)
+            keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out)
             del theta
         del theta0
         yield info, keys
+
+
+def _read(source: TensorSource, name: str, scratch: Scratch, slot: str) -> torch.Tensor:
+    if isinstance(source, Checkpoint):
+        return source.get(name, out=scratch.take(slot, source.nbytes(name)))
+    return source.get(name)
 
 
 def _histogram_cut(base, tasks, tensors, k, progress, samples):
@@ -211,9 +224,9 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples):
     finders = {n: core.ThresholdFinder(k) for n in names}
     for info, keys in _stream(base, tasks, tensors, "regions: histogram", progress, samples):
         for n, kk in keys.items():
-            finders[n].add_high(kk)
-            lo, hi = torch.aminmax(kk)
-            spans[n][info.name] = (int(lo) >> 16, int(hi) >> 16)
+            high = finders[n].add_high(kk, in_place=True)  # the keys are spent here
+            lo, hi = torch.aminmax(high)
+            spans[n][info.name] = (int(lo), int(hi))
     for f in finders.values():
         f.end_high()
 

@@ -291,3 +291,106 @@ def test_works_with_slices_out_dtype_tokenizer_and_shards(tiny_lm, tmp_path):
     tok = AutoTokenizer.from_pretrained(out)
     ids = tok("hello", return_tensors="pt")["input_ids"]
     assert torch.isfinite(model(ids).logits.float()).all()
+
+
+# ------------------------------------------- pre-pass in a child process (cpift merge)
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """Pre-pass children started by `cpift merge` (tiny models qualify here)."""
+    import subprocess
+
+    from cpift_merge import prepass
+
+    started = []
+
+    class Spy(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(prepass, "BACKGROUND_MIN_BYTES", 0)
+    monkeypatch.setattr(prepass.subprocess, "Popen", Spy)
+    monkeypatch.setattr(prepass, "_CUTS", {})  # no cut from an earlier test in this process
+    yield started
+    assert not prepass._PENDING
+    for child in started:
+        assert child.poll() is not None, "a pre-pass child outlived its merge"
+
+
+def cli_merge(config, out, *extra):
+    from click.testing import CliRunner
+
+    from cpift_merge.cli import main
+
+    return CliRunner().invoke(main, ["merge", "--quiet", "--no-copy-tokenizer", *extra, config, out])
+
+
+def global_recipe(tmp_path, tiny_models, name="g.yml", **params):
+    return recipe(tmp_path, name, merge_method="cpi", base_model=tiny_models["base"],
+                  models=[{"model": tiny_models[t]} for t in "abc"],
+                  parameters={"omega": 0.4, "density": 0.03, **params})
+
+
+def cut_files(cache):
+    folder = os.path.join(cache, "cuts")
+    return {f: json.load(open(os.path.join(folder, f))) for f in os.listdir(folder)}
+
+
+def test_cli_merge_runs_the_prepass_in_a_child_with_the_same_result(children, tiny_models, tmp_path, monkeypatch):
+    config = global_recipe(tmp_path, tiny_models)
+    res = cli_merge(config, str(tmp_path / "bg"))
+    assert res.exit_code == 0, res.output
+    assert len(children) == 1 and "cpift_merge.prepass" in children[0].args
+    assert children[0].returncode == 0
+    bg_cuts = cut_files(str(tmp_path / "cache"))
+    monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache2"))
+    from cpift_merge import prepass
+
+    prepass._CUTS.clear()  # in-process this time, from scratch
+    monkeypatch.setattr(prepass, "BACKGROUND_MIN_BYTES", 1 << 62)
+    inproc = cmerge.run(config, str(tmp_path / "fg"), OPTS)
+    assert len(children) == 1
+    assert cut_files(str(tmp_path / "cache2")) == bg_cuts
+    w1, w2 = weights(str(tmp_path / "bg")), weights(inproc)
+    assert w1.keys() == w2.keys()
+    for n in w1:
+        assert torch.equal(w1[n], w2[n]), n
+    s1 = json.load(open(os.path.join(str(tmp_path / "bg"), "cpi_stats.json")))
+    s2 = json.load(open(os.path.join(inproc, "cpi_stats.json")))
+    assert s1["k"] == s2["k"] and s1["transplanted"] == s2["transplanted"]
+
+
+def test_cli_merge_computes_in_process_when_the_child_dies(children, tiny_models, tmp_path, monkeypatch):
+    import sys
+
+    from cpift_merge import prepass
+
+    monkeypatch.setattr(prepass, "_child_command", lambda *a, **k: [sys.executable, "-c", "raise SystemExit(1)"])
+    config = global_recipe(tmp_path, tiny_models, density=0.02)
+    res = cli_merge(config, str(tmp_path / "out"))
+    assert res.exit_code == 0, res.output
+    assert len(children) == 1 and children[0].returncode == 1
+    stats = json.load(open(os.path.join(str(tmp_path / "out"), "cpi_stats.json")))
+    D = sum(v.numel() for v in weights(tiny_models["base"]).values())
+    assert set(stats["k"].values()) == {int(0.02 * D)}
+
+
+def test_cli_merge_stops_the_child_when_it_fails_first(children, tiny_models, tmp_path):
+    config = global_recipe(tmp_path, tiny_models, omegaa=0.5)  # refused after the child starts
+    res = cli_merge(config, str(tmp_path / "out"))
+    assert res.exit_code == 2 and "omegaa" in res.output
+    assert len(children) == 1  # the fixture checks it is no longer running
+    assert not os.path.exists(str(tmp_path / "out"))
+
+
+def test_cli_merge_starts_no_child_when_nothing_needs_one(children, tiny_models, tmp_path):
+    for i, params in enumerate([{"scope": "tensor"}, {"density": 0.0}]):
+        res = cli_merge(global_recipe(tmp_path, tiny_models, f"r{i}.yml", **params), str(tmp_path / f"o{i}"))
+        assert res.exit_code == 0, res.output
+    cached = global_recipe(tmp_path, tiny_models, "c.yml")
+    assert cli_merge(cached, str(tmp_path / "c1")).exit_code == 0
+    assert len(children) == 1
+    assert cli_merge(cached, str(tmp_path / "c2")).exit_code == 0  # cut is cached now
+    assert len(children) == 1
