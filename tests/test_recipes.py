@@ -33,6 +33,7 @@ MATH_ID = "your-org/SmolLM2-135M-Instruct-math-sft"
 CODE_ID = "your-org/SmolLM2-135M-Instruct-code-sft"
 SUMM_ID = "your-org/SmolLM2-135M-Instruct-summarize-sft"
 RECIPES = ["community_finetunes", "with_regions", "omega_gradient", "chain_multi", "tensor_scope"]
+PIPELINES = ["pipeline_full"]  # `cpift run` files, not mergekit recipes: tests/test_pipeline.py
 
 
 # ------------------------------------------------------------------ helpers
@@ -145,7 +146,7 @@ def differs_from_all(sd, others: Dict[str, Dict[str, torch.Tensor]], atol=1e-6) 
 
 def test_every_recipe_is_present_and_commented():
     found = sorted(f[:-4] for f in os.listdir(CONFIGS) if f.endswith(".yml"))
-    assert sorted(RECIPES) == found
+    assert sorted(RECIPES + PIPELINES) == found
     for name in RECIPES:
         with open(recipe_path(name), encoding="utf-8") as fh:
             head = fh.read().splitlines()[:3]
