@@ -20,7 +20,7 @@ import subprocess
 import sys
 import tempfile
 import threading
-from typing import TYPE_CHECKING, Dict, List, Optional, Sequence
+from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from cpift_merge.errors import CpiftError
 
@@ -74,7 +74,7 @@ def cut_path(key: str) -> str:
 
 _PREPASS_LOCK = threading.Lock()
 _CUTS: Dict[str, "GlobalCut"] = {}
-_PENDING: Dict[str, subprocess.Popen] = {}  # key -> background pre-pass child
+_PENDING: Dict[str, Any] = {}  # key -> background pre-pass child (Popen or _Forked)
 
 
 def _read_cut(path: str) -> Optional["GlobalCut"]:
@@ -166,6 +166,15 @@ def _child_command(base_path: str, task_paths: Sequence[str], density: float, ex
     return cmd
 
 
+def _can_fork() -> bool:
+    """Whether the pre-pass may run in a fork of this process: Linux, and torch not yet
+    imported (so it has started no OpenMP thread pool: a fork after OpenMP was used
+    deadlocks in the child's first parallel op). Then this process imports torch (the
+    merge needs it anyway) and forks, and the child skips a fresh interpreter's torch
+    import (~2 s of CPU). Otherwise the child is a new ``python -m cpift_merge.prepass``."""
+    return sys.platform.startswith("linux") and hasattr(os, "fork") and "torch" not in sys.modules
+
+
 def start_background(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
                      progress: bool = True) -> Optional[str]:
     """Start the pre-pass of these models in a child process, unless it is cached, already
@@ -177,14 +186,120 @@ def start_background(base_path: str, task_paths: Sequence[str], density: float, 
             return None
         if _weights_bytes([base_path, *task_paths]) < BACKGROUND_MIN_BYTES:
             return None
-        cmd = _child_command(base_path, task_paths, density, exclude, progress)
-        try:
+    try:
+        if _can_fork():
+            import torch  # noqa: F401  -- before the fork, so the child has it
+
+            child = _Forked(lambda: _child_body(base_path, task_paths, density, exclude, progress))
+        else:
+            cmd = _child_command(base_path, task_paths, density, exclude, progress)
             # stdout carries the child's one-line error; stderr (progress bars) is shared
-            _PENDING[key] = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
-        except OSError as err:
-            LOG.warning("cannot start the pre-pass in the background (%s); it runs in-process", err)
-            return None
-        return key
+            child = subprocess.Popen(cmd, stdin=subprocess.DEVNULL, stdout=subprocess.PIPE)
+    except OSError as err:
+        LOG.warning("cannot start the pre-pass in the background (%s); it runs in-process", err)
+        return None
+    with _PREPASS_LOCK:
+        _PENDING[key] = child
+    return key
+
+
+class _Forked:
+    """A forked pre-pass child, with the part of :class:`subprocess.Popen`'s interface
+    used here. ``body()`` runs in the child and returns (exit status, message); the
+    message comes back through a pipe, as the spawned child's stdout does."""
+
+    def __init__(self, body):
+        self.args = ["fork"]
+        self.stdout = None
+        self.returncode: Optional[int] = None
+        read, write = os.pipe()
+        pid = os.fork()
+        if pid == 0:  # the child: never returns into the caller's code
+            code = 1
+            try:
+                os.close(read)
+                code, message = body()
+                if message:
+                    os.write(write, message.encode("utf-8", "replace"))
+            except BaseException:  # noqa: BLE001 -- exit with code 1, the parent computes
+                pass
+            finally:
+                try:
+                    sys.stderr.flush()
+                finally:
+                    os._exit(code)
+        os.close(write)
+        self.pid, self._read = pid, read
+
+    def communicate(self):
+        chunks = []
+        while self._read is not None:
+            chunk = os.read(self._read, 1 << 16)
+            if not chunk:
+                os.close(self._read)
+                self._read = None
+            chunks.append(chunk)
+        self.wait()
+        return b"".join(chunks), None
+
+    def poll(self) -> Optional[int]:
+        if self.returncode is None:
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+            if pid:
+                self.returncode = os.waitstatus_to_exitcode(status)
+        return self.returncode
+
+    def wait(self, timeout: Optional[float] = None) -> int:
+        if timeout is None:
+            if self.returncode is None:
+                self.returncode = os.waitstatus_to_exitcode(os.waitpid(self.pid, 0)[1])
+            return self.returncode
+        pause = threading.Event()
+        for _ in range(max(1, int(timeout / 0.05))):
+            if self.poll() is not None:
+                return self.returncode
+            pause.wait(0.05)
+        if self.poll() is None:
+            raise subprocess.TimeoutExpired(self.args, timeout)
+        return self.returncode
+
+    def terminate(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGTERM)
+
+    def kill(self) -> None:
+        if self.poll() is None:
+            os.kill(self.pid, signal.SIGKILL)
+
+    def close(self) -> None:
+        if self._read is not None:
+            os.close(self._read)
+            self._read = None
+
+
+def _child_body(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
+                progress: bool, parent: Optional[int] = None) -> "tuple[int, str]":
+    """The pre-pass child's work: (exit status, message for the parent)."""
+    global _PREPASS_LOCK
+    _PREPASS_LOCK = threading.Lock()  # a fork copies the lock in whatever state it was
+    _PENDING.clear()
+    _watch_parent(os.getppid() if parent is None else parent)
+    # a terminate from the parent unwinds normally (no half-written cache file)
+    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
+    try:
+        import torch
+
+        # one thread: the parent is importing mergekit on the other core meanwhile, and
+        # OpenMP threads that wait on a busy core make each tensor op many times slower
+        torch.set_num_threads(1)
+        global_prepass(base_path, task_paths, density, exclude, progress=progress)
+    except CpiftError as err:
+        return ERROR_EXIT, str(err)
+    except KeyboardInterrupt:
+        return 130, ""
+    except Exception as err:  # noqa: BLE001 -- the parent logs it and computes in-process
+        return 1, f"{type(err).__name__}: {' '.join(str(err).split())[:400]}"
+    return 0, ""
 
 
 def _await(child: subprocess.Popen) -> None:
@@ -214,6 +329,8 @@ def _stop(child: subprocess.Popen) -> None:
             child.wait()
     if child.stdout is not None:
         child.stdout.close()
+    if isinstance(child, _Forked):
+        child.close()
 
 
 def cancel_background() -> None:
@@ -252,26 +369,11 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    if args.parent is not None:
-        _watch_parent(args.parent)
-    # a terminate from the parent unwinds normally (no half-written cache file)
-    signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
-    try:
-        import torch
-
-        # one thread: the parent is importing mergekit on the other core meanwhile, and
-        # OpenMP threads that wait on a busy core make each tensor op many times slower
-        torch.set_num_threads(1)
-        global_prepass(args.base, args.task, json.loads(args.density), args.exclude, progress=not args.quiet)
-    except CpiftError as err:
-        sys.stdout.write(f"{err}\n")
-        return ERROR_EXIT
-    except KeyboardInterrupt:
-        return 130
-    except Exception as err:  # noqa: BLE001 -- the parent logs it and computes in-process
-        sys.stdout.write(f"{type(err).__name__}: {' '.join(str(err).split())[:400]}\n")
-        return 1
-    return 0
+    code, message = _child_body(args.base, args.task, json.loads(args.density), args.exclude,
+                                not args.quiet, args.parent)
+    if message:
+        sys.stdout.write(message + "\n")
+    return code
 
 
 if __name__ == "__main__":

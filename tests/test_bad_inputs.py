@@ -662,3 +662,16 @@ def test_merge_nan_inf_found_by_the_prepass_child(kind, bad, tiny_models, tmp_pa
     out = str(tmp_path / "o2")
     assert assert_refused(merge_cli(config, out), out) == line
     assert len(started) == 1 and started[0].returncode == prepass.ERROR_EXIT
+
+
+def test_real_cli_nan_found_by_the_forked_prepass_is_one_line(bad, tiny_models, tmp_path):
+    from test_merge import run_forking_cli
+
+    out = str(tmp_path / "out")
+    config = recipe(tmp_path, [tiny_models["b"], bad["nan"]], tiny_models["base"], {"scope": "global"})
+    proc = run_forking_cli(config, out, cwd=tmp_path)
+    assert proc.returncode == 2, proc.stderr[-2000:]
+    assert f"forked [{2}]" in proc.stdout  # the child's CpiftError exit status
+    assert_no_output(out)
+    lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
+    assert len(lines) == 1 and lines[0].startswith("error: ") and LATE in lines[0] and bad["nan"] in lines[0], lines

@@ -394,3 +394,47 @@ def test_cli_merge_starts_no_child_when_nothing_needs_one(children, tiny_models,
     assert len(children) == 1
     assert cli_merge(cached, str(tmp_path / "c2")).exit_code == 0  # cut is cached now
     assert len(children) == 1
+
+
+FORKING_CLI = """
+import sys
+from cpift_merge import prepass
+prepass.BACKGROUND_MIN_BYTES = 0  # tiny models: fork anyway
+made = []
+class Recorded(prepass._Forked):
+    def __init__(self, body):
+        super().__init__(body)
+        made.append(self)
+prepass._Forked = Recorded
+assert "torch" not in sys.modules
+from cpift_merge.cli import main
+try:
+    main(["merge", "--quiet", "--no-copy-tokenizer", *sys.argv[1:]])
+finally:
+    print("forked", [m.returncode for m in made], flush=True)
+"""
+
+
+def run_forking_cli(*args, cwd):
+    import subprocess
+    import sys
+
+    return subprocess.run([sys.executable, "-c", FORKING_CLI, *map(str, args)], capture_output=True,
+                          text=True, timeout=600, cwd=str(cwd))
+
+
+def test_real_cli_forks_the_prepass_with_the_same_result(tiny_models, tmp_path, monkeypatch):
+    """A fresh `cpift merge` has not imported torch yet: it forks the pre-pass child."""
+    config = global_recipe(tmp_path, tiny_models)
+    proc = run_forking_cli(config, tmp_path / "fork", cwd=tmp_path)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "forked [0]" in proc.stdout
+    from cpift_merge import prepass
+
+    monkeypatch.setattr(prepass, "_CUTS", {})
+    monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache2"))
+    inproc = cmerge.run(config, str(tmp_path / "fg"), OPTS)
+    assert cut_files(str(tmp_path / "cache2")) == cut_files(str(tmp_path / "cache"))
+    w1, w2 = weights(str(tmp_path / "fork")), weights(inproc)
+    for n in w2:
+        assert torch.equal(w1[n], w2[n]), n
