@@ -3,13 +3,16 @@
 
 Builds SmolLM2-135M-Instruct (fp32) plus three seeded task variants (reused when
 already in ``--work``), writes one recipe per method, then runs each measurement as
-its own child process -- the real command lines -- and reads the child's wall time and
-peak RSS (``os.wait4``'s ``ru_maxrss``: that child only, so peak memory is per method):
+its own child process -- the real command lines -- and reads the child's wall time,
+CPU time and peak RSS from ``os.wait4`` (per method; CPU time includes processes the
+command started and waited for, ``ru_maxrss`` is the largest single one of them), plus
+RSS sampled from /proc and summed over the command's process tree (``tree``):
 
   linear   mergekit-yaml: base + 3 variants, equal weights
   ties     mergekit-yaml: base_model + 3 variants, density 0.01, weight 1
   cpi      cpift merge:   base_model + 3 variants, density 0.01, scope global, with the
-           region pre-pass (CPIFT_CACHE points at a fresh empty folder for each run)
+           region pre-pass (CPIFT_CACHE points at a fresh empty folder for each run; the
+           pre-pass runs in a child process beside the parent's imports)
   regions  cpift regions: density 0.01, 3 tasks, alone
 
 Prints a table (median over ``--repeat`` runs) and the target ratios with PASS/FAIL.
@@ -130,27 +133,47 @@ def command(method: str, work: str, paths: Dict[str, str], recipes: Dict[str, st
 
 
 class _Sampler(threading.Thread):
-    """Polls /proc/PID/status for the split of RSS into anonymous memory and
-    file-backed pages (mostly the mmap'ed safetensors files). Sampled, so it can
-    miss short peaks; ``ru_maxrss`` from wait4 is the authoritative peak."""
+    """Polls /proc/PID/status of the command and of its child processes (``cpift
+    merge`` runs its pre-pass in one) for the split of RSS into anonymous memory and
+    file-backed pages (mostly the mmap'ed safetensors files), summed over the process
+    tree. Sampled, so it can miss short peaks. ``ru_maxrss`` from wait4 is the peak of
+    the largest single process (the command or a child it waited for); ``tree`` is the
+    sampled peak of the sum over the processes alive at once."""
 
     def __init__(self, pid: int, every: float = 0.02):
         super().__init__(daemon=True)
         self.pid, self.every = pid, every
-        self.peak = {"RssAnon": 0, "RssFile": 0}
+        self.peak = {"RssAnon": 0, "RssFile": 0, "tree": 0}
         self.stop = threading.Event()
 
-    def run(self) -> None:
-        path = f"/proc/{self.pid}/status"
-        while not self.stop.is_set():
+    @staticmethod
+    def _tree(pid: int) -> List[int]:
+        out, todo = [], [pid]
+        while todo:
+            p = todo.pop()
+            out.append(p)
             try:
-                with open(path, encoding="ascii", errors="replace") as fh:
-                    for line in fh:
-                        key, _, rest = line.partition(":")
-                        if key in self.peak:
-                            self.peak[key] = max(self.peak[key], int(rest.split()[0]))
-            except (OSError, ValueError, IndexError):
+                with open(f"/proc/{p}/task/{p}/children", encoding="ascii") as fh:
+                    todo += [int(c) for c in fh.read().split()]
+            except (OSError, ValueError):
                 pass
+        return out
+
+    def run(self) -> None:
+        while not self.stop.is_set():
+            now = {"RssAnon": 0, "RssFile": 0}
+            for pid in self._tree(self.pid):
+                try:
+                    with open(f"/proc/{pid}/status", encoding="ascii", errors="replace") as fh:
+                        for line in fh:
+                            key, _, rest = line.partition(":")
+                            if key in now:
+                                now[key] += int(rest.split()[0])
+                except (OSError, ValueError, IndexError):
+                    pass
+            for key, v in now.items():
+                self.peak[key] = max(self.peak[key], v)
+            self.peak["tree"] = max(self.peak["tree"], now["RssAnon"] + now["RssFile"])
             self.stop.wait(self.every)
 
 
@@ -173,6 +196,7 @@ def measure(cmd: List[str], env: Dict[str, str], log: str) -> Dict[str, float]:
         "cpu_s": ru.ru_utime + ru.ru_stime,
         "anon_gb": sampler.peak["RssAnon"] * 1024 / 1e9,
         "file_gb": sampler.peak["RssFile"] * 1024 / 1e9,
+        "tree_gb": sampler.peak["tree"] * 1024 / 1e9,
     }
 
 
@@ -247,7 +271,8 @@ def main(argv: Optional[List[str]] = None) -> int:
                 results[m].append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
                 print(f"  run {rep + 1}/{args.repeat} {m:<8} {r['wall_s']:7.2f} s"
-                      f"  {r['rss_gb']:6.3f} GB (anon {r['anon_gb']:.2f}, file {r['file_gb']:.2f})  cpu {r['cpu_s']:7.2f} s  {status}", flush=True)
+                      f"  {r['rss_gb']:6.3f} GB (anon {r['anon_gb']:.2f}, file {r['file_gb']:.2f},"
+                      f" tree {r['tree_gb']:.2f})  cpu {r['cpu_s']:7.2f} s  {status}", flush=True)
                 if r["rc"] != 0:
                     print(f"    {r['cmd']}\n    " + r["error"].strip().replace("\n", "\n    "), flush=True)
         return report(results, args, work)
@@ -268,6 +293,7 @@ def report(results: Dict[str, List[Dict]], args, work: str) -> int:
             "cpu_s": statistics.median(r["cpu_s"] for r in ok) if ok else None,
             "anon_gb": statistics.median(r["anon_gb"] for r in ok) if ok else None,
             "file_gb": statistics.median(r["file_gb"] for r in ok) if ok else None,
+            "tree_gb": statistics.median(r["tree_gb"] for r in ok) if ok else None,
             "all_wall_s": [round(r["wall_s"], 3) for r in runs],
             "all_rss_gb": [round(r["rss_gb"], 4) for r in runs],
             "cmd": runs[0]["cmd"] if runs else None,
@@ -276,11 +302,14 @@ def report(results: Dict[str, List[Dict]], args, work: str) -> int:
     label = "median " if args.repeat > 1 else ""
     print(f"SmolLM2-135M fp32, 3 variants, density {DENSITY}; {args.repeat} run(s) per method"
           f" ({os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()})")
-    keys = ("wall_s", "rss_gb", "anon_gb", "file_gb", "cpu_s")
+    keys = ("wall_s", "rss_gb", "anon_gb", "file_gb", "tree_gb", "cpu_s")
     rows = [[m, *[("FAILED" if k == "wall_s" else "-") if s[k] is None else s[k] for k in keys]]
             for m, s in summary.items()]
-    print(table(["method", f"{label}wall s", f"{label}peak RSS GB", "anon GB*", "file GB*", f"{label}cpu s"], rows))
-    print("* sampled peaks of RssAnon (heap) and RssFile (mmap'ed weights) from /proc, every 20 ms")
+    print(table(["method", f"{label}wall s", f"{label}peak RSS GB", "anon GB*", "file GB*", "tree GB*",
+                 f"{label}cpu s"], rows))
+    print("peak RSS: ru_maxrss, the largest single process (the command or a child it waited for)")
+    print("* sampled every 20 ms from /proc, summed over the command and its child processes:")
+    print("  peaks of RssAnon (heap), RssFile (mmap'ed weights) and of their sum (tree)")
     print()
     checks = []
     for name, num, den, metric, op, target in TARGETS:
