@@ -79,6 +79,32 @@ def render(tasks, table1, table2, seeds, n_test):
     return "\n".join(out)
 
 
+def run_parallel(args, pipeline, seeds) -> None:
+    """Runs each seed in a child process, ``args.jobs`` at a time; the sequential loop
+    after it then only reads the finished runs back (every step is reused)."""
+    import subprocess
+    from concurrent.futures import ThreadPoolExecutor
+
+    os.makedirs(args.out, exist_ok=True)
+    env = dict(os.environ)
+    env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
+
+    def one(seed):
+        cmd = [sys.executable, os.path.abspath(__file__), "--pipeline", pipeline, "--seeds", str(seed),
+               "--out", args.out, "--quiet"] + (["--device", args.device] if args.device else [])
+        log = os.path.join(args.out, f"seed-{seed}.log")
+        with open(log, "w", encoding="utf-8") as fh:
+            rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
+        print(f"== seed {seed}: {'done' if rc == 0 else f'FAILED (rc {rc}), see {log}'}", flush=True)
+        return rc
+
+    print(f"== seeds {seeds}, {args.jobs} at a time; logs in {args.out}/seed-S.log", flush=True)
+    with ThreadPoolExecutor(args.jobs) as pool:
+        failed = [s for s, rc in zip(seeds, pool.map(one, seeds)) if rc != 0]
+    if failed:
+        raise SystemExit(f"seeds {failed} failed; see their logs in {args.out}")
+
+
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     ap.add_argument("--pipeline", default=None,
@@ -89,7 +115,12 @@ def main(argv=None) -> int:
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     ap.add_argument("--json", default=None, help="also write the aggregate here")
     ap.add_argument("--quiet", action="store_true")
+    ap.add_argument("--jobs", type=int, default=1,
+                    help="run this many seeds at once, each in its own process (log: OUT/seed-S.log); a GPU"
+                         " is shared better by several small runs than used by one")
     args = ap.parse_args(argv)
+    if args.jobs < 1:
+        ap.error("--jobs must be at least 1")
 
     import torch
     import transformers
@@ -105,8 +136,10 @@ def main(argv=None) -> int:
         pipeline = os.path.join(os.path.dirname(HERE), "merge_configs", "pipeline_full.yml") if gpu \
             else os.path.join(HERE, "seesaw_cpu.yml")
     seeds = [int(s) for s in args.seeds.split(",")]
-    runs = []
     t0 = time.time()
+    if args.jobs > 1 and len(seeds) > 1:
+        run_parallel(args, pipeline, seeds)
+    runs = []
     for s in seeds:
         pipe = load_pipeline(pipeline, {"seed": s, "out": os.path.join(args.out, f"seed-{s}"), "device": args.device})
         print(f"== seed {s}: {pipeline} -> {pipe.out}", flush=True)
