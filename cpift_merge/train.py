@@ -17,6 +17,7 @@ from dataclasses import asdict, dataclass
 from typing import Any, Dict, List, Optional, Sequence
 
 import torch
+from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
@@ -128,9 +129,11 @@ class LossBar(ProgressCallback):
         self.desc = desc
 
     def on_train_begin(self, args, state, control, **kwargs):
-        super().on_train_begin(args, state, control, **kwargs)
-        if self.training_bar is not None and self.desc:
-            self.training_bar.set_description(self.desc)
+        # as ProgressCallback, but with the description from the start: a bar renamed
+        # after it was drawn leaves a blank "0/N" line in logs that are not a terminal
+        if state.is_world_process_zero:
+            self.training_bar = tqdm(total=state.max_steps, dynamic_ncols=True, desc=self.desc or None)
+        self.current_step = 0
 
     def on_log(self, args, state, control, logs=None, **kwargs):
         if self.training_bar is not None and logs and "loss" in logs:

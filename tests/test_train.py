@@ -532,3 +532,17 @@ def test_same_seed_same_weights(tiny_lm, tmp_path):
     r3 = finetune(tiny_lm, exs, str(tmp_path / "r3"), TrainConfig(steps=4, batch_size=4, lr=1e-3, seed=4),
                   progress=False)
     assert r3["losses"] != r1["losses"]
+
+
+def test_progress_bar_named_from_its_first_draw(tiny_lm, tmp_path, capfd):
+    """The training bar carries its description and the loss, and no nameless "0/N"
+    bar is drawn first (it would stay as a blank line in a log file)."""
+    from cpift_merge.train import TrainConfig, finetune
+
+    exs = [{"prompt": f"{a}+{a}=", "response": str(2 * a)} for a in range(8)]
+    finetune(tiny_lm, exs, str(tmp_path / "run"), TrainConfig(steps=2, batch_size=4), progress=True,
+             desc="probe demo")
+    draws = [d for d in capfd.readouterr().err.replace("\r", "\n").splitlines() if "/2 [" in d]
+    assert draws, "no training bar drawn"
+    assert all(d.startswith("probe demo:") for d in draws), draws
+    assert any("loss=" in d for d in draws), draws
