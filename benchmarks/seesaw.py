@@ -12,7 +12,7 @@ Finished seeds are reused (``cpift run`` reuses finished steps), so an interrupt
 benchmark continues where it stopped.
 
     python benchmarks/seesaw.py                      # benchmarks/seesaw_cpu.yml, seeds 0,1,2
-    python benchmarks/seesaw.py --pipeline merge_configs/pipeline_full.yml --device cuda
+    python benchmarks/seesaw.py --pipeline merge_configs/pipeline_full.yml --device cuda --jobs 3
 """
 
 from __future__ import annotations
