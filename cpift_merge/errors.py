@@ -6,3 +6,22 @@ class CpiftError(Exception):
 
     def __init__(self, message: str):
         super().__init__(" ".join(str(message).split()))
+
+
+def load_yaml_mapping(path: str, what: str, hint: str) -> dict:
+    """Read a YAML file that must hold a mapping (a recipe, a pipeline file); every
+    problem is a one-line CpiftError naming ``what`` and ``path``."""
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            data = yaml.safe_load(fh)
+    except OSError as err:
+        raise CpiftError(f"cannot read {what} {path}: {err.strerror}") from None
+    except yaml.YAMLError as err:
+        mark = getattr(err, "problem_mark", None)
+        where = f" line {mark.line + 1}" if mark is not None else ""
+        raise CpiftError(f"{what} {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
+    if not isinstance(data, dict):
+        raise CpiftError(f"{what} {path} must be a YAML mapping with {hint}")
+    return data

@@ -16,7 +16,7 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 
 import yaml
 
-from cpift_merge.errors import CpiftError
+from cpift_merge.errors import CpiftError, load_yaml_mapping
 from cpift_merge.method_config import param_blocks
 from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE
 
@@ -27,18 +27,7 @@ PLAIN = ("density", "scope", "regions", "exclude", "overlap")
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
-    try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
-    except OSError as err:
-        raise CpiftError(f"cannot read recipe {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        mark = getattr(err, "problem_mark", None)
-        where = f" line {mark.line + 1}" if mark is not None else ""
-        raise CpiftError(f"recipe {path} is not valid YAML{where}: {getattr(err, 'problem', err)}") from None
-    if not isinstance(data, dict):
-        raise CpiftError(f"recipe {path} must be a YAML mapping with merge_method, models, ...")
-    return data
+    return load_yaml_mapping(path, "recipe", "merge_method, models, ...")
 
 
 def _resolve_ref(value: str, base_dir: str) -> str:

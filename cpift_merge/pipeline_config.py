@@ -11,10 +11,9 @@ from __future__ import annotations
 import os
 from typing import Dict, List, Literal, Optional
 
-import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-from cpift_merge.errors import CpiftError
+from cpift_merge.errors import CpiftError, load_yaml_mapping
 
 METHODS = (
     "cpift", "dpi", "full_sft", "multistage_random", "multistage_heuristic", "sequential",
@@ -217,15 +216,7 @@ def _one_line(err: ValidationError, path: str, raw: dict) -> str:
 def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) -> Pipeline:
     """Read, validate and resolve a pipeline file (the shipped default when ``path`` is None)."""
     path = path or DEFAULT_PIPELINE
-    try:
-        with open(path, encoding="utf-8") as fh:
-            raw = yaml.safe_load(fh)
-    except OSError as err:
-        raise CpiftError(f"cannot read pipeline {path}: {err.strerror}") from None
-    except yaml.YAMLError as err:
-        raise CpiftError(f"pipeline {path} is not valid YAML: {' '.join(str(err).split())[:200]}") from None
-    if not isinstance(raw, dict):
-        raise CpiftError(f"pipeline {path} must be a YAML mapping (base:, tasks:, methods:, ...)")
+    raw = load_yaml_mapping(path, "pipeline", "base, tasks, methods, ...")
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
     try:
         pipe = Pipeline.model_validate(raw)
