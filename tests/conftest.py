@@ -102,3 +102,26 @@ def tiny_lm(tmp_path_factory) -> str:
     LlamaForCausalLM(tiny_config()).save_pretrained(path, safe_serialization=True)
     tiny_tokenizer().save_pretrained(path)
     return path
+
+
+@pytest.fixture
+def children(monkeypatch):
+    """Pre-pass children started by `cpift merge` (tiny models qualify here)."""
+    import subprocess
+
+    from cpift_merge import prepass
+
+    started = []
+
+    class Spy(subprocess.Popen):
+        def __init__(self, *args, **kwargs):
+            super().__init__(*args, **kwargs)
+            started.append(self)
+
+    monkeypatch.setattr(prepass, "BACKGROUND_MIN_BYTES", 0)
+    monkeypatch.setattr(prepass.subprocess, "Popen", Spy)
+    monkeypatch.setattr(prepass, "_CUTS", {})  # no cut from an earlier test in this process
+    yield started
+    assert not prepass._PENDING
+    for child in started:
+        assert child.poll() is not None, "a pre-pass child outlived its merge"

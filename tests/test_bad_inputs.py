@@ -640,25 +640,14 @@ def test_real_cli_mid_merge_error_is_the_only_stderr_line(bad, tiny_models, tmp_
 
 
 @pytest.mark.parametrize("kind", sorted(POISONED))
-def test_merge_nan_inf_found_by_the_prepass_child(kind, bad, tiny_models, tmp_path, monkeypatch):
+def test_merge_nan_inf_found_by_the_prepass_child(kind, bad, tiny_models, tmp_path, request):
     """`cpift merge` runs the global pre-pass in a child process (for models big enough);
     its error reaches the user as the same one line as in-process."""
-    import subprocess as sp
-
     from cpift_merge import prepass
 
     config = recipe(tmp_path, [tiny_models["b"], bad[kind]], tiny_models["base"], {"scope": "global"})
     line = assert_refused(merge_cli(config, str(tmp_path / "o1")), str(tmp_path / "o1"), bad[kind], "NaN or Inf")
-    started = []
-
-    class Spy(sp.Popen):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            started.append(self)
-
-    monkeypatch.setattr(prepass, "BACKGROUND_MIN_BYTES", 0)
-    monkeypatch.setattr(prepass.subprocess, "Popen", Spy)
-    monkeypatch.setattr(prepass, "_CUTS", {})
+    started = request.getfixturevalue("children")  # from here on, tiny models get a child too
     out = str(tmp_path / "o2")
     assert assert_refused(merge_cli(config, out), out) == line
     assert len(started) == 1 and started[0].returncode == prepass.ERROR_EXIT

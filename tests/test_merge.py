@@ -296,29 +296,6 @@ def test_works_with_slices_out_dtype_tokenizer_and_shards(tiny_lm, tmp_path):
 # ------------------------------------------- pre-pass in a child process (cpift merge)
 
 
-@pytest.fixture
-def children(monkeypatch):
-    """Pre-pass children started by `cpift merge` (tiny models qualify here)."""
-    import subprocess
-
-    from cpift_merge import prepass
-
-    started = []
-
-    class Spy(subprocess.Popen):
-        def __init__(self, *args, **kwargs):
-            super().__init__(*args, **kwargs)
-            started.append(self)
-
-    monkeypatch.setattr(prepass, "BACKGROUND_MIN_BYTES", 0)
-    monkeypatch.setattr(prepass.subprocess, "Popen", Spy)
-    monkeypatch.setattr(prepass, "_CUTS", {})  # no cut from an earlier test in this process
-    yield started
-    assert not prepass._PENDING
-    for child in started:
-        assert child.poll() is not None, "a pre-pass child outlived its merge"
-
-
 def cli_merge(config, out, *extra):
     from click.testing import CliRunner
 
