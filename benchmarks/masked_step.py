@@ -23,8 +23,8 @@ import time
 
 import torch
 
-from cpift_merge.cli import format_table
-from cpift_merge.freeze import MaskedUpdate
+from cpift_merge.pipeline.report import format_table
+from cpift_merge.training.freeze import MaskedUpdate
 
 
 def main() -> int:
@@ -39,7 +39,7 @@ def main() -> int:
 
     from transformers import AutoModelForCausalLM
 
-    from cpift_merge.models import prepare_smollm2
+    from cpift_merge.pipeline.models import prepare_smollm2
 
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(prepare_smollm2(), dtype=torch.float32)
@@ -106,7 +106,7 @@ def main() -> int:
     decay = best(lambda: torch._foreach_mul_(params, 1 - 1e-5 * 0.1))
     for name, mu in updates.items():
         hook = best(mu.mask_grads)
-        hooks = best(lambda: (mu._pre_step(opt), mu._post_step()))
+        hooks = best(lambda mu=mu: (mu._pre_step(opt), mu._post_step()))
         own[name] = hook + hooks - (decay if mu.last_step == "adam" else 0.0)
     opt.zero_grad(set_to_none=True)
 
@@ -116,7 +116,6 @@ def main() -> int:
         med = statistics.median(times[name])
         mu = updates.get(name)
         mask_bytes = mu.mask_bytes if mu else 0
-        frozen = mu.frozen_count if mu else 0
         transient = mu.step_buffer_bytes if mu else 0
         work = own.get(name, 0.0)
         rows.append([name, f"{med:.3f}", f"{100 * (med / plain - 1):+.1f}%", f"{work:.3f}", f"{100 * work / plain:+.1f}%",

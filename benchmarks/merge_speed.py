@@ -36,7 +36,7 @@ import threading
 import time
 from typing import Dict, List, Optional
 
-from cpift_merge.cli import format_table
+from cpift_merge.pipeline.report import format_table
 
 # layer bands (of SmolLM2-135M's 30) each variant pushes hardest: as in cpift_merge/demo.py
 VARIANTS = {"math": range(0, 12), "code": range(9, 21), "chat": range(18, 30)}
@@ -63,7 +63,7 @@ def _script(name: str) -> str:
 
 def prepare_models(work: str) -> Dict[str, str]:
     """Base (the converted SmolLM2, cached) and the three variants (made once)."""
-    from cpift_merge.models import make_variant, prepare_smollm2
+    from cpift_merge.pipeline.models import make_variant, prepare_smollm2
 
     base = prepare_smollm2()
     paths = {"base": base}

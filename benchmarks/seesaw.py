@@ -56,8 +56,7 @@ def aggregate(runs):
 
 
 def render(tasks, table1, table2, seeds, n_test):
-    from cpift_merge.cli import format_table
-    from cpift_merge.report import LABELS
+    from cpift_merge.pipeline.report import LABELS, format_table
 
     pm = lambda ms, signed=False: (f"{ms[0]:+.1f}" if signed else f"{ms[0]:.1f}") + f" ± {ms[1]:.1f}"  # noqa: E731
     rows = [[LABELS.get(m, m), *[pm(row[t]) for t in tasks],
@@ -71,7 +70,7 @@ def render(tasks, table1, table2, seeds, n_test):
         rows2 = []
         for variant, label in (("plain", "plain SFT"), ("frozen", "first task's core frozen (DPI)")):
             row = [label]
-            for d, v in table2.items():
+            for v in table2.values():
                 row += [pm(v[variant]["delta_first"], True), pm(v[variant]["delta_second"], True)]
             rows2.append(row)
         out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points), mean ± std", "",
@@ -125,8 +124,8 @@ def main(argv=None) -> int:
     import torch
     import transformers
 
-    from cpift_merge.pipeline import run_pipeline
-    from cpift_merge.pipeline_config import load_pipeline
+    from cpift_merge.pipeline.config import load_pipeline
+    from cpift_merge.pipeline.run import run_pipeline
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()

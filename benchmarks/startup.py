@@ -98,7 +98,7 @@ def importtime(runs: int) -> Dict[str, object]:
     def imported(autoload: bool) -> set:
         res = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env_with(autoload),
                              capture_output=True, text=True, check=True)
-        return {l.split("|")[-1].strip() for l in res.stderr.splitlines() if l.startswith("import time:")} - {
+        return {ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")} - {
             "imported package"}
 
     extra = sorted(imported(True) - imported(False))

@@ -1,15 +1,17 @@
 """cpift-merge: Core Parameter Isolation for mergekit.
 
 Kept import-light on purpose (no torch, no mergekit here): the autoload hook imports
-this package inside other programs. Import the submodules you need:
+this package inside other programs. The code is laid out in layers, one folder each;
+a folder imports only from the folders below it (``lint-imports`` checks it):
 
-* ``cpift_merge.core``      pure math: exact top-k cores, Jaccard, groups, stage order
-* ``cpift_merge.masks``     1-bit / sparse mask encoding
-* ``cpift_merge.fusion``    pure CPI fusion of one tensor (transplant + masked SLERP)
-* ``cpift_merge.regions``   region directories: compute, write, load
-* ``cpift_merge.method``    the mergekit method ``cpi`` and its registration
-* ``cpift_merge.merge``     ``cpift merge``: validated, atomic mergekit runs
-* ``cpift_merge.cli``       the ``cpift`` command
+* ``cpift_merge.core``        pure tensor math: exact top-k cores, Jaccard, groups, masks, fusion
+* ``cpift_merge.storage``     checkpoints read tensor by tensor, region directories, atomic outputs
+* ``cpift_merge.mergekit``    the mergekit method ``cpi``, its global pre-pass, ``cpift merge``
+* ``cpift_merge.training``    the masked update, SFT data, probes and staged training
+* ``cpift_merge.evaluation``  built-in tasks and their checkers, batched scoring
+* ``cpift_merge.pipeline``    ``cpift run``: steps, methods, report, plots, the demos
+* ``cpift_merge.cli``         the ``cpift`` command, thin
+* ``cpift_merge.errors``      ``CpiftError``, the one-line error every layer raises
 """
 
 __version__ = "0.1.0"

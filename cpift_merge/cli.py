@@ -10,6 +10,7 @@ from typing import Dict, Sequence, Tuple
 import click
 
 from cpift_merge.errors import CpiftError
+from cpift_merge.pipeline.report import format_table, region_report
 
 
 def _friendly(fn):
@@ -41,31 +42,6 @@ def _pairs(values: Sequence[str], flag: str) -> Dict[str, str]:
     return out
 
 
-def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
-    cells = [[str(h) for h in header]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
-    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
-    lines = []
-    for j, r in enumerate(cells):
-        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
-        if j == 0:
-            lines.append("  ".join("-" * w for w in widths))
-    return "\n".join(lines)
-
-
-def region_report(rs) -> str:
-    tasks = rs.tasks
-    rows = [[a, *[rs.jaccard(a, b) for b in tasks], rs.k(a)] for a in tasks]
-    out = [
-        f"core regions: density {rs.density:g}, scope {rs.scope}, D = {rs.meta['D']:,}",
-        "",
-        format_table(["Jaccard", *tasks, "k"], rows),
-        "",
-        f"groups (tau {rs.meta['tau']:g}, order {rs.meta['order']}, seed {rs.meta['seed']}), in stage order:",
-    ]
-    out += [f"  stage {i + 1}: {', '.join(g)}" for i, g in enumerate(rs.groups)]
-    return "\n".join(out)
-
-
 class _Cli(click.Group):
     """``merge`` takes mergekit's options, and importing mergekit (peft, transformers)
     takes seconds: that command is built only when it is used, after its global
@@ -81,7 +57,7 @@ class _Cli(click.Group):
 
     def resolve_command(self, ctx, args):
         if args and args[0] == "merge":
-            from cpift_merge.merge import prestart
+            from cpift_merge.mergekit.recipe import prestart
 
             prestart(args[1:], ctx)
         return super().resolve_command(ctx, args)
@@ -114,7 +90,7 @@ def main() -> None:
 def regions(base, models, density, scope, exclude, tau, order, seed, out, overwrite, plot, quiet):
     """Find each task's core region (top-p |theta_i - theta_0|), their Jaccard
     overlaps and the task groups; write a region directory."""
-    from cpift_merge.regions import compute_from_paths
+    from cpift_merge.storage.regions import compute_from_paths
 
     pairs = _pairs(models, "--model")
     rs = compute_from_paths(
@@ -123,7 +99,7 @@ def regions(base, models, density, scope, exclude, tau, order, seed, out, overwr
     )
     click.echo(region_report(rs))
     if plot:
-        from cpift_merge.plots import plot_regions
+        from cpift_merge.pipeline.plots import plot_regions
 
         for p in plot_regions(rs, rs.path):
             click.echo(f"wrote {p}")
@@ -154,21 +130,13 @@ def _train_options(fn):
 
 
 def _config(lora=False, lora_rank=8, **kw):
-    from cpift_merge.train import TrainConfig
+    from cpift_merge.training.finetune import TrainConfig
 
     keys = ("steps", "epochs", "lr", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
             "max_length", "seed", "bf16", "save_steps", "device")
     cfg = TrainConfig(**{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank)
     cfg.check()
     return cfg
-
-
-def _load_tasks(pairs: Dict[str, str]):
-    from cpift_merge.data import load_examples
-    from cpift_merge.regions import check_task_names
-
-    check_task_names(list(pairs))
-    return {name: load_examples(path) for name, path in pairs.items()}
 
 
 @main.command()
@@ -184,22 +152,14 @@ def _load_tasks(pairs: Dict[str, str]):
 @_friendly
 def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
     """Short fine-tune of BASE on each task alone (the probes that give the cores)."""
-    from cpift_merge.train import finetune
+    from cpift_merge.training.data import load_tasks
+    from cpift_merge.training.finetune import run_probes
 
     cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
-    data = _load_tasks(_pairs(tasks, "--task"))
-    paths = {}
-    for name, examples in data.items():
-        click.echo(f"probe {name}: {len(examples)} examples")
-        rec = finetune(base, examples, os.path.join(out, name), cfg, record="probe.json",
-                       extra={"task": name}, progress=not quiet, desc=f"probe {name}")
-        click.echo(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
-        paths[name] = os.path.join(out, name)
-    if regions_density is not None:
-        from cpift_merge.regions import compute_from_paths
-
-        rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=regions_density,
-                                overwrite=True, progress=not quiet)
+    data = load_tasks(_pairs(tasks, "--task"))
+    _paths, rs = run_probes(base, data, out, cfg, regions_density=regions_density, progress=not quiet,
+                            say=click.echo)
+    if rs is not None:
         click.echo(region_report(rs))
 
 
@@ -215,16 +175,13 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
 @_friendly
 def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
     """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
-    from cpift_merge.regions import load_regions
-    from cpift_merge.train import plan_groups, staged_train
+    from cpift_merge.training.finetune import train_from_files
 
     cfg = _config(**kw)
     if sample is not None and sample < 1:
         raise CpiftError(f"--sample must be at least 1, got {sample}")
-    data = _load_tasks(_pairs(tasks, "--task"))
-    rs = load_regions(regions_dir) if regions_dir else None
-    plan = plan_groups(groups, list(data), rs, cfg.seed)
-    summary = staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=not quiet)
+    summary = train_from_files(base, _pairs(tasks, "--task"), out, cfg, groups=groups, regions_dir=regions_dir,
+                               sample=sample, progress=not quiet)
     rows = [[s["stage"], ", ".join(s["tasks"]), s["frozen_entries"], s["steps"],
              s["final_loss"] if s["final_loss"] is not None else "-"] for s in summary["stages"]]
     click.echo(format_table(["stage", "tasks", "frozen", "steps", "final loss"], rows))
@@ -262,7 +219,7 @@ def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_
     """Greedy generation on each task's test set, scored by an exact metric."""
     import json
 
-    from cpift_merge.evaluate import evaluate
+    from cpift_merge.evaluation.scoring import evaluate
 
     if max_new_tokens < 1 or batch_size < 1 or limit < 0:
         raise CpiftError("--max-new-tokens and --batch-size must be at least 1, --limit non-negative")
@@ -288,7 +245,7 @@ def tasks() -> None:
 @_friendly
 def tasks_export(out_dir, n_train, n_test, seed):
     """Write each built-in task as OUT_DIR/NAME/train.jsonl and test.jsonl."""
-    from cpift_merge.tasks import export
+    from cpift_merge.evaluation.tasks import export
 
     if n_train < 1 or n_test < 1:
         raise CpiftError("--train and --test must be at least 1")
@@ -309,7 +266,7 @@ def _merge_command() -> click.Command:
     def merge(merge_options, config_file, out_path, overwrite):
         """Run a mergekit YAML recipe with `cpi` available (takes every mergekit-yaml
         option). Validates first; writes OUT_PATH atomically."""
-        from cpift_merge.merge import run
+        from cpift_merge.mergekit.recipe import run
 
         merge_options.apply_global_options()
         out = run(config_file, out_path, merge_options, overwrite=overwrite, progress=not merge_options.quiet)
@@ -333,9 +290,9 @@ def run_cmd(pipeline_file, out, device, seed, methods, quiet):
     calibration, the baselines and the evaluation; writes OUT/results.json and
     OUT/report.md. With no PIPELINE_FILE, runs the shipped default (SmolLM2-135M-Instruct
     on the built-in tasks: cpift, dpi and full_sft). A rerun reuses finished steps."""
-    from cpift_merge.pipeline import run_pipeline
-    from cpift_merge.pipeline_config import load_pipeline
-    from cpift_merge.report import summary_text
+    from cpift_merge.pipeline.config import load_pipeline
+    from cpift_merge.pipeline.report import summary_text
+    from cpift_merge.pipeline.run import run_pipeline
 
     overrides = {"out": out, "device": device, "seed": seed,
                  "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None}
@@ -360,7 +317,7 @@ def run_cmd(pipeline_file, out, device, seed, methods, quiet):
 def merge_demo(out, density, omega, overwrite):
     """Merge-only demo on a real model: SmolLM2-135M-Instruct, three seeded task
     variants, `cpift regions`, a `cpi` merge, and a generation from the result."""
-    from cpift_merge.demo import run_demo
+    from cpift_merge.pipeline.demo import run_demo
 
     run_demo(out, density=density, omega=omega, overwrite=overwrite)
 

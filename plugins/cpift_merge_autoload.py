@@ -4,7 +4,7 @@ Installed as a top-level module plus ``cpift_merge_autoload.pth`` in site-packag
 At interpreter start it only adds an import hook (no torch, no mergekit). When a
 process later imports ``mergekit.merge_methods``, the hook registers ``cpi``; when it
 imports ``mergekit.plan``, the hook adds the check for misspelled ``cpi`` parameters.
-Set ``CPIFT_NO_AUTOLOAD=1`` to turn it off. All logic lives in ``cpift_merge.method``.
+Set ``CPIFT_NO_AUTOLOAD=1`` to turn it off. All logic lives in ``cpift_merge.mergekit.method``.
 """
 
 import sys
@@ -18,10 +18,10 @@ _AFTER = {
 
 
 def _run(hook):
-    partial = sys.modules.get("cpift_merge.method")
+    partial = sys.modules.get("cpift_merge.mergekit.method")
     if partial is not None and not hasattr(partial, hook):
-        return  # cpift_merge.method is being imported; it registers itself at its end
-    from cpift_merge import method
+        return  # cpift_merge.mergekit.method is being imported; it registers itself at its end
+    from cpift_merge.mergekit import method
 
     getattr(method, hook)()
 

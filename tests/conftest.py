@@ -78,7 +78,7 @@ CHATML = (
 
 def tiny_tokenizer():
     """A character-level tokenizer (ASCII + ChatML specials) with a chat template."""
-    from tokenizers import Tokenizer, models, pre_tokenizers, decoders
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers
     from transformers import PreTrainedTokenizerFast
 
     specials = ["<pad>", "<|im_start|>", "<|im_end|>", "<unk>"]
@@ -109,7 +109,7 @@ def children(monkeypatch):
     """Pre-pass children started by `cpift merge` (tiny models qualify here)."""
     import subprocess
 
-    from cpift_merge import prepass
+    from cpift_merge.mergekit import prepass
 
     started = []
 

@@ -81,7 +81,7 @@ def bad(tiny_models, tmp_path_factory) -> Dict[str, str]:
 @pytest.fixture(scope="module")
 def regions_dir(tiny_models, tmp_path_factory) -> str:
     """A good region directory: tasks math (a) and code (b), density 0.02, global."""
-    from cpift_merge.regions import compute_from_paths
+    from cpift_merge.storage.regions import compute_from_paths
 
     out = str(tmp_path_factory.mktemp("regions") / "reg")
     compute_from_paths(
@@ -485,9 +485,9 @@ def test_stock_mergekit_yaml_unknown_parameter(tiny_models, tmp_path):
 
 
 def _counting(monkeypatch, fail_at: Optional[int] = None, exc: Optional[BaseException] = None):
-    """Wrap the kernel's cpi_fuse (as imported by cpift_merge.method) to count calls
+    """Wrap the kernel's cpi_fuse (as imported by cpift_merge.mergekit.method) to count calls
     and optionally raise on call ``fail_at``; yields the list of calls."""
-    from cpift_merge import method
+    from cpift_merge.mergekit import method
 
     calls: List[int] = []
     real = method.cpi_fuse
@@ -515,8 +515,9 @@ def test_merge_kernel_error_mid_merge_leaves_nothing(tiny_models, tmp_path, monk
     """merge.run in-process; small shards so shards are already on disk when it fails."""
     from mergekit.options import MergeOptions
 
-    from cpift_merge import merge, method
     from cpift_merge.errors import CpiftError
+    from cpift_merge.mergekit import method
+    from cpift_merge.mergekit import recipe as merge
 
     out = str(tmp_path / "out")
     seen: List[List[str]] = []
@@ -547,7 +548,7 @@ def test_merge_ctrl_c_leaves_nothing(tiny_models, tmp_path, monkeypatch):
 
 
 def test_regions_interrupted_leaves_nothing(tiny_models, tmp_path, monkeypatch):
-    from cpift_merge import regions
+    from cpift_merge.storage import regions
 
     real = regions.MaskFileWriter.add
     calls: List[int] = []
@@ -583,8 +584,8 @@ def test_shared_parameter_per_model_is_not_silently_ignored(tiny_models, tmp_pat
 def test_region_dir_recomputed_in_place_is_reread(tiny_models, tmp_path):
     from mergekit.options import MergeOptions
 
-    from cpift_merge import merge
-    from cpift_merge.regions import compute_from_paths
+    from cpift_merge.mergekit import recipe as merge
+    from cpift_merge.storage.regions import compute_from_paths
 
     reg = str(tmp_path / "reg")
     config = recipe(tmp_path, [(tiny_models["a"], {"task": "x"})], tiny_models["base"], {"regions": reg})
@@ -643,7 +644,7 @@ def test_real_cli_mid_merge_error_is_the_only_stderr_line(bad, tiny_models, tmp_
 def test_merge_nan_inf_found_by_the_prepass_child(kind, bad, tiny_models, tmp_path, request):
     """`cpift merge` runs the global pre-pass in a child process (for models big enough);
     its error reaches the user as the same one line as in-process."""
-    from cpift_merge import prepass
+    from cpift_merge.mergekit import prepass
 
     config = recipe(tmp_path, [tiny_models["b"], bad[kind]], tiny_models["base"], {"scope": "global"})
     line = assert_refused(merge_cli(config, str(tmp_path / "o1")), str(tmp_path / "o1"), bad[kind], "NaN or Inf")

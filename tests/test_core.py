@@ -3,7 +3,7 @@
 import pytest
 import torch
 
-from cpift_merge import core, masks
+from cpift_merge.core import groups, masks, topk
 
 
 def brute_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
@@ -18,8 +18,8 @@ def brute_top_k(values: torch.Tensor, k: int) -> torch.Tensor:
 def test_exact_top_k_matches_stable_sort(k):
     g = torch.Generator().manual_seed(k)
     a, b = torch.randn(1000, generator=g), torch.randn(1000, generator=g)
-    keys = core.magnitude_keys(a, b)
-    got = core.exact_top_k(keys, k)
+    keys = topk.magnitude_keys(a, b)
+    got = topk.exact_top_k(keys, k)
     assert int(got.sum()) == k
     assert torch.equal(got, brute_top_k((a - b).abs(), k))
 
@@ -30,7 +30,7 @@ def test_ties_broken_by_lower_index():
     theta = torch.ones(10)
     theta[7] = 5.0
     theta[2] = 3.0
-    mask = core.exact_top_k(core.magnitude_keys(theta, theta0), 5)
+    mask = topk.exact_top_k(topk.magnitude_keys(theta, theta0), 5)
     assert mask.nonzero().reshape(-1).tolist() == [0, 1, 2, 3, 7]
 
 
@@ -38,8 +38,8 @@ def test_ties_across_tensors_follow_stream_order():
     """Global scope: equal |delta| in several tensors; earlier tensors win."""
     tensors = [torch.full((4,), 2.0), torch.full((3,), 2.0), torch.tensor([9.0, 2.0])]
     zeros = [torch.zeros_like(t) for t in tensors]
-    finder = core.ThresholdFinder(k=6)
-    keys = [core.magnitude_keys(t, z) for t, z in zip(tensors, zeros)]
+    finder = topk.ThresholdFinder(k=6)
+    keys = [topk.magnitude_keys(t, z) for t, z in zip(tensors, zeros)]
     for kk in keys:
         finder.add_high(kk)
     finder.end_high()
@@ -47,9 +47,9 @@ def test_ties_across_tensors_follow_stream_order():
         finder.add_low(kk)
     th = finder.end_low()
     assert th.value == 2.0 and th.ties == 5  # 9.0 is above; 5 of the eight 2.0s
-    quotas = core.tie_quotas(th, [int((kk == th.key).sum()) for kk in keys])
+    quotas = topk.tie_quotas(th, [int((kk == th.key).sum()) for kk in keys])
     assert quotas == [4, 1, 0]  # ties go to the earlier tensors
-    got = [core.cut_mask(kk, th.key, q).tolist() for kk, q in zip(keys, quotas)]
+    got = [topk.cut_mask(kk, th.key, q).tolist() for kk, q in zip(keys, quotas)]
     assert got == [[True] * 4, [True, False, False], [True, False]]
     assert sum(map(sum, got)) == 6
 
@@ -58,43 +58,43 @@ def test_global_threshold_equals_concatenated_top_k():
     g = torch.Generator().manual_seed(3)
     parts = [torch.randn(n, generator=g) * s for n, s in [(500, 1.0), (300, 0.1), (1200, 3.0)]]
     base = [torch.zeros_like(p) for p in parts]
-    k = core.budget(0.037, 2000)
-    finder = core.ThresholdFinder(k)
-    keys = [core.magnitude_keys(p, b) for p, b in zip(parts, base)]
+    k = topk.budget(0.037, 2000)
+    finder = topk.ThresholdFinder(k)
+    keys = [topk.magnitude_keys(p, b) for p, b in zip(parts, base)]
     for kk in keys:
         finder.add_high(kk)
     finder.end_high()
     for kk in keys:
         finder.add_low(kk)
     th = finder.end_low()
-    quotas = core.tie_quotas(th, [int((kk == th.key).sum()) for kk in keys])
-    got = torch.cat([core.cut_mask(kk, th.key, q) for kk, q in zip(keys, quotas)])
+    quotas = topk.tie_quotas(th, [int((kk == th.key).sum()) for kk in keys])
+    got = torch.cat([topk.cut_mask(kk, th.key, q) for kk, q in zip(keys, quotas)])
     assert torch.equal(got, brute_top_k(torch.cat(parts).abs(), k))
 
 
 def test_zero_deltas_and_full_density():
     z = torch.zeros(16)
-    assert int(core.exact_top_k(core.magnitude_keys(z, z), 16).sum()) == 16
-    assert core.exact_top_k(core.magnitude_keys(z, z), 3).nonzero().reshape(-1).tolist() == [0, 1, 2]
+    assert int(topk.exact_top_k(topk.magnitude_keys(z, z), 16).sum()) == 16
+    assert topk.exact_top_k(topk.magnitude_keys(z, z), 3).nonzero().reshape(-1).tolist() == [0, 1, 2]
 
 
 def test_negative_zero_and_nonfinite():
     a = torch.tensor([-0.0, 0.0, -1.0])
-    keys = core.magnitude_keys(a, torch.zeros(3))
+    keys = topk.magnitude_keys(a, torch.zeros(3))
     assert (keys >= 0).all()
     with pytest.raises(ValueError):
-        core.magnitude_keys(torch.tensor([float("nan")]), torch.zeros(1))
+        topk.magnitude_keys(torch.tensor([float("nan")]), torch.zeros(1))
     with pytest.raises(ValueError):
-        core.magnitude_keys(torch.tensor([float("inf")]), torch.zeros(1))
+        topk.magnitude_keys(torch.tensor([float("inf")]), torch.zeros(1))
 
 
 def test_budget_is_floor_of_the_decimal_density():
-    assert core.budget(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996 in binary
-    assert core.budget(0.01, 134515008) == 1345150
-    assert core.budget(0.0, 10) == 0 and core.budget(1.0, 10) == 10
-    assert core.budget(0.15, 7) == 1
+    assert topk.budget(0.29, 100) == 29  # 0.29 * 100 is 28.999999999999996 in binary
+    assert topk.budget(0.01, 134515008) == 1345150
+    assert topk.budget(0.0, 10) == 0 and topk.budget(1.0, 10) == 10
+    assert topk.budget(0.15, 7) == 1
     with pytest.raises(ValueError):
-        core.budget(1.5, 10)
+        topk.budget(1.5, 10)
 
 
 @pytest.mark.parametrize("n", [1, 7, 8, 9, 63, 1000, 4097])
@@ -133,13 +133,13 @@ def test_jaccard_on_hand_made_masks():
     a = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     b = torch.tensor([0, 1, 1, 1, 0, 0], dtype=torch.bool)
     c = torch.tensor([0, 0, 0, 0, 1, 1], dtype=torch.bool)
-    assert core.jaccard(a, b) == pytest.approx(2 / 4)
-    assert core.jaccard(a, c) == 0.0
-    inter = core.pairwise_intersections([a, b, c])
+    assert groups.jaccard(a, b) == pytest.approx(2 / 4)
+    assert groups.jaccard(a, c) == 0.0
+    inter = groups.pairwise_intersections([a, b, c])
     assert inter.tolist() == [[3, 2, 0], [2, 3, 0], [0, 0, 2]]
-    jac = core.jaccard_from_counts([3, 3, 2], inter.tolist())
+    jac = groups.jaccard_from_counts([3, 3, 2], inter.tolist())
     assert jac[0][1] == pytest.approx(0.5) and jac[0][2] == 0.0 and jac[2][2] == 1.0
-    empty = core.jaccard_from_counts([0, 0], [[0, 0], [0, 0]])
+    empty = groups.jaccard_from_counts([0, 0], [[0, 0], [0, 0]])
     assert empty[0][1] == 0.0
 
 
@@ -153,22 +153,22 @@ def test_connected_components_are_transitive():
     s[0][1] = s[1][0] = 0.3  # a-b
     s[1][2] = s[2][1] = 0.25  # b-c  -> a, b, c together through b
     s[3][4] = s[4][3] = 0.05  # d-e below tau
-    assert core.connected_groups(names, s, 0.2) == [["a", "b", "c"], ["d"], ["e"]]
-    assert core.connected_groups(names, s, 0.0) == [names]
-    assert core.connected_groups(names, s, 1.0) == [[n] for n in names]
+    assert groups.connected_groups(names, s, 0.2) == [["a", "b", "c"], ["d"], ["e"]]
+    assert groups.connected_groups(names, s, 0.0) == [names]
+    assert groups.connected_groups(names, s, 1.0) == [[n] for n in names]
     with pytest.raises(ValueError):
-        core.connected_groups(names, s, 1.2)
+        groups.connected_groups(names, s, 1.2)
 
 
 def test_stage_order_random_is_seeded_and_given_is_respected():
-    groups = [["a"], ["b", "c"], ["d"], ["e"]]
-    r1 = core.order_groups(groups, "random", seed=7)
-    assert r1 == core.order_groups(groups, "random", seed=7)
-    assert sorted(map(tuple, r1)) == sorted(map(tuple, groups))
-    assert any(core.order_groups(groups, "random", seed=s) != groups for s in range(5))
-    given = core.order_groups(groups, "given", given=["d", "c", "e", "b", "a"])
+    stages = [["a"], ["b", "c"], ["d"], ["e"]]
+    r1 = groups.order_groups(stages, "random", seed=7)
+    assert r1 == groups.order_groups(stages, "random", seed=7)
+    assert sorted(map(tuple, r1)) == sorted(map(tuple, stages))
+    assert any(groups.order_groups(stages, "random", seed=s) != stages for s in range(5))
+    given = groups.order_groups(stages, "given", given=["d", "c", "e", "b", "a"])
     assert given == [["d"], ["c", "b"], ["e"], ["a"]]
     with pytest.raises(ValueError):
-        core.order_groups(groups, "given", given=["a", "b"])
+        groups.order_groups(stages, "given", given=["a", "b"])
     with pytest.raises(ValueError):
-        core.order_groups(groups, "sideways")
+        groups.order_groups(stages, "sideways")

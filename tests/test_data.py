@@ -8,9 +8,10 @@ import json
 
 import pytest
 import torch
-
 from conftest import tiny_tokenizer
-from cpift_merge.data import (
+
+from cpift_merge.errors import CpiftError
+from cpift_merge.training.data import (
     IGNORE,
     Collator,
     Encoded,
@@ -19,7 +20,6 @@ from cpift_merge.data import (
     load_examples,
     sample_balanced,
 )
-from cpift_merge.errors import CpiftError
 
 
 @pytest.fixture(scope="module")

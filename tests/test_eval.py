@@ -7,7 +7,7 @@ from click.testing import CliRunner
 
 from cpift_merge.cli import _eval_specs, main
 from cpift_merge.errors import CpiftError
-from cpift_merge.evaluate import metric_fn
+from cpift_merge.evaluation.scoring import metric_fn
 
 
 def always_true(output, answer):  # a user's own metric, loaded through py:

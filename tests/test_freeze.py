@@ -12,11 +12,11 @@ import sys
 
 import pytest
 import torch
+from conftest import tiny_config
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_config
-from cpift_merge import freeze
-from cpift_merge.freeze import MaskedUpdate, masks_from_regions, unwrap_optimizer
+from cpift_merge.training import freeze
+from cpift_merge.training.freeze import MaskedUpdate, masks_from_regions, unwrap_optimizer
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -655,7 +655,7 @@ def test_odd_sizes_and_many_blocks(monkeypatch, storage, opt_name):
     masks = {n: torch.rand(p.shape, generator=g) < 0.4 for n, p in model.named_parameters()}
     opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.2) if opt_name == "adamw"
            else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2))
-    for s in range(2):
+    for _ in range(2):
         model(torch.randn(4, 13, generator=g)).backward()
         opt.step()
         opt.zero_grad()
@@ -664,7 +664,7 @@ def test_odd_sizes_and_many_blocks(monkeypatch, storage, opt_name):
         for f in mu.frozen:
             assert f._idx is None and torch.equal(f.mask(), masks[f.name].reshape(-1))
         assert mu.mask_bytes <= sum(m.numel() / (8 if storage == "bits" else 1) + 7 for m in masks.values())
-        for s in range(3):
+        for _ in range(3):
             model(torch.randn(4, 13, generator=g)).backward()
             opt.step()
             opt.zero_grad()

@@ -6,7 +6,7 @@ import pytest
 import torch
 from mergekit.merge_methods.slerp import slerp as mk_slerp
 
-from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse, slerp
+from cpift_merge.core.fusion import DEFAULT_EPSILON, cpi_fuse, slerp
 
 
 def _t(*shape, seed=0, scale=1.0):

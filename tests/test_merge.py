@@ -10,10 +10,10 @@ from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
-from cpift_merge import merge as cmerge
-from cpift_merge import method
-from cpift_merge.checkpoint import Checkpoint
-from cpift_merge.regions import compute_from_paths, load_regions
+from cpift_merge.mergekit import method
+from cpift_merge.mergekit import recipe as cmerge
+from cpift_merge.storage.checkpoint import Checkpoint
+from cpift_merge.storage.regions import compute_from_paths, load_regions
 
 OPTS = MergeOptions(quiet=True, copy_tokenizer=False, write_model_card=False)
 
@@ -319,11 +319,11 @@ def test_cli_merge_runs_the_prepass_in_a_child_with_the_same_result(children, ti
     config = global_recipe(tmp_path, tiny_models)
     res = cli_merge(config, str(tmp_path / "bg"))
     assert res.exit_code == 0, res.output
-    assert len(children) == 1 and "cpift_merge.prepass" in children[0].args
+    assert len(children) == 1 and "cpift_merge.mergekit.prepass" in children[0].args
     assert children[0].returncode == 0
     bg_cuts = cut_files(str(tmp_path / "cache"))
     monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache2"))
-    from cpift_merge import prepass
+    from cpift_merge.mergekit import prepass
 
     prepass._CUTS.clear()  # in-process this time, from scratch
     monkeypatch.setattr(prepass, "BACKGROUND_MIN_BYTES", 1 << 62)
@@ -342,7 +342,7 @@ def test_cli_merge_runs_the_prepass_in_a_child_with_the_same_result(children, ti
 def test_cli_merge_computes_in_process_when_the_child_dies(children, tiny_models, tmp_path, monkeypatch):
     import sys
 
-    from cpift_merge import prepass
+    from cpift_merge.mergekit import prepass
 
     monkeypatch.setattr(prepass, "_child_command", lambda *a, **k: [sys.executable, "-c", "raise SystemExit(1)"])
     config = global_recipe(tmp_path, tiny_models, density=0.02)
@@ -375,7 +375,7 @@ def test_cli_merge_starts_no_child_when_nothing_needs_one(children, tiny_models,
 
 FORKING_CLI = """
 import sys
-from cpift_merge import prepass
+from cpift_merge.mergekit import prepass
 prepass.BACKGROUND_MIN_BYTES = 0  # tiny models: fork anyway
 made = []
 class Recorded(prepass._Forked):
@@ -406,7 +406,7 @@ def test_real_cli_forks_the_prepass_with_the_same_result(tiny_models, tmp_path, 
     proc = run_forking_cli(config, tmp_path / "fork", cwd=tmp_path)
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "forked [0]" in proc.stdout
-    from cpift_merge import prepass
+    from cpift_merge.mergekit import prepass
 
     monkeypatch.setattr(prepass, "_CUTS", {})
     monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache2"))

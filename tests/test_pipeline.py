@@ -9,16 +9,16 @@ import pytest
 import torch
 import yaml
 from click.testing import CliRunner
+from conftest import tiny_config, tiny_tokenizer
 from safetensors.torch import load_file
 from transformers import LlamaForCausalLM
 
-from conftest import tiny_config, tiny_tokenizer
 from cpift_merge.cli import main
 from cpift_merge.errors import CpiftError
-from cpift_merge.pipeline import normalized_average, run_pipeline
-from cpift_merge.pipeline_config import METHODS, load_pipeline
-from cpift_merge.regions import load_regions
-from cpift_merge.report import table1_rows, table2_rows
+from cpift_merge.pipeline.config import METHODS, load_pipeline
+from cpift_merge.pipeline.report import table1_rows, table2_rows
+from cpift_merge.pipeline.run import normalized_average, run_pipeline
+from cpift_merge.storage.regions import load_regions
 
 ALL = list(METHODS)
 
@@ -179,7 +179,7 @@ def test_rerun_reuses_and_redoes_only_what_changed(lm, tmp_path, capsys):
 
 
 def test_interrupted_run_continues(lm, tmp_path, monkeypatch):
-    from cpift_merge import pipeline
+    from cpift_merge.pipeline import run as pipeline
 
     out = str(tmp_path / "out")
     path = write(tmp_path, spec(lm, out, methods=["cpift", "full_sft"]))

@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cpift_merge.cli import main
-from cpift_merge.merge import check_cpi_values
+from cpift_merge.mergekit.recipe import check_cpi_values
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "merge_configs")
@@ -77,7 +77,7 @@ def model_refs(doc: Dict[str, Any]) -> List[str]:
 def validate(doc: Dict[str, Any]) -> None:
     from mergekit.config import MergeConfiguration
 
-    from cpift_merge import method
+    from cpift_merge.mergekit import method
 
     method.register()
     config = MergeConfiguration.model_validate(doc)
@@ -189,7 +189,7 @@ def test_community_finetunes(tiny_models, tmp_path):
 
 
 def test_with_regions(tiny_models, tmp_path):
-    from cpift_merge.regions import compute_from_paths
+    from cpift_merge.storage.regions import compute_from_paths
 
     (doc,) = load_docs("with_regions")
     assert doc["parameters"]["regions"] == "./regions"

@@ -17,9 +17,9 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cpift_merge.cli import main
-from cpift_merge.data import Collator, encode_all, sample_balanced
 from cpift_merge.errors import CpiftError
-from cpift_merge.train import FreezeCallback, TrainConfig, plan_groups
+from cpift_merge.training.data import Collator, encode_all, sample_balanced
+from cpift_merge.training.finetune import FreezeCallback, TrainConfig, plan_groups
 
 HERE = os.path.dirname(os.path.abspath(__file__))
 ROOT = os.path.dirname(HERE)
@@ -105,7 +105,7 @@ def probes(tiny_lm, tasks, tmp_path_factory):
 
 @pytest.fixture(scope="module")
 def regions(tiny_lm, probes, tmp_path_factory):
-    from cpift_merge.regions import compute_from_paths
+    from cpift_merge.storage.regions import compute_from_paths
 
     out = tmp_path_factory.mktemp("regions") / "r"
     return compute_from_paths(tiny_lm, {"a": probes["a"], "b": probes["b"]}, str(out), density=0.05,
@@ -197,7 +197,7 @@ def test_probe_writes_full_checkpoints(tiny_lm, probes):
 
 
 def test_probe_regions_option(probes, regions):
-    from cpift_merge.regions import load_regions
+    from cpift_merge.storage.regions import load_regions
 
     rs = load_regions(os.path.join(probes["out"], "regions"))
     assert sorted(rs.tasks) == ["a", "b"]
@@ -381,9 +381,8 @@ def test_three_stages_freeze_the_union_of_earlier_cores(tiny_lm, tasks, regions,
 
 
 def test_regions_of_another_model_refused(tasks, regions, tmp_path):
-    from transformers import LlamaForCausalLM
-
     from conftest import tiny_config, tiny_tokenizer
+    from transformers import LlamaForCausalLM
 
     other = str(tmp_path / "other")
     LlamaForCausalLM(tiny_config(vocab_size=112)).save_pretrained(other)
@@ -395,7 +394,7 @@ def test_regions_of_another_model_refused(tasks, regions, tmp_path):
 
 
 def test_interrupted_run_with_other_settings_refused(tiny_lm, tmp_path):
-    from cpift_merge.train import finetune
+    from cpift_merge.training.finetune import finetune
 
     out = tmp_path / "probe"
     (tmp_path / "probe.work").mkdir()
@@ -405,7 +404,7 @@ def test_interrupted_run_with_other_settings_refused(tiny_lm, tmp_path):
 
 
 def test_existing_output_that_is_not_a_run_is_not_replaced(tiny_lm, tmp_path):
-    from cpift_merge.train import finetune
+    from cpift_merge.training.finetune import finetune
 
     out = tmp_path / "probe"
     out.mkdir()
@@ -416,7 +415,7 @@ def test_existing_output_that_is_not_a_run_is_not_replaced(tiny_lm, tmp_path):
 
 
 def test_log_callback_drops_lines_past_the_checkpoint_and_cut_lines(tmp_path):
-    from cpift_merge.train import JsonlLogCallback
+    from cpift_merge.training.finetune import JsonlLogCallback
 
     path = tmp_path / "train_log.jsonl"
     path.write_text("".join(json.dumps({"step": s, "loss": 1.0 / s}) + "\n" for s in range(1, 6)) + '{"step": 6, "lo')
@@ -435,7 +434,7 @@ def test_log_callback_drops_lines_past_the_checkpoint_and_cut_lines(tmp_path):
 
 
 def test_last_checkpoint_skips_a_cut_trainer_state(tmp_path):
-    from cpift_merge.train import _last_checkpoint
+    from cpift_merge.training.finetune import _last_checkpoint
 
     assert _last_checkpoint(str(tmp_path / "none")) is None
     for step, text in ((2, '{"global_step": 2}'), (4, '{"global_st'), (10, None)):
@@ -519,7 +518,7 @@ def test_same_seed_same_weights(tiny_lm, tmp_path):
     """Seeds make runs repeatable on CPU: two runs, bit-identical weights and losses."""
     from safetensors.torch import load_file
 
-    from cpift_merge.train import TrainConfig, finetune
+    from cpift_merge.training.finetune import TrainConfig, finetune
 
     exs = [{"prompt": f"{a}+{b}=", "response": str(a + b)} for a in range(6) for b in range(6)]
     cfg = TrainConfig(steps=4, batch_size=4, lr=1e-3, weight_decay=0.1, seed=3)
@@ -537,7 +536,7 @@ def test_same_seed_same_weights(tiny_lm, tmp_path):
 def test_progress_bar_named_from_its_first_draw(tiny_lm, tmp_path, capfd):
     """The training bar carries its description and the loss, and no nameless "0/N"
     bar is drawn first (it would stay as a blank line in a log file)."""
-    from cpift_merge.train import TrainConfig, finetune
+    from cpift_merge.training.finetune import TrainConfig, finetune
 
     exs = [{"prompt": f"{a}+{a}=", "response": str(2 * a)} for a in range(8)]
     finetune(tiny_lm, exs, str(tmp_path / "run"), TrainConfig(steps=2, batch_size=4), progress=True,

@@ -16,7 +16,7 @@ sys.path.insert(0, os.path.join(os.path.dirname(__file__), ".."))
 from conftest import tiny_config  # noqa: E402
 from transformers import LlamaForCausalLM  # noqa: E402
 
-from cpift_merge.freeze import MaskedUpdate  # noqa: E402
+from cpift_merge.training.freeze import MaskedUpdate  # noqa: E402
 
 
 def full(t: torch.Tensor) -> torch.Tensor:

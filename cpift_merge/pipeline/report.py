@@ -25,7 +25,7 @@ def _fmt(x: float, signed: bool = False) -> str:
     return f"{x:+.1f}" if signed else f"{x:.1f}"
 
 
-def table1_rows(results: Dict[str, Any]) -> "tuple[List[str], List[List[str]]]":
+def table1_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
     tasks = list(results["tasks"])
     header = ["method", *tasks, "avg norm. (0-10)"]
     rows = []
@@ -37,7 +37,7 @@ def table1_rows(results: Dict[str, Any]) -> "tuple[List[str], List[List[str]]]":
     return header, rows
 
 
-def table2_rows(results: Dict[str, Any]) -> "tuple[List[str], List[List[str]]]":
+def table2_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
     fg = results.get("forgetting") or {}
     if not fg:
         return [], []
@@ -56,10 +56,31 @@ def table2_rows(results: Dict[str, Any]) -> "tuple[List[str], List[List[str]]]":
     return header, rows
 
 
-def text_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
-    from cpift_merge.cli import format_table
+def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str:
+    cells = [[str(h) for h in header]] + [[f"{c:.4f}" if isinstance(c, float) else str(c) for c in r] for r in rows]
+    widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
+    lines = []
+    for j, r in enumerate(cells):
+        lines.append("  ".join(c.rjust(w) if i else c.ljust(w) for i, (c, w) in enumerate(zip(r, widths))))
+        if j == 0:
+            lines.append("  ".join("-" * w for w in widths))
+    return "\n".join(lines)
 
-    return format_table(header, rows)
+
+def region_report(rs) -> str:
+    """Jaccard table, core sizes and stage order of a region set, as printed by
+    ``cpift regions`` and ``cpift run``."""
+    tasks = rs.tasks
+    rows = [[a, *[rs.jaccard(a, b) for b in tasks], rs.k(a)] for a in tasks]
+    out = [
+        f"core regions: density {rs.density:g}, scope {rs.scope}, D = {rs.meta['D']:,}",
+        "",
+        format_table(["Jaccard", *tasks, "k"], rows),
+        "",
+        f"groups (tau {rs.meta['tau']:g}, order {rs.meta['order']}, seed {rs.meta['seed']}), in stage order:",
+    ]
+    out += [f"  stage {i + 1}: {', '.join(g)}" for i, g in enumerate(rs.groups)]
+    return "\n".join(out)
 
 
 def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
@@ -70,10 +91,10 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
 
 def summary_text(results: Dict[str, Any]) -> str:
     h, r = table1_rows(results)
-    out = ["Table 1: test accuracy (%) per task; average normalized score on a 0-10 scale", "", text_table(h, r)]
+    out = ["Table 1: test accuracy (%) per task; average normalized score on a 0-10 scale", "", format_table(h, r)]
     h2, r2 = table2_rows(results)
     if h2:
-        out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points)", "", text_table(h2, r2)]
+        out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points)", "", format_table(h2, r2)]
     return "\n".join(out)
 
 

@@ -17,8 +17,8 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Optional, Sequence, Tuple
 
 import torch
+
 from cpift_merge.errors import CpiftError
-from cpift_merge.prepass import file_stamps  # noqa: F401  (re-exported; lives in the light module)
 
 SAMPLE_POINTS = 8
 INDEX_NAME = "model.safetensors.index.json"

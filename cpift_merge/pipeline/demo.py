@@ -38,11 +38,11 @@ def _answer(path: str, prompt: str = PROMPT) -> str:
 def run_demo(out: str, density: float = 0.01, omega: float = 0.5, overwrite: bool = True) -> dict:
     from mergekit.options import MergeOptions
 
-    from cpift_merge import merge as cpi_merge
-    from cpift_merge.cli import region_report
-    from cpift_merge.models import make_variant, prepare_smollm2
-    from cpift_merge.plots import plot_regions
-    from cpift_merge.regions import compute_from_paths
+    from cpift_merge.mergekit import recipe as cpi_merge
+    from cpift_merge.pipeline.models import make_variant, prepare_smollm2
+    from cpift_merge.pipeline.plots import plot_regions
+    from cpift_merge.pipeline.report import region_report
+    from cpift_merge.storage.regions import compute_from_paths
 
     if not 0 < density <= 1 or not 0 <= omega <= 1:
         raise CpiftError("demo needs 0 < density <= 1 and 0 <= omega <= 1")

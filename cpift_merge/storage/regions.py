@@ -18,19 +18,17 @@ from __future__ import annotations
 import hashlib
 import json
 import os
-import shutil
 import struct
-import tempfile
-from contextlib import contextmanager
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence
+from typing import Dict, List, Mapping, Optional, Protocol, Sequence
 
 import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from cpift_merge import core, masks
-from cpift_merge.checkpoint import (
+from cpift_merge.core import groups, masks, topk
+from cpift_merge.errors import CpiftError
+from cpift_merge.storage.checkpoint import (
     Checkpoint,
     Scratch,
     TensorInfo,
@@ -38,7 +36,7 @@ from cpift_merge.checkpoint import (
     participating_tensors,
     sample_values,
 )
-from cpift_merge.errors import CpiftError
+from cpift_merge.storage.files import atomic_dir, ensure_free
 
 FORMAT = "cpift-regions"
 VERSION = 1
@@ -103,44 +101,6 @@ class MaskFileWriter:
         return digest.hexdigest()
 
 
-def ensure_free(out: str, overwrite: bool = False) -> None:
-    """Refuse an existing output early, before any expensive work."""
-    if os.path.exists(out) and not overwrite:
-        raise CpiftError(f"output {os.path.abspath(out)} already exists; pass --overwrite or choose another path")
-
-
-@contextmanager
-def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
-    """Yield a temporary sibling of ``out``; rename it to ``out`` only on success.
-
-    Refuses an existing ``out`` unless ``overwrite``. On any error the temporary
-    folder is removed and ``out`` is left as it was.
-    """
-    out = os.path.abspath(out)
-    ensure_free(out, overwrite)
-    parent = os.path.dirname(out)
-    try:
-        os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual mode
-    except OSError as err:
-        raise CpiftError(f"cannot write to {parent}: {err.strerror}") from None
-    try:
-        yield tmp
-        if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
-            os.rename(out, os.path.join(old, "x"))
-            os.rename(tmp, out)
-            shutil.rmtree(old, ignore_errors=True)
-        else:
-            os.rename(tmp, out)
-    except BaseException:
-        shutil.rmtree(tmp, ignore_errors=True)
-        raise
-
-
 # ------------------------------------------------------------------ computation
 
 
@@ -149,9 +109,9 @@ def _finite_keys(
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     try:
-        return core.magnitude_keys(theta, theta0, out=out)
+        return topk.magnitude_keys(theta, theta0, out=out)
     except ValueError:
-        culprit = base if not core.all_finite(theta0) else task
+        culprit = base if not topk.all_finite(theta0) else task
         raise CpiftError(
             f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export"
             " that checkpoint"
@@ -220,8 +180,8 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples):
     reading only tensors whose keys reach it). Returns thresholds and, per task, the
     count of keys equal to the threshold in each tensor (stream order)."""
     names = list(tasks)
-    spans: Dict[str, Dict[str, "tuple[int, int]"]] = {n: {} for n in names}
-    finders = {n: core.ThresholdFinder(k) for n in names}
+    spans: Dict[str, Dict[str, tuple[int, int]]] = {n: {} for n in names}
+    finders = {n: topk.ThresholdFinder(k) for n in names}
     for info, keys in _stream(base, tasks, tensors, "regions: histogram", progress, samples):
         for n, kk in keys.items():
             high = finders[n].add_high(kk, in_place=True)  # the keys are spent here
@@ -263,28 +223,28 @@ class GlobalCut:
 
     tensors: List[str]
     dtypes: Dict[str, str]
-    thresholds: Dict[str, core.Threshold]
+    thresholds: Dict[str, topk.Threshold]
     quotas: Dict[str, Dict[str, int]]
     samples: Dict[str, Dict[str, List[float]]]
 
     def mask(self, task: str, tensor: str, keys: torch.Tensor) -> torch.Tensor:
-        return core.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
+        return topk.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
 
     @classmethod
     def find(cls, base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequence[TensorInfo],
-             density: float, progress: bool = True) -> "GlobalCut":
+             density: float, progress: bool = True) -> GlobalCut:
         """Thresholds and tie quotas, exactly: two histogram passes over the high and
         low 16 bits of the keys (the second reads only tensors that reach the
         threshold's bucket). Memory: two fixed histograms per task."""
         names = list(tasks)
-        k = core.budget(density, sum(t.numel for t in tensors))
+        k = topk.budget(density, sum(t.numel for t in tensors))
         samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
         thresholds, tied = _histogram_cut(base, tasks, tensors, k, progress, samples)
         quotas: Dict[str, Dict[str, int]] = {}
         for n in names:
             th = thresholds[n]
             quotas[n] = {} if th.ties == 0 else {
-                t.name: q for t, q in zip(tensors, core.tie_quotas(th, tied[n])) if q
+                t.name: q for t, q in zip(tensors, topk.tie_quotas(th, tied[n])) if q
             }
         return cls(
             tensors=[t.name for t in tensors],
@@ -303,11 +263,11 @@ class GlobalCut:
         }
 
     @classmethod
-    def from_json(cls, data: Dict) -> "GlobalCut":
+    def from_json(cls, data: Dict) -> GlobalCut:
         return cls(
             tensors=list(data["tensors"]),
             dtypes=dict(data["dtypes"]),
-            thresholds={n: core.Threshold(**t) for n, t in data["thresholds"].items()},
+            thresholds={n: topk.Threshold(**t) for n, t in data["thresholds"].items()},
             quotas={n: dict(q) for n, q in data["quotas"].items()},
             samples={},
         )
@@ -327,7 +287,7 @@ def compute_regions(
     given_order: Optional[Sequence[str]] = None,
     overwrite: bool = False,
     progress: bool = True,
-) -> "RegionSet":
+) -> RegionSet:
     """Find every task's core region against ``base`` and write a region directory.
 
     ``tasks`` maps task names to fine-tuned checkpoints of ``base``. Returns the
@@ -365,15 +325,15 @@ def compute_regions(
                 if cut is not None:
                     m = cut.mask(n, info.name, keys[n])
                 else:
-                    m = core.exact_top_k(keys[n], core.budget(density, info.numel))
+                    m = topk.exact_top_k(keys[n], topk.budget(density, info.numel))
                 counts[n][info.name] = int(torch.count_nonzero(m))
                 writers[n].add(info.name, masks.encode(m))
                 cores.append(m)
-            inter += core.pairwise_intersections(cores)
+            inter += groups.pairwise_intersections(cores)
         sizes = [sum(counts[n].values()) for n in names]
-        jac = core.jaccard_from_counts(sizes, inter.tolist())
-        components = core.connected_groups(names, jac, tau)
-        stages = core.order_groups(components, order, seed, given_order)
+        jac = groups.jaccard_from_counts(sizes, inter.tolist())
+        components = groups.connected_groups(names, jac, tau)
+        stages = groups.order_groups(components, order, seed, given_order)
         task_meta = {}
         for i, n in enumerate(names):
             sha = writers[n].close({"format": FORMAT, "task": n})

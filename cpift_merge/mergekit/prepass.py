@@ -1,7 +1,7 @@
 """The global-scope pre-pass of a ``cpi`` merge, cached on disk and per process.
 
 Import-light on purpose (no torch, no mergekit at module level): ``cpift merge`` uses
-it to start the pre-pass in a child process (``python -m cpift_merge.prepass``) as
+it to start the pre-pass in a child process (``python -m cpift_merge.mergekit.prepass``) as
 soon as it has read the recipe, so the pre-pass runs while the parent is still
 importing mergekit, transformers and peft (seconds of single-threaded bytecode). The
 child writes the cut to the cache (atomically); :func:`global_prepass` in the parent
@@ -23,9 +23,10 @@ import threading
 from typing import TYPE_CHECKING, Any, Dict, List, Optional, Sequence
 
 from cpift_merge.errors import CpiftError
+from cpift_merge.storage.files import cache_dir, file_stamps
 
 if TYPE_CHECKING:  # pragma: no cover
-    from cpift_merge.regions import GlobalCut
+    from cpift_merge.storage.regions import GlobalCut
 
 LOG = logging.getLogger(__name__)
 DEFAULT_DENSITY = 0.01
@@ -34,27 +35,6 @@ DEFAULT_SCOPE = "global"
 # import, ~2 s of CPU) costs more than the pre-pass it would run in the background
 BACKGROUND_MIN_BYTES = 256 << 20
 ERROR_EXIT = 2  # the child's exit status for a CpiftError (its message on stdout)
-
-
-def cache_dir() -> str:
-    return os.environ.get("CPIFT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "cpift-merge"
-    )
-
-
-def file_stamps(path: str) -> tuple:
-    """(name, size, mtime) of a checkpoint's or region directory's .json and
-    .safetensors files (or of one file): a cache key that notices rewrites."""
-    if os.path.isfile(path):
-        st = os.stat(path)
-        return ((path, st.st_size, st.st_mtime_ns),)
-    out = []
-    for root, _dirs, files in os.walk(path):
-        for f in sorted(files):
-            if f.endswith((".json", ".safetensors")):
-                st = os.stat(os.path.join(root, f))
-                out.append((f, st.st_size, st.st_mtime_ns))
-    return tuple(out)
 
 
 def global_cache_key(
@@ -73,12 +53,12 @@ def cut_path(key: str) -> str:
 
 
 _PREPASS_LOCK = threading.Lock()
-_CUTS: Dict[str, "GlobalCut"] = {}
+_CUTS: Dict[str, GlobalCut] = {}
 _PENDING: Dict[str, Any] = {}  # key -> background pre-pass child (Popen or _Forked)
 
 
-def _read_cut(path: str) -> Optional["GlobalCut"]:
-    from cpift_merge.regions import GlobalCut
+def _read_cut(path: str) -> Optional[GlobalCut]:
+    from cpift_merge.storage.regions import GlobalCut
 
     if not os.path.isfile(path):
         return None
@@ -91,9 +71,9 @@ def _read_cut(path: str) -> Optional["GlobalCut"]:
 
 
 def _compute(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
-             progress: bool) -> "GlobalCut":
-    from cpift_merge.checkpoint import Checkpoint, participating_tensors
-    from cpift_merge.regions import GlobalCut
+             progress: bool) -> GlobalCut:
+    from cpift_merge.storage.checkpoint import Checkpoint, participating_tensors
+    from cpift_merge.storage.regions import GlobalCut
 
     base = Checkpoint(base_path, label=base_path)
     tasks = {f"t{i}": Checkpoint(p, label=p) for i, p in enumerate(task_paths)}
@@ -103,7 +83,7 @@ def _compute(base_path: str, task_paths: Sequence[str], density: float, exclude:
     return GlobalCut.find(base, tasks, tensors, density, progress=progress)
 
 
-def _write_cut(path: str, cut: "GlobalCut") -> None:
+def _write_cut(path: str, cut: GlobalCut) -> None:
     os.makedirs(os.path.dirname(path), exist_ok=True)
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path), suffix=".tmp")
     try:
@@ -120,7 +100,7 @@ def _write_cut(path: str, cut: "GlobalCut") -> None:
 
 def global_prepass(
     base_path: str, task_paths: Sequence[str], density: float, exclude: str, progress: bool = True
-) -> "GlobalCut":
+) -> GlobalCut:
     """Global-scope thresholds of ``task_paths`` against ``base_path`` (two streaming
     passes, no masks), cached on disk as JSON and in memory per process. The kernel
     rebuilds each tensor's cores from its keys with :meth:`GlobalCut.mask`. When
@@ -157,7 +137,7 @@ def _weights_bytes(paths: Sequence[str]) -> int:
 
 def _child_command(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
                    progress: bool) -> List[str]:
-    cmd = [sys.executable, "-m", "cpift_merge.prepass", "--parent", str(os.getpid()),
+    cmd = [sys.executable, "-m", "cpift_merge.mergekit.prepass", "--parent", str(os.getpid()),
            "--base", base_path, "--density", json.dumps(density), "--exclude", exclude]
     if not progress:
         cmd.append("--quiet")
@@ -171,7 +151,7 @@ def _can_fork() -> bool:
     imported (so it has started no OpenMP thread pool: a fork after OpenMP was used
     deadlocks in the child's first parallel op). Then this process imports torch (the
     merge needs it anyway) and forks, and the child skips a fresh interpreter's torch
-    import (~2 s of CPU). Otherwise the child is a new ``python -m cpift_merge.prepass``."""
+    import (~2 s of CPU). Otherwise the child is a new ``python -m cpift_merge.mergekit.prepass``."""
     return sys.platform.startswith("linux") and hasattr(os, "fork") and "torch" not in sys.modules
 
 
@@ -278,7 +258,7 @@ class _Forked:
 
 
 def _child_body(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
-                progress: bool, parent: Optional[int] = None) -> "tuple[int, str]":
+                progress: bool, parent: Optional[int] = None) -> tuple[int, str]:
     """The pre-pass child's work: (exit status, message for the parent)."""
     global _PREPASS_LOCK
     _PREPASS_LOCK = threading.Lock()  # a fork copies the lock in whatever state it was
@@ -358,10 +338,10 @@ def _watch_parent(parent: int) -> None:
 
 
 def main(argv: Optional[Sequence[str]] = None) -> int:
-    """``python -m cpift_merge.prepass``: compute and cache one global pre-pass."""
+    """``python -m cpift_merge.mergekit.prepass``: compute and cache one global pre-pass."""
     import argparse
 
-    ap = argparse.ArgumentParser(prog="python -m cpift_merge.prepass", description=main.__doc__)
+    ap = argparse.ArgumentParser(prog="python -m cpift_merge.mergekit.prepass", description=main.__doc__)
     ap.add_argument("--base", required=True)
     ap.add_argument("--task", action="append", required=True)
     ap.add_argument("--density", required=True, help="as JSON (keeps 1 and 1.0 apart, as the cache key does)")

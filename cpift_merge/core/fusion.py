@@ -1,6 +1,6 @@
 """The CPI fusion of one tensor: core transplant plus SLERP of the non-core entries.
 
-Pure: tensors in, tensors out. The mergekit method (``cpift_merge.method``) and the
+Pure: tensors in, tensors out. The mergekit method (``cpift_merge.mergekit.method``) and the
 pipeline call :func:`cpi_fuse` per tensor.
 
 Rules (DESIGN §1 "Fusion"):
@@ -91,7 +91,7 @@ def cpi_fuse(
     epsilon: float = DEFAULT_EPSILON,
     overlap: str = "max_delta",
     theta0: Optional[torch.Tensor] = None,
-) -> "tuple[torch.Tensor, FuseStats]":
+) -> tuple[torch.Tensor, FuseStats]:
     """Fuse one tensor. ``cores[i]`` is task i's bool core mask (shaped like the
     tensor); ``theta0`` is the pre-trained reference for ``max_delta`` (defaults to
     ``base``, right when the backbone is theta_0).

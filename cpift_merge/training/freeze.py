@@ -43,7 +43,7 @@ from typing import Callable, Dict, Iterable, Iterator, List, Mapping, Optional, 
 
 import torch
 
-from cpift_merge import masks as maskcodec
+from cpift_merge.core import masks as maskcodec
 
 # Entries are handled in blocks of 8 * _BLOCK (the last block may be shorter), each
 # seen as an [8, columns] matrix; a block's keep mask (at most 8 * _BLOCK integers of
@@ -344,7 +344,7 @@ class MaskedUpdate:
                 if isinstance(value, torch.Tensor) and value.shape == f.param.shape and value.is_floating_point():
                     f.zero_state(value)
 
-    def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> "MaskedUpdate":
+    def attach(self, optimizer: Optional[torch.optim.Optimizer] = None) -> MaskedUpdate:
         """Register gradient hooks (and step hooks when ``optimizer`` is given)."""
         for f in self.frozen:
             self._handles.append(f.param.register_post_accumulate_grad_hook(_grad_hook(f)))
@@ -418,7 +418,7 @@ class MaskedUpdate:
         self._handles.clear()
         self._give_back_decay()
 
-    def __enter__(self) -> "MaskedUpdate":
+    def __enter__(self) -> MaskedUpdate:
         return self
 
     def __exit__(self, *exc) -> None:

@@ -7,7 +7,7 @@ import os
 import re
 from typing import Dict, List
 
-from cpift_merge.regions import RegionSet
+from cpift_merge.storage.regions import RegionSet
 
 _LAYER = re.compile(r"\.layers\.(\d+)\.")
 

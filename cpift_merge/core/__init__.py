@@ -1,0 +1,7 @@
+"""Layer 1, pure tensor math: torch only, no file I/O, no mergekit, no transformers.
+
+* ``topk``    a task's core: exact top-k of ``|delta|`` over a stream of tensors, the tie rule
+* ``groups``  Jaccard overlap of cores, connected groups, stage order
+* ``masks``   1-bit / sparse mask encoding
+* ``fusion``  CPI fusion of one tensor (transplant + masked SLERP)
+"""

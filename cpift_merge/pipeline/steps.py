@@ -1,0 +1,105 @@
+"""Fingerprinted, resumable steps of a ``cpift run``.
+
+A step is recorded in ``OUT/.steps/<step>.json`` with a fingerprint of everything it
+depends on (settings, data, upstream steps). A rerun reuses a finished step whose
+fingerprint matches, resumes an interrupted one, and redoes a step whose inputs changed.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import time
+from typing import Any, Callable, Dict, Optional, Sequence
+
+import click
+
+Record = Dict[str, Any]
+
+
+def fingerprint(*parts: Any) -> str:
+    return hashlib.sha256(json.dumps(parts, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def file_sha(path: str) -> str:
+    h = hashlib.sha256()
+    if os.path.isdir(path):  # a saved datasets folder
+        for root, _d, files in sorted(os.walk(path)):
+            for f in sorted(files):
+                with open(os.path.join(root, f), "rb") as fh:
+                    h.update(f.encode() + fh.read())
+    else:
+        with open(path, "rb") as fh:
+            h.update(fh.read())
+    return h.hexdigest()[:16]
+
+
+class Steps:
+    """Fingerprinted, resumable steps: ``run(key, fp, outputs, fn)``."""
+
+    def __init__(self, out: str, quiet: bool = False):
+        self.out = out
+        self.dir = os.path.join(out, ".steps")
+        self.quiet = quiet
+        self.timings: Dict[str, float] = {}
+        os.makedirs(self.dir, exist_ok=True)
+
+    def _marker(self, key: str) -> str:
+        return os.path.join(self.dir, key.replace("/", "__") + ".json")
+
+    def _write(self, key: str, rec: Record) -> None:
+        tmp = self._marker(key) + ".tmp"
+        with open(tmp, "w", encoding="utf-8") as fh:
+            json.dump(rec, fh, indent=1)
+        os.replace(tmp, self._marker(key))
+
+    def read(self, key: str) -> Optional[Record]:
+        try:
+            with open(self._marker(key), encoding="utf-8") as fh:
+                return json.load(fh)
+        except (OSError, ValueError):
+            return None
+
+    def say(self, msg: str) -> None:
+        if not self.quiet:
+            click.echo(msg)
+
+    # paths under OUT are recorded relative to it, so a moved or copied OUT still resumes
+    def _rel(self, result: Any) -> Any:
+        if isinstance(result, str) and os.path.isabs(result) and result.startswith(self.out + os.sep):
+            return {"path_in_out": os.path.relpath(result, self.out)}
+        return result
+
+    def _abs(self, result: Any) -> Any:
+        if isinstance(result, dict) and set(result) == {"path_in_out"}:
+            return os.path.join(self.out, result["path_in_out"])
+        return result
+
+    def run(self, key: str, fp: str, outputs: Sequence[str], fn: Callable[[], Any], what: str = "") -> Any:
+        rec = self.read(key)
+        if rec and rec.get("fingerprint") == fp and rec.get("state") == "done" and all(map(os.path.exists, outputs)):
+            self.say(f"[{key}] done earlier, reused")
+            self.timings[key] = rec.get("seconds", 0.0)
+            return self._abs(rec.get("result"))
+        if rec and rec.get("fingerprint") == fp:
+            self.say(f"[{key}] resuming an interrupted run")
+        else:
+            if rec or any(map(os.path.exists, outputs)):
+                self.say(f"[{key}] inputs changed: redoing it")
+            for p in outputs:  # ours (under OUT): stale, from other settings
+                for q in (p, p + ".work"):
+                    if os.path.isdir(q):
+                        shutil.rmtree(q)
+                    elif os.path.exists(q):
+                        os.remove(q)
+            self.say(f"[{key}] {what}".rstrip())
+        self._write(key, {"fingerprint": fp, "state": "running"})
+        t0 = time.time()
+        result = fn()
+        seconds = round(time.time() - t0, 2)
+        self.timings[key] = seconds
+        self._write(key, {"fingerprint": fp, "state": "done", "seconds": seconds, "result": self._rel(result)})
+        self.say(f"[{key}] finished in {seconds:.1f} s")
+        return result
