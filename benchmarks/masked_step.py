@@ -61,8 +61,9 @@ def main() -> int:
         "30% frozen, bytes": (m30, "bytes", True),
         "30% generic path": (m30, "bits", False),
     }
-    updates = {k: MaskedUpdate(model, c[0], storage=c[1], adam_fast_path=c[2])
-               for k, c in configs.items() if c is not None}
+    updates = {
+        k: MaskedUpdate(model, c[0], storage=c[1], adam_fast_path=c[2]) for k, c in configs.items() if c is not None
+    }
     times = {k: [] for k in configs}
 
     def step() -> float:
@@ -84,8 +85,11 @@ def main() -> int:
                 mu.detach()
             if r >= args.warmup:
                 times[name].append(dt)
-        print(f"round {r + 1}/{args.warmup + args.rounds}: " + ", ".join(
-            f"{k} {v[-1]:.2f}s" for k, v in times.items() if v), flush=True)
+        print(
+            f"round {r + 1}/{args.warmup + args.rounds}: "
+            + ", ".join(f"{k} {v[-1]:.2f}s" for k, v in times.items() if v),
+            flush=True,
+        )
 
     # The masked update's own work, timed alone (min of --rounds, robust to a busy
     # machine): what the grad hooks do in backward plus the step hooks, less the
@@ -118,25 +122,49 @@ def main() -> int:
         mask_bytes = mu.mask_bytes if mu else 0
         transient = mu.step_buffer_bytes if mu else 0
         work = own.get(name, 0.0)
-        rows.append([name, f"{med:.3f}", f"{100 * (med / plain - 1):+.1f}%", f"{work:.3f}", f"{100 * work / plain:+.1f}%",
-                     f"{8 * mask_bytes / n_params:.3f}", f"{mask_bytes / 2**20:.1f}", f"{transient / 2**20:.1f}"])
-        out[name] = {"median_s": med, "steps": times[name], "mask_bytes": mask_bytes,
-                     "bits_per_param": 8 * mask_bytes / n_params, "transient_bytes": transient,
-                     "path": mu.last_step if mu else None, "own_work_s": work}
+        rows.append(
+            [
+                name,
+                f"{med:.3f}",
+                f"{100 * (med / plain - 1):+.1f}%",
+                f"{work:.3f}",
+                f"{100 * work / plain:+.1f}%",
+                f"{8 * mask_bytes / n_params:.3f}",
+                f"{mask_bytes / 2**20:.1f}",
+                f"{transient / 2**20:.1f}",
+            ]
+        )
+        out[name] = {
+            "median_s": med,
+            "steps": times[name],
+            "mask_bytes": mask_bytes,
+            "bits_per_param": 8 * mask_bytes / n_params,
+            "transient_bytes": transient,
+            "path": mu.last_step if mu else None,
+            "own_work_s": work,
+        }
     print()
-    print(f"SmolLM2-135M ({n_params:,} params), batch 8x64, AdamW wd 0.1, clip 1.0,"
-          f" {args.rounds} steps each (median), {torch.get_num_threads()} threads")
-    print(format_table(["config", "step s", "overhead", "own s", "own/step", "mask bits/param", "mask MiB",
-                        "step buffer MiB"], rows))
+    print(
+        f"SmolLM2-135M ({n_params:,} params), batch 8x64, AdamW wd 0.1, clip 1.0,"
+        f" {args.rounds} steps each (median), {torch.get_num_threads()} threads"
+    )
+    print(
+        format_table(
+            ["config", "step s", "overhead", "own s", "own/step", "mask bits/param", "mask MiB", "step buffer MiB"],
+            rows,
+        )
+    )
     default = [k for k in updates if updates[k].adam_fast_path]  # what AdamW users get
     bits = [k for k in updates if configs[k][1] == "bits"]
     worst = max(statistics.median(times[k]) / plain - 1 for k in default)
     worst_own = max(own[k] for k in default) / plain
-    print(f"\nworst overhead (AdamW path) {100 * worst:+.1f}% step time, {100 * worst_own:+.1f}% own work"
-          f" (target <= 5%): {'PASS' if max(worst, worst_own) <= 0.05 else 'FAIL'};"
-          f" mask memory (default storage: bits) {max(out[k]['bits_per_param'] for k in bits):.3f} bits/param,"
-          f" (bytes) {max(out[k]['bits_per_param'] for k in updates if k not in bits):.3f}"
-          f" (target <= 8, goal <= 1): {'PASS' if all(out[k]['bits_per_param'] <= 8 for k in updates) else 'FAIL'}")
+    print(
+        f"\nworst overhead (AdamW path) {100 * worst:+.1f}% step time, {100 * worst_own:+.1f}% own work"
+        f" (target <= 5%): {'PASS' if max(worst, worst_own) <= 0.05 else 'FAIL'};"
+        f" mask memory (default storage: bits) {max(out[k]['bits_per_param'] for k in bits):.3f} bits/param,"
+        f" (bytes) {max(out[k]['bits_per_param'] for k in updates if k not in bits):.3f}"
+        f" (target <= 8, goal <= 1): {'PASS' if all(out[k]['bits_per_param'] <= 8 for k in updates) else 'FAIL'}"
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(out, fh, indent=1)

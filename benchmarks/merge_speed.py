@@ -72,8 +72,11 @@ def prepare_models(work: str) -> Dict[str, str]:
         if not os.path.isfile(os.path.join(out, "model.safetensors")):
             t = time.perf_counter()
             make_variant(base, out, seed=SEED0 + i, layers=list(layers))
-            print(f"made variant {name} (seed {SEED0 + i}, layers {layers.start}-{layers.stop - 1})"
-                  f" in {time.perf_counter() - t:.1f} s", flush=True)
+            print(
+                f"made variant {name} (seed {SEED0 + i}, layers {layers.start}-{layers.stop - 1})"
+                f" in {time.perf_counter() - t:.1f} s",
+                flush=True,
+            )
         paths[name] = out
     return paths
 
@@ -117,15 +120,40 @@ def write_recipes(work: str, paths: Dict[str, str]) -> Dict[str, str]:
 def command(method: str, work: str, paths: Dict[str, str], recipes: Dict[str, str], out: str) -> List[str]:
     shard = ["--out-shard-size", "100B"]  # one output file whatever the model
     if method in ("linear", "ties"):
-        return [_script("mergekit-yaml"), recipes[method], out, "--no-copy-tokenizer",
-                "--no-write-model-card", "--quiet", *shard]
+        return [
+            _script("mergekit-yaml"),
+            recipes[method],
+            out,
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--quiet",
+            *shard,
+        ]
     if method == "cpi":
-        return [_script("cpift"), "merge", recipes["cpi"], out, "--no-copy-tokenizer",
-                "--no-write-model-card", "--quiet", *shard]
+        return [
+            _script("cpift"),
+            "merge",
+            recipes["cpi"],
+            out,
+            "--no-copy-tokenizer",
+            "--no-write-model-card",
+            "--quiet",
+            *shard,
+        ]
     if method == "regions":
         models = [f"--model={n}={paths[n]}" for n in VARIANTS]
-        return [_script("cpift"), "regions", "--base", paths["base"], *models,
-                "--density", str(DENSITY), "--out", out, "--quiet"]
+        return [
+            _script("cpift"),
+            "regions",
+            "--base",
+            paths["base"],
+            *models,
+            "--density",
+            str(DENSITY),
+            "--out",
+            out,
+            "--quiet",
+        ]
     raise ValueError(method)
 
 
@@ -265,14 +293,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         results: Dict[str, List[Dict]] = {m: [] for m in methods}
         for rep in range(args.repeat):
             # rotate the order so a neighbour's load does not always hit the same method
-            order = methods[rep % len(methods):] + methods[:rep % len(methods)]
+            order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
             for m in order:
                 r = run_one(m, rep, work, paths, recipes, args.keep)
                 results[m].append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
-                print(f"  run {rep + 1}/{args.repeat} {m:<8} {r['wall_s']:7.2f} s"
-                      f"  {r['rss_gb']:6.3f} GB (anon {r['anon_gb']:.2f}, file {r['file_gb']:.2f},"
-                      f" tree {r['tree_gb']:.2f})  cpu {r['cpu_s']:7.2f} s  {status}", flush=True)
+                print(
+                    f"  run {rep + 1}/{args.repeat} {m:<8} {r['wall_s']:7.2f} s"
+                    f"  {r['rss_gb']:6.3f} GB (anon {r['anon_gb']:.2f}, file {r['file_gb']:.2f},"
+                    f" tree {r['tree_gb']:.2f})  cpu {r['cpu_s']:7.2f} s  {status}",
+                    flush=True,
+                )
                 if r["rc"] != 0:
                     print(f"    {r['cmd']}\n    " + r["error"].strip().replace("\n", "\n    "), flush=True)
         return report(results, args, work)
@@ -300,13 +331,20 @@ def report(results: Dict[str, List[Dict]], args, work: str) -> int:
         }
     print()
     label = "median " if args.repeat > 1 else ""
-    print(f"SmolLM2-135M fp32, 3 variants, density {DENSITY}; {args.repeat} run(s) per method"
-          f" ({os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()})")
+    print(
+        f"SmolLM2-135M fp32, 3 variants, density {DENSITY}; {args.repeat} run(s) per method"
+        f" ({os.cpu_count()} CPUs, {platform.python_implementation()} {platform.python_version()})"
+    )
     keys = ("wall_s", "rss_gb", "anon_gb", "file_gb", "tree_gb", "cpu_s")
-    rows = [[m, *[("FAILED" if k == "wall_s" else "-") if s[k] is None else s[k] for k in keys]]
-            for m, s in summary.items()]
-    print(table(["method", f"{label}wall s", f"{label}peak RSS GB", "anon GB*", "file GB*", "tree GB*",
-                 f"{label}cpu s"], rows))
+    rows = [
+        [m, *[("FAILED" if k == "wall_s" else "-") if s[k] is None else s[k] for k in keys]] for m, s in summary.items()
+    ]
+    print(
+        table(
+            ["method", f"{label}wall s", f"{label}peak RSS GB", "anon GB*", "file GB*", "tree GB*", f"{label}cpu s"],
+            rows,
+        )
+    )
     print("peak RSS: ru_maxrss, the largest single process (the command or a child it waited for)")
     print("* sampled every 20 ms from /proc, summed over the command and its child processes:")
     print("  peaks of RssAnon (heap), RssFile (mmap'ed weights) and of their sum (tree)")
@@ -321,13 +359,28 @@ def report(results: Dict[str, List[Dict]], args, work: str) -> int:
         value = a / b
         ok = value <= target if op == "<=" else value < target
         checks.append({"check": name, "value": value, "target": f"{op} {target}", "result": "PASS" if ok else "FAIL"})
-    print(table(["check", "value", "target", "result"],
-                [[c["check"], c["value"] if c["value"] is not None else "-", c["target"], c["result"]] for c in checks]))
+    print(
+        table(
+            ["check", "value", "target", "result"],
+            [[c["check"], c["value"] if c["value"] is not None else "-", c["target"], c["result"]] for c in checks],
+        )
+    )
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"work": work, "repeat": args.repeat, "density": DENSITY, "cpus": os.cpu_count(),
-                       "date": time.strftime("%Y-%m-%d %H:%M:%S"), "methods": summary,
-                       "runs": results, "checks": checks}, fh, indent=1)
+            json.dump(
+                {
+                    "work": work,
+                    "repeat": args.repeat,
+                    "density": DENSITY,
+                    "cpus": os.cpu_count(),
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "methods": summary,
+                    "runs": results,
+                    "checks": checks,
+                },
+                fh,
+                indent=1,
+            )
         print(f"\nwrote {args.json}")
     failed = any(s["failed"] for s in summary.values())
     return 1 if failed else 0

@@ -48,7 +48,8 @@ def aggregate(runs):
     for d, variants in (first.get("forgetting") or {}).items():
         for v, rec in variants.items():
             table2.setdefault(d, {})[v] = {
-                "first": rec["first"], "second": rec["second"],
+                "first": rec["first"],
+                "second": rec["second"],
                 "delta_first": mean_std([r["forgetting"][d][v]["delta_first"] for r in runs]),
                 "delta_second": mean_std([r["forgetting"][d][v]["delta_second"] for r in runs]),
             }
@@ -59,10 +60,19 @@ def render(tasks, table1, table2, seeds, n_test):
     from cpift_merge.pipeline.report import LABELS, format_table
 
     pm = lambda ms, signed=False: (f"{ms[0]:+.1f}" if signed else f"{ms[0]:.1f}") + f" ± {ms[1]:.1f}"  # noqa: E731
-    rows = [[LABELS.get(m, m), *[pm(row[t]) for t in tasks],
-             f"{row['avg_normalized'][0]:.2f} ± {row['avg_normalized'][1]:.2f}"] for m, row in table1.items()]
-    out = [f"Table 1: test accuracy (%), mean ± std over seeds {seeds} ({n_test} test examples per task)", "",
-           format_table(["method", *tasks, "avg norm. (0-10)"], rows)]
+    rows = [
+        [
+            LABELS.get(m, m),
+            *[pm(row[t]) for t in tasks],
+            f"{row['avg_normalized'][0]:.2f} ± {row['avg_normalized'][1]:.2f}",
+        ]
+        for m, row in table1.items()
+    ]
+    out = [
+        f"Table 1: test accuracy (%), mean ± std over seeds {seeds} ({n_test} test examples per task)",
+        "",
+        format_table(["method", *tasks, "avg norm. (0-10)"], rows),
+    ]
     if table2:
         header = ["sequential"]
         for d, v in table2.items():
@@ -73,8 +83,12 @@ def render(tasks, table1, table2, seeds, n_test):
             for v in table2.values():
                 row += [pm(v[variant]["delta_first"], True), pm(v[variant]["delta_second"], True)]
             rows2.append(row)
-        out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points), mean ± std", "",
-                format_table(header, rows2)]
+        out += [
+            "",
+            "Table 2: sequential fine-tuning, change in test accuracy (points), mean ± std",
+            "",
+            format_table(header, rows2),
+        ]
     return "\n".join(out)
 
 
@@ -89,8 +103,17 @@ def run_parallel(args, pipeline, seeds) -> None:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
     def one(seed):
-        cmd = [sys.executable, os.path.abspath(__file__), "--pipeline", pipeline, "--seeds", str(seed),
-               "--out", args.out, "--quiet"] + (["--device", args.device] if args.device else [])
+        cmd = [
+            sys.executable,
+            os.path.abspath(__file__),
+            "--pipeline",
+            pipeline,
+            "--seeds",
+            str(seed),
+            "--out",
+            args.out,
+            "--quiet",
+        ] + (["--device", args.device] if args.device else [])
         log = os.path.join(args.out, f"seed-{seed}.log")
         with open(log, "w", encoding="utf-8") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
@@ -106,17 +129,24 @@ def run_parallel(args, pipeline, seeds) -> None:
 
 def main(argv=None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--pipeline", default=None,
-                    help="pipeline file (default: benchmarks/seesaw_cpu.yml, or merge_configs/pipeline_full.yml"
-                         " when a GPU is there)")
+    ap.add_argument(
+        "--pipeline",
+        default=None,
+        help="pipeline file (default: benchmarks/seesaw_cpu.yml, or merge_configs/pipeline_full.yml"
+        " when a GPU is there)",
+    )
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/seesaw", help="OUT/seed-S per seed")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     ap.add_argument("--json", default=None, help="also write the aggregate here")
     ap.add_argument("--quiet", action="store_true")
-    ap.add_argument("--jobs", type=int, default=1,
-                    help="run this many seeds at once, each in its own process (log: OUT/seed-S.log); a GPU"
-                         " is shared better by several small runs than used by one")
+    ap.add_argument(
+        "--jobs",
+        type=int,
+        default=1,
+        help="run this many seeds at once, each in its own process (log: OUT/seed-S.log); a GPU"
+        " is shared better by several small runs than used by one",
+    )
     args = ap.parse_args(argv)
     if args.jobs < 1:
         ap.error("--jobs must be at least 1")
@@ -132,8 +162,11 @@ def main(argv=None) -> int:
     pipeline = args.pipeline
     if pipeline is None:
         gpu = torch.cuda.is_available() and args.device != "cpu"
-        pipeline = os.path.join(os.path.dirname(HERE), "merge_configs", "pipeline_full.yml") if gpu \
+        pipeline = (
+            os.path.join(os.path.dirname(HERE), "merge_configs", "pipeline_full.yml")
+            if gpu
             else os.path.join(HERE, "seesaw_cpu.yml")
+        )
     seeds = [int(s) for s in args.seeds.split(",")]
     t0 = time.time()
     if args.jobs > 1 and len(seeds) > 1:
@@ -149,13 +182,24 @@ def main(argv=None) -> int:
     text = render(tasks, table1, table2, seeds, n_test)
     compute = sum(sum(r["timings"].values()) for r in runs)
     print()
-    print(f"pipeline {os.path.relpath(pipeline)}; device {runs[0]['device']};"
-          f" step time summed over seeds {compute / 60:.0f} min; this invocation {(time.time() - t0) / 60:.0f} min")
+    print(
+        f"pipeline {os.path.relpath(pipeline)}; device {runs[0]['device']};"
+        f" step time summed over seeds {compute / 60:.0f} min; this invocation {(time.time() - t0) / 60:.0f} min"
+    )
     print(text)
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"pipeline": pipeline, "seeds": seeds, "table1": table1, "table2": table2,
-                       "runs": [r["out"] for r in runs]}, fh, indent=1)
+            json.dump(
+                {
+                    "pipeline": pipeline,
+                    "seeds": seeds,
+                    "table1": table1,
+                    "table2": table2,
+                    "runs": [r["out"] for r in runs],
+                },
+                fh,
+                indent=1,
+            )
     return 0
 
 

@@ -34,14 +34,10 @@ TARGET_MS = 10.0
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 LIST_METHODS = (
-    "import json, mergekit.merge_methods as m;"
-    " print(json.dumps(sorted(x.spec.name for x in m.registered_methods())))"
+    "import json, mergekit.merge_methods as m; print(json.dumps(sorted(x.spec.name for x in m.registered_methods())))"
 )
 CPI_ON = "import mergekit.merge_methods as m; print('cpi' in [x.spec.name for x in m.registered_methods()])"
-PLAN_CHECK = (
-    "import mergekit.plan as p;"
-    " print(bool(getattr(p.MergePlanner.normalize_config, '_cpift_checked', False)))"
-)
+PLAN_CHECK = "import mergekit.plan as p; print(bool(getattr(p.MergePlanner.normalize_config, '_cpift_checked', False)))"
 RESOLVE = (
     "import json, sys, mergekit.merge_methods as m\n"
     "from mergekit.merge_methods import registry\n"
@@ -86,20 +82,32 @@ def importtime(runs: int) -> Dict[str, object]:
     """Median self/cumulative us of the hook's import under -X importtime."""
     selfs, cums = [], []
     for _ in range(runs):
-        res = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env_with(True),
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "pass"],
+            env=env_with(True),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         for line in res.stderr.splitlines():
             parts = [p.strip() for p in line.replace("import time:", "", 1).split("|")]
             if len(parts) == 3 and parts[2] == HOOK:
                 selfs.append(int(parts[0]))
                 cums.append(int(parts[1]))
                 break
+
     # what else is imported at start-up with the hook on but not off (should be nothing)
     def imported(autoload: bool) -> set:
-        res = subprocess.run([sys.executable, "-X", "importtime", "-c", "pass"], env=env_with(autoload),
-                             capture_output=True, text=True, check=True)
+        res = subprocess.run(
+            [sys.executable, "-X", "importtime", "-c", "pass"],
+            env=env_with(autoload),
+            capture_output=True,
+            text=True,
+            check=True,
+        )
         return {ln.split("|")[-1].strip() for ln in res.stderr.splitlines() if ln.startswith("import time:")} - {
-            "imported package"}
+            "imported package"
+        }
 
     extra = sorted(imported(True) - imported(False))
     return {
@@ -112,8 +120,7 @@ def importtime(runs: int) -> Dict[str, object]:
 
 
 def child(code: str, autoload: bool, *args: str) -> str:
-    res = subprocess.run([sys.executable, "-c", code, *args], env=env_with(autoload),
-                         capture_output=True, text=True)
+    res = subprocess.run([sys.executable, "-c", code, *args], env=env_with(autoload), capture_output=True, text=True)
     if res.returncode != 0:
         raise RuntimeError(f"child failed (rc {res.returncode}): {res.stderr.strip()[-800:]}")
     return res.stdout.strip().splitlines()[-1]
@@ -141,8 +148,11 @@ def functional_checks() -> List[Dict[str, object]]:
         bad = json.loads(child(RESOLVE, True, json.dumps(builtin)))
         add(f"{len(builtin)} builtin names resolve (hook on)", not bad, "; ".join(bad) or "all resolve to themselves")
         print("builtin methods (hook off): " + ", ".join(builtin))
-        add("hook adds only cpi", sorted(set(on) - set(builtin)) == ["cpi"] and set(builtin) <= set(on),
-            f"added {sorted(set(on) - set(builtin))}, lost {sorted(set(builtin) - set(on))}")
+        add(
+            "hook adds only cpi",
+            sorted(set(on) - set(builtin)) == ["cpi"] and set(builtin) <= set(on),
+            f"added {sorted(set(on) - set(builtin))}, lost {sorted(set(builtin) - set(on))}",
+        )
     except (RuntimeError, ValueError) as err:
         add("builtin names resolve (hook on)", False, str(err))
     try:
@@ -156,8 +166,11 @@ def functional_checks() -> List[Dict[str, object]]:
         src, inst = os.path.join(REPO, "plugins", name), os.path.join(site, name)
         if os.path.isfile(src):
             same = os.path.isfile(inst) and open(src, "rb").read() == open(inst, "rb").read()
-            add(f"installed {name} matches plugins/", same,
-                inst if same else f"{inst} differs from {src} or is missing; reinstall the package")
+            add(
+                f"installed {name} matches plugins/",
+                same,
+                inst if same else f"{inst} differs from {src} or is missing; reinstall the package",
+            )
     return checks
 
 
@@ -166,7 +179,9 @@ def table(header, rows, left=(0,)) -> str:
     widths = [max(len(r[i]) for r in cells) for i in range(len(header))]
     lines = []
     for j, r in enumerate(cells):
-        lines.append("  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip())
+        lines.append(
+            "  ".join(c.ljust(w) if i in left else c.rjust(w) for i, (c, w) in enumerate(zip(r, widths))).rstrip()
+        )
         if j == 0:
             lines.append("  ".join("-" * w for w in widths))
     return "\n".join(lines)
@@ -179,16 +194,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="also write the numbers to this JSON file")
     args = ap.parse_args(argv)
 
-    print(f"python {sys.executable} ({sys.version.split()[0]}), {os.cpu_count()} CPUs,"
-          f" PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}")
+    print(
+        f"python {sys.executable} ({sys.version.split()[0]}), {os.cpu_count()} CPUs,"
+        f" PYTHONDONTWRITEBYTECODE={os.environ.get('PYTHONDONTWRITEBYTECODE', '')!r}"
+    )
     times = startup_times(args.runs)
     med = {k: statistics.median(v) for k, v in times.items()}
     mean = {k: statistics.fmean(v) for k, v in times.items()}
     rows = [
         ["hook on", med["on"], mean["on"], min(times["on"])],
         ["hook off (CPIFT_NO_AUTOLOAD=1)", med["off"], mean["off"], min(times["off"])],
-        ["difference (on - off)", med["on"] - med["off"], mean["on"] - mean["off"],
-         min(times["on"]) - min(times["off"])],
+        [
+            "difference (on - off)",
+            med["on"] - med["off"],
+            mean["on"] - mean["off"],
+            min(times["on"]) - min(times["off"]),
+        ],
     ]
     print(f"\n`python -c pass`, {args.runs} runs each, alternating order (ms)")
     print(table(["setting", "median", "mean", "min"], rows))
@@ -206,15 +227,31 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     print("\nfunctional checks")
     checks = functional_checks()
-    print(table(["check", "result", "detail"], [[c["check"], c["result"], c["detail"][:100]] for c in checks],
-                left=(0, 2)))
+    print(
+        table(
+            ["check", "result", "detail"], [[c["check"], c["result"], c["detail"][:100]] for c in checks], left=(0, 2)
+        )
+    )
 
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
-            json.dump({"date": time.strftime("%Y-%m-%d %H:%M:%S"), "python": sys.executable,
-                       "runs": args.runs, "times_ms": times, "median_ms": med, "mean_ms": mean,
-                       "diff_median_ms": diff, "target_ms": TARGET_MS, "result": verdict,
-                       "importtime": it, "checks": checks}, fh, indent=1)
+            json.dump(
+                {
+                    "date": time.strftime("%Y-%m-%d %H:%M:%S"),
+                    "python": sys.executable,
+                    "runs": args.runs,
+                    "times_ms": times,
+                    "median_ms": med,
+                    "mean_ms": mean,
+                    "diff_median_ms": diff,
+                    "target_ms": TARGET_MS,
+                    "result": verdict,
+                    "importtime": it,
+                    "checks": checks,
+                },
+                fh,
+                indent=1,
+            )
         print(f"\nwrote {args.json}")
     return 1 if any(c["result"] == "FAIL" for c in checks) else 0
 

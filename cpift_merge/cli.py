@@ -72,15 +72,31 @@ def main() -> None:
 
 @main.command()
 @click.option("--base", required=True, help="Pre-trained reference theta_0 (HF folder or .safetensors).")
-@click.option("--model", "models", multiple=True, required=True, metavar="NAME=PATH",
-              help="A task's fine-tuned checkpoint; repeat for each task.")
+@click.option(
+    "--model",
+    "models",
+    multiple=True,
+    required=True,
+    metavar="NAME=PATH",
+    help="A task's fine-tuned checkpoint; repeat for each task.",
+)
 @click.option("--density", type=float, required=True, help="Core share p, in [0, 1] (0.01 = 1%).")
-@click.option("--scope", type=click.Choice(["global", "tensor"]), default="global", show_default=True,
-              help="Rank |delta| over the whole model or within each tensor.")
+@click.option(
+    "--scope",
+    type=click.Choice(["global", "tensor"]),
+    default="global",
+    show_default=True,
+    help="Rank |delta| over the whole model or within each tensor.",
+)
 @click.option("--exclude", multiple=True, metavar="REGEX", help="Tensors to leave out of D (repeatable).")
 @click.option("--tau", type=float, default=0.1, show_default=True, help="Jaccard threshold linking two tasks.")
-@click.option("--order", type=click.Choice(["random", "given"]), default="random", show_default=True,
-              help="Stage order of the groups: seeded shuffle, or the order of --model flags.")
+@click.option(
+    "--order",
+    type=click.Choice(["random", "given"]),
+    default="random",
+    show_default=True,
+    help="Stage order of the groups: seeded shuffle, or the order of --model flags.",
+)
 @click.option("--seed", type=int, default=0, show_default=True)
 @click.option("--out", required=True, help="Region directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
@@ -94,8 +110,18 @@ def regions(base, models, density, scope, exclude, tau, order, seed, out, overwr
 
     pairs = _pairs(models, "--model")
     rs = compute_from_paths(
-        base, pairs, out, density=density, scope=scope, exclude=list(exclude), tau=tau,
-        order=order, seed=seed, given_order=list(pairs), overwrite=overwrite, progress=not quiet,
+        base,
+        pairs,
+        out,
+        density=density,
+        scope=scope,
+        exclude=list(exclude),
+        tau=tau,
+        order=order,
+        seed=seed,
+        given_order=list(pairs),
+        overwrite=overwrite,
+        progress=not quiet,
     )
     click.echo(region_report(rs))
     if plot:
@@ -119,8 +145,13 @@ def _train_options(fn):
         click.option("--max-length", type=int, default=256, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--bf16", is_flag=True, help="bf16 autocast."),
-        click.option("--save-steps", type=int, default=25, show_default=True,
-                     help="Checkpoint interval (an interrupted run resumes from the last one)."),
+        click.option(
+            "--save-steps",
+            type=int,
+            default=25,
+            show_default=True,
+            help="Checkpoint interval (an interrupted run resumes from the last one).",
+        ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--quiet", is_flag=True, help="No progress bars."),
     ]
@@ -132,8 +163,20 @@ def _train_options(fn):
 def _config(lora=False, lora_rank=8, **kw):
     from cpift_merge.training.finetune import TrainConfig
 
-    keys = ("steps", "epochs", "lr", "weight_decay", "max_grad_norm", "batch_size", "grad_accum",
-            "max_length", "seed", "bf16", "save_steps", "device")
+    keys = (
+        "steps",
+        "epochs",
+        "lr",
+        "weight_decay",
+        "max_grad_norm",
+        "batch_size",
+        "grad_accum",
+        "max_length",
+        "seed",
+        "bf16",
+        "save_steps",
+        "device",
+    )
     cfg = TrainConfig(**{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank)
     cfg.check()
     return cfg
@@ -141,13 +184,25 @@ def _config(lora=False, lora_rank=8, **kw):
 
 @main.command()
 @click.option("--base", required=True, help="Pre-trained model theta_0 (HF folder).")
-@click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=DATA",
-              help="Task data (JSONL or a saved datasets folder); repeat per task.")
+@click.option(
+    "--task",
+    "tasks",
+    multiple=True,
+    required=True,
+    metavar="NAME=DATA",
+    help="Task data (JSONL or a saved datasets folder); repeat per task.",
+)
 @click.option("--out", required=True, help="Folder for the probes: OUT/NAME/ per task.")
 @click.option("--lora", is_flag=True, help="Train a LoRA adapter and save the merged model.")
 @click.option("--lora-rank", type=int, default=8, show_default=True)
-@click.option("--regions", "regions_density", type=float, default=None, metavar="DENSITY",
-              help="Then compute OUT/regions at this density (global scope).")
+@click.option(
+    "--regions",
+    "regions_density",
+    type=float,
+    default=None,
+    metavar="DENSITY",
+    help="Then compute OUT/regions at this density (global scope).",
+)
 @_train_options
 @_friendly
 def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
@@ -157,8 +212,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
 
     cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
     data = load_tasks(_pairs(tasks, "--task"))
-    _paths, rs = run_probes(base, data, out, cfg, regions_density=regions_density, progress=not quiet,
-                            say=click.echo)
+    _paths, rs = run_probes(base, data, out, cfg, regions_density=regions_density, progress=not quiet, say=click.echo)
     if rs is not None:
         click.echo(region_report(rs))
 
@@ -167,8 +221,9 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
 @click.option("--base", required=True, help="Model to start from (HF folder).")
 @click.option("--regions", "regions_dir", default=None, help="Region directory (cores to freeze).")
 @click.option("--task", "tasks", multiple=True, required=True, metavar="NAME=DATA")
-@click.option("--groups", default="from-regions", show_default=True,
-              help='Stages: from-regions, random:K, or given:"a,b;c".')
+@click.option(
+    "--groups", default="from-regions", show_default=True, help='Stages: from-regions, random:K, or given:"a,b;c".'
+)
 @click.option("--sample", type=int, default=None, help="Seeded, balanced N examples per task.")
 @click.option("--out", required=True, help="OUT/stage-K/ per stage.")
 @_train_options
@@ -180,10 +235,26 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
     cfg = _config(**kw)
     if sample is not None and sample < 1:
         raise CpiftError(f"--sample must be at least 1, got {sample}")
-    summary = train_from_files(base, _pairs(tasks, "--task"), out, cfg, groups=groups, regions_dir=regions_dir,
-                               sample=sample, progress=not quiet)
-    rows = [[s["stage"], ", ".join(s["tasks"]), s["frozen_entries"], s["steps"],
-             s["final_loss"] if s["final_loss"] is not None else "-"] for s in summary["stages"]]
+    summary = train_from_files(
+        base,
+        _pairs(tasks, "--task"),
+        out,
+        cfg,
+        groups=groups,
+        regions_dir=regions_dir,
+        sample=sample,
+        progress=not quiet,
+    )
+    rows = [
+        [
+            s["stage"],
+            ", ".join(s["tasks"]),
+            s["frozen_entries"],
+            s["steps"],
+            s["final_loss"] if s["final_loss"] is not None else "-",
+        ]
+        for s in summary["stages"]
+    ]
     click.echo(format_table(["stage", "tasks", "frozen", "steps", "final loss"], rows))
     click.echo(f"final model: {summary['final']}")
 
@@ -207,8 +278,14 @@ def _eval_specs(values: Sequence[str]) -> Dict[str, Tuple[str, str]]:
 
 @main.command("eval")
 @click.option("--model", "model_path", required=True, help="HF model folder to evaluate.")
-@click.option("--task", "tasks_", multiple=True, required=True, metavar="NAME=TEST.jsonl:METRIC",
-              help="METRIC: exact, numeric, choice or py:module.function; repeat per task.")
+@click.option(
+    "--task",
+    "tasks_",
+    multiple=True,
+    required=True,
+    metavar="NAME=TEST.jsonl:METRIC",
+    help="METRIC: exact, numeric, choice or py:module.function; repeat per task.",
+)
 @click.option("--max-new-tokens", type=int, default=32, show_default=True)
 @click.option("--batch-size", type=int, default=16, show_default=True)
 @click.option("--limit", type=int, default=0, help="Score only the first N examples of each task.")
@@ -224,8 +301,11 @@ def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_
     if max_new_tokens < 1 or batch_size < 1 or limit < 0:
         raise CpiftError("--max-new-tokens and --batch-size must be at least 1, --limit non-negative")
     res = evaluate(model_path, _eval_specs(tasks_), max_new_tokens, batch_size, limit, device)
-    click.echo(format_table(["task", "metric", "n", "score"],
-                            [[n, r["metric"], r["n"], f"{r['score']:.1f}"] for n, r in res.items()]))
+    click.echo(
+        format_table(
+            ["task", "metric", "n", "score"], [[n, r["metric"], r["n"], f"{r['score']:.1f}"] for n, r in res.items()]
+        )
+    )
     if out_json:
         with open(out_json, "w", encoding="utf-8") as fh:
             json.dump({"model": os.path.abspath(model_path), "tasks": res}, fh, indent=1)
@@ -249,8 +329,10 @@ def tasks_export(out_dir, n_train, n_test, seed):
 
     if n_train < 1 or n_test < 1:
         raise CpiftError("--train and --test must be at least 1")
-    rows = [[name, info["metric"], info["domain"], info["train"], info["test"]]
-            for name, info in export(out_dir, n_train, n_test, seed).items()]
+    rows = [
+        [name, info["metric"], info["domain"], info["train"], info["test"]]
+        for name, info in export(out_dir, n_train, n_test, seed).items()
+    ]
     click.echo(format_table(["task", "metric", "domain", "train", "test"], rows))
 
 
@@ -278,11 +360,16 @@ def _merge_command() -> click.Command:
 @main.command("run")
 @click.argument("pipeline_file", required=False)
 @click.option("--out", default=None, help="Output folder (overrides the file's out:).")
-@click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default=None,
-              help="Overrides the file's device: (auto uses a GPU when there is one).")
+@click.option(
+    "--device",
+    type=click.Choice(["auto", "cpu", "cuda"]),
+    default=None,
+    help="Overrides the file's device: (auto uses a GPU when there is one).",
+)
 @click.option("--seed", type=int, default=None, help="Overrides the file's seed:.")
-@click.option("--methods", default=None, metavar="LIST",
-              help="Comma-separated methods to run (overrides the file's methods:).")
+@click.option(
+    "--methods", default=None, metavar="LIST", help="Comma-separated methods to run (overrides the file's methods:)."
+)
 @click.option("--quiet", is_flag=True, help="No progress output; print only the result tables.")
 @_friendly
 def run_cmd(pipeline_file, out, device, seed, methods, quiet):
@@ -294,8 +381,12 @@ def run_cmd(pipeline_file, out, device, seed, methods, quiet):
     from cpift_merge.pipeline.report import summary_text
     from cpift_merge.pipeline.run import run_pipeline
 
-    overrides = {"out": out, "device": device, "seed": seed,
-                 "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None}
+    overrides = {
+        "out": out,
+        "device": device,
+        "seed": seed,
+        "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
+    }
     pipe = load_pipeline(pipeline_file, overrides)
     import transformers
 

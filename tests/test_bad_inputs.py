@@ -85,8 +85,12 @@ def regions_dir(tiny_models, tmp_path_factory) -> str:
 
     out = str(tmp_path_factory.mktemp("regions") / "reg")
     compute_from_paths(
-        tiny_models["base"], {"math": tiny_models["a"], "code": tiny_models["b"]}, out,
-        density=0.02, scope="global", progress=False,
+        tiny_models["base"],
+        {"math": tiny_models["a"], "code": tiny_models["b"]},
+        out,
+        density=0.02,
+        scope="global",
+        progress=False,
     )
     return out
 
@@ -267,8 +271,10 @@ def test_region_file_from_other_models(regions_dir, tiny_models, tmp_path):
 def test_region_file_from_other_models_with_tasks(regions_dir, tiny_models, tmp_path):
     out = str(tmp_path / "out")
     config = recipe(
-        tmp_path, [(tiny_models["a"], {"task": "math"}), (tiny_models["c"], {"task": "code"})],
-        tiny_models["base"], {"regions": regions_dir},
+        tmp_path,
+        [(tiny_models["a"], {"task": "math"}), (tiny_models["c"], {"task": "code"})],
+        tiny_models["base"],
+        {"regions": regions_dir},
     )
     assert_refused(merge_cli(config, out), out, "other models", tiny_models["c"])
 
@@ -283,7 +289,9 @@ def test_region_file_from_other_models_with_tasks(regions_dir, tiny_models, tmp_
 )
 def test_region_file_with_other_settings(params, needles, regions_dir, tiny_models, tmp_path):
     out = str(tmp_path / "out")
-    config = recipe(tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"regions": regions_dir, **params})
+    config = recipe(
+        tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"regions": regions_dir, **params}
+    )
     assert_refused(merge_cli(config, out), out, regions_dir, *needles)
 
 
@@ -351,8 +359,10 @@ def test_missing_region_dir(tiny_models, tmp_path):
 def test_unknown_task_name(regions_dir, tiny_models, tmp_path):
     out = str(tmp_path / "out")
     config = recipe(
-        tmp_path, [(tiny_models["a"], {"task": "mathh"}), (tiny_models["b"], {"task": "code"})],
-        tiny_models["base"], {"regions": regions_dir},
+        tmp_path,
+        [(tiny_models["a"], {"task": "mathh"}), (tiny_models["b"], {"task": "code"})],
+        tiny_models["base"],
+        {"regions": regions_dir},
     )
     assert_refused(merge_cli(config, out), out, "'mathh'", "math")
 
@@ -363,8 +373,18 @@ def test_unknown_task_name(regions_dir, tiny_models, tmp_path):
 def test_regions_duplicate_task_names(tiny_models, tmp_path):
     out = str(tmp_path / "reg")
     res = cli(
-        "regions", "--quiet", "--base", tiny_models["base"], "--model", f"a={tiny_models['a']}",
-        "--model", f"a={tiny_models['b']}", "--density", "0.01", "--out", out,
+        "regions",
+        "--quiet",
+        "--base",
+        tiny_models["base"],
+        "--model",
+        f"a={tiny_models['a']}",
+        "--model",
+        f"a={tiny_models['b']}",
+        "--density",
+        "0.01",
+        "--out",
+        out,
     )
     assert_refused(res, out, "duplicate", "'a'")
 
@@ -471,10 +491,15 @@ def test_merge_unknown_per_model_parameter(tiny_models, tmp_path):
 
 def test_stock_mergekit_yaml_unknown_parameter(tiny_models, tmp_path):
     out = str(tmp_path / "out")
-    config = recipe(tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"omgea": 0.3, "density": 0.01})
+    config = recipe(
+        tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"omgea": 0.3, "density": 0.01}
+    )
     proc = subprocess.run(
         [os.path.join(BIN, "mergekit-yaml"), config, out, "--no-copy-tokenizer", "--quiet"],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
     )
     assert proc.returncode != 0
     assert "unknown cpi parameter 'omgea'" in proc.stderr, proc.stderr[-2000:]
@@ -591,8 +616,9 @@ def test_region_dir_recomputed_in_place_is_reread(tiny_models, tmp_path):
     config = recipe(tmp_path, [(tiny_models["a"], {"task": "x"})], tiny_models["base"], {"regions": reg})
     options = MergeOptions(quiet=True, copy_tokenizer=False)
     for i, density in enumerate([0.01, 0.2]):
-        rs = compute_from_paths(tiny_models["base"], {"x": tiny_models["a"]}, reg, density=density,
-                                overwrite=True, progress=False)
+        rs = compute_from_paths(
+            tiny_models["base"], {"x": tiny_models["a"]}, reg, density=density, overwrite=True, progress=False
+        )
         out = merge.run(config, str(tmp_path / f"out{i}"), options, progress=False)
         stats = json.load(open(os.path.join(out, "cpi_stats.json")))
         assert stats["core_entries"] == rs.k("x"), (density, stats["core_entries"], rs.k("x"))
@@ -601,8 +627,10 @@ def test_region_dir_recomputed_in_place_is_reread(tiny_models, tmp_path):
 def test_swapped_task_names_point_at_the_task(regions_dir, tiny_models, tmp_path):
     out = str(tmp_path / "out")
     config = recipe(
-        tmp_path, [(tiny_models["a"], {"task": "code"}), (tiny_models["b"], {"task": "math"})],
-        tiny_models["base"], {"regions": regions_dir},
+        tmp_path,
+        [(tiny_models["a"], {"task": "code"}), (tiny_models["b"], {"task": "math"})],
+        tiny_models["base"],
+        {"regions": regions_dir},
     )
     line = assert_refused(merge_cli(config, out), out, tiny_models["a"])
     assert "recompute" not in line and "task: math" in line.replace("'", ""), line
@@ -631,7 +659,10 @@ def test_real_cli_mid_merge_error_is_the_only_stderr_line(bad, tiny_models, tmp_
     config = recipe(tmp_path, [tiny_models["b"], bad["nan"]], tiny_models["base"], {"scope": "tensor"})
     proc = subprocess.run(
         [os.path.join(BIN, "cpift"), "merge", "--quiet", "--no-copy-tokenizer", config, out],
-        capture_output=True, text=True, timeout=300, cwd=str(tmp_path),
+        capture_output=True,
+        text=True,
+        timeout=300,
+        cwd=str(tmp_path),
     )
     assert proc.returncode == 2, proc.stderr[-2000:]
     assert_no_output(out)

@@ -70,9 +70,7 @@ def test_chat_template_labels_only_the_response(tok):
     text = tok.decode(e.input_ids)
     assert text.startswith("<|im_start|>user\nwhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     first = next(i for i, lab in enumerate(e.labels) if lab != IGNORE)
-    assert tok.decode(e.input_ids[:first]) == (
-        "<|im_start|>user\nwhat is 2+2?<|im_end|>\n<|im_start|>assistant\n"
-    )
+    assert tok.decode(e.input_ids[:first]) == ("<|im_start|>user\nwhat is 2+2?<|im_end|>\n<|im_start|>assistant\n")
     # the full sequence is exactly what the chat template renders
     messages = [{"role": "user", "content": "what is 2+2?"}, {"role": "assistant", "content": "four"}]
     assert text == tok.apply_chat_template(messages, tokenize=False)
@@ -162,20 +160,37 @@ def test_load_jsonl_both_formats(tmp_path):
     ]
 
 
-@pytest.mark.parametrize("rows, line, match", [
-    ([], None, "no examples"),
-    (["", "   "], None, "no examples"),
-    ([{"prompt": "a", "response": "b"}, "", '{"prompt": "a", "response": '], 3, "not valid JSON"),
-    ([{"prompt": "a", "response": "b"}, {"prompt": "a"}], 2, "missing field 'response'"),
-    ([{"response": "b"}], 1, "missing field 'prompt'"),
-    ([{"prompt": "a", "response": 3}], 1, "missing field 'response'"),
-    ([[1, 2]], 1, "JSON object"),
-    ([{"prompt": "a", "response": "b"}] * 3 + [{"messages": [{"role": "user", "content": "u"}]}], 4,
-     "no assistant turn"),
-    ([{"messages": []}], 1, "non-empty list"),
-    ([{"messages": [{"role": "user"}]}], 1, "non-empty list"),
-], ids=["empty", "blank", "bad-json", "no-response", "no-prompt", "not-string", "not-object",
-        "no-assistant", "empty-messages", "no-content"])
+@pytest.mark.parametrize(
+    "rows, line, match",
+    [
+        ([], None, "no examples"),
+        (["", "   "], None, "no examples"),
+        ([{"prompt": "a", "response": "b"}, "", '{"prompt": "a", "response": '], 3, "not valid JSON"),
+        ([{"prompt": "a", "response": "b"}, {"prompt": "a"}], 2, "missing field 'response'"),
+        ([{"response": "b"}], 1, "missing field 'prompt'"),
+        ([{"prompt": "a", "response": 3}], 1, "missing field 'response'"),
+        ([[1, 2]], 1, "JSON object"),
+        (
+            [{"prompt": "a", "response": "b"}] * 3 + [{"messages": [{"role": "user", "content": "u"}]}],
+            4,
+            "no assistant turn",
+        ),
+        ([{"messages": []}], 1, "non-empty list"),
+        ([{"messages": [{"role": "user"}]}], 1, "non-empty list"),
+    ],
+    ids=[
+        "empty",
+        "blank",
+        "bad-json",
+        "no-response",
+        "no-prompt",
+        "not-string",
+        "not-object",
+        "no-assistant",
+        "empty-messages",
+        "no-content",
+    ],
+)
 def test_bad_data_errors(tmp_path, rows, line, match):
     path = write_jsonl(tmp_path / "bad.jsonl", rows)
     with pytest.raises(CpiftError, match=match) as info:
@@ -199,8 +214,9 @@ def test_saved_dataset_folder_loads(tmp_path):
     Dataset.from_list(rows).save_to_disk(str(tmp_path / "ds"))
     assert load_examples(str(tmp_path / "ds")) == rows
 
-    msgs = [{"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": f"a{i}"}]}
-            for i in range(3)]
+    msgs = [
+        {"messages": [{"role": "user", "content": "u"}, {"role": "assistant", "content": f"a{i}"}]} for i in range(3)
+    ]
     DatasetDict({"train": Dataset.from_list(msgs)}).save_to_disk(str(tmp_path / "dd"))
     assert load_examples(str(tmp_path / "dd")) == msgs
 

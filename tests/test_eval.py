@@ -18,9 +18,24 @@ def test_eval_runs_and_writes_json(tiny_lm, tmp_path):
     data = tmp_path / "t.jsonl"
     data.write_text("\n".join(json.dumps({"prompt": f"{i}+1=", "response": str(i + 1)}) for i in range(5)) + "\n")
     out = tmp_path / "res.json"
-    res = CliRunner().invoke(main, ["eval", "--model", tiny_lm, "--task", f"add={data}:numeric",
-                                    "--task", f"mine={data}:py:test_eval.always_true",
-                                    "--max-new-tokens", "3", "--batch-size", "2", "--out", str(out)])
+    res = CliRunner().invoke(
+        main,
+        [
+            "eval",
+            "--model",
+            tiny_lm,
+            "--task",
+            f"add={data}:numeric",
+            "--task",
+            f"mine={data}:py:test_eval.always_true",
+            "--max-new-tokens",
+            "3",
+            "--batch-size",
+            "2",
+            "--out",
+            str(out),
+        ],
+    )
     assert res.exit_code == 0, res.output
     got = json.loads(out.read_text())["tasks"]
     assert got["add"]["n"] == 5 and 0.0 <= got["add"]["score"] <= 100.0

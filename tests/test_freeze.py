@@ -50,8 +50,9 @@ def assert_frozen(model, masks, before):
 
 
 def frozen_moved(model, masks, before) -> int:
-    return sum(int((p.detach()[masks[n]] != before[n][masks[n]]).sum())
-               for n, p in model.named_parameters() if n in masks)
+    return sum(
+        int((p.detach()[masks[n]] != before[n][masks[n]]).sum()) for n, p in model.named_parameters() if n in masks
+    )
 
 
 def free_moved(model, masks, before) -> int:
@@ -103,11 +104,15 @@ def test_zeroed_gradients_alone_are_not_enough():
     assert frozen_moved(model, masks, before) > 0
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
-    lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.1),
-], ids=["adamw", "adam-amsgrad", "sgd-nesterov"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.AdamW(ps, lr=1e-2, weight_decay=0.1),
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, amsgrad=True),
+        lambda ps: torch.optim.SGD(ps, lr=0.5, momentum=0.9, nesterov=True, weight_decay=0.1),
+    ],
+    ids=["adamw", "adam-amsgrad", "sgd-nesterov"],
+)
 def test_state_carried_over_from_free_phase(make_opt):
     model = make_model()
     masks = random_masks(model)
@@ -341,9 +346,21 @@ def run_workers(script: str, out_path: str, timeout: int = 180) -> dict:
     (launcher and workers) is killed, so no worker is left behind."""
     env = {**os.environ, "OMP_NUM_THREADS": "1", "PYTHONPATH": ROOT}
     proc = subprocess.Popen(
-        [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc_per_node", "2",
-         os.path.join(HERE, "workers", script), str(out_path)],
-        cwd=ROOT, env=env, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True,
+        [
+            sys.executable,
+            "-m",
+            "torch.distributed.run",
+            "--standalone",
+            "--nproc_per_node",
+            "2",
+            os.path.join(HERE, "workers", script),
+            str(out_path),
+        ],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.STDOUT,
+        text=True,
         start_new_session=True,
     )
     try:
@@ -520,11 +537,15 @@ def test_adam_fast_path_and_save_restore_agree():
     assert all(torch.equal(out[0][n], out[1][n]) for n in out[0])
 
 
-@pytest.mark.parametrize("make_opt", [
-    lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),  # L2 folded into the gradient
-    lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
-    lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5, weight_decay=0.1),
-], ids=["adam-l2", "sgd", "rmsprop"])
+@pytest.mark.parametrize(
+    "make_opt",
+    [
+        lambda ps: torch.optim.Adam(ps, lr=1e-2, weight_decay=0.1),  # L2 folded into the gradient
+        lambda ps: torch.optim.SGD(ps, lr=0.1, momentum=0.9, weight_decay=0.1),
+        lambda ps: torch.optim.RMSprop(ps, lr=1e-3, momentum=0.5, weight_decay=0.1),
+    ],
+    ids=["adam-l2", "sgd", "rmsprop"],
+)
 def test_other_optimizers_take_save_restore(make_opt):
     """Where a zero gradient does not leave an entry in place (L2 term, eps = 0,
     other optimizers) the step is saved and restored instead."""
@@ -653,8 +674,11 @@ def test_odd_sizes_and_many_blocks(monkeypatch, storage, opt_name):
     model = _Odd()
     g = torch.Generator().manual_seed(3)
     masks = {n: torch.rand(p.shape, generator=g) < 0.4 for n, p in model.named_parameters()}
-    opt = (torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.2) if opt_name == "adamw"
-           else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2))
+    opt = (
+        torch.optim.AdamW(model.parameters(), lr=1e-2, weight_decay=0.2)
+        if opt_name == "adamw"
+        else torch.optim.SGD(model.parameters(), lr=0.1, momentum=0.9, weight_decay=0.2)
+    )
     for _ in range(2):
         model(torch.randn(4, 13, generator=g)).backward()
         opt.step()

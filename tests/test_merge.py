@@ -71,8 +71,13 @@ def test_regions_round_trip_and_metadata(tiny_models, tmp_path):
 
 def test_tensor_scope_and_exclude(tiny_models, tmp_path):
     rs = compute_from_paths(
-        tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "reg"), density=0.1,
-        scope="tensor", exclude=["norm"], progress=False,
+        tiny_models["base"],
+        {"a": tiny_models["a"]},
+        str(tmp_path / "reg"),
+        density=0.1,
+        scope="tensor",
+        exclude=["norm"],
+        progress=False,
     )
     assert not any("norm" in n for n in rs.tensor_names)
     for n in rs.tensor_names:
@@ -83,7 +88,9 @@ def test_tensor_scope_and_exclude(tiny_models, tmp_path):
 def test_sharded_checkpoint_gives_same_regions(tiny_models, make_variant, tmp_path):
     sharded = make_variant("sharded", seed=100, max_shard_size="20KB")
     assert os.path.exists(os.path.join(sharded, "model.safetensors.index.json"))
-    r1 = compute_from_paths(tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "r1"), density=0.05, progress=False)
+    r1 = compute_from_paths(
+        tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "r1"), density=0.05, progress=False
+    )
     r2 = compute_from_paths(tiny_models["base"], {"a": sharded}, str(tmp_path / "r2"), density=0.05, progress=False)
     for n in r1.tensor_names:
         assert torch.equal(r1.mask("a", n), r2.mask("a", n))
@@ -92,14 +99,28 @@ def test_sharded_checkpoint_gives_same_regions(tiny_models, make_variant, tmp_pa
 def test_density_zero_one_task_equals_mergekit_slerp(tiny_models, tmp_path):
     base, a = tiny_models["base"], tiny_models["a"]
     cpi = cmerge.run(
-        recipe(tmp_path, "cpi.yml", merge_method="cpi", base_model=base, models=[{"model": a}],
-               parameters={"density": 0.0, "omega": 0.3}),
-        str(tmp_path / "cpi"), OPTS,
+        recipe(
+            tmp_path,
+            "cpi.yml",
+            merge_method="cpi",
+            base_model=base,
+            models=[{"model": a}],
+            parameters={"density": 0.0, "omega": 0.3},
+        ),
+        str(tmp_path / "cpi"),
+        OPTS,
     )
     sl = cmerge.run(
-        recipe(tmp_path, "slerp.yml", merge_method="slerp", base_model=base,
-               models=[{"model": base}, {"model": a}], parameters={"t": 0.3}),
-        str(tmp_path / "slerp"), OPTS,
+        recipe(
+            tmp_path,
+            "slerp.yml",
+            merge_method="slerp",
+            base_model=base,
+            models=[{"model": base}, {"model": a}],
+            parameters={"t": 0.3},
+        ),
+        str(tmp_path / "slerp"),
+        OPTS,
     )
     w1, w2 = weights(cpi), weights(sl)
     assert w1.keys() == w2.keys()
@@ -112,10 +133,15 @@ def test_invariants_with_region_file(tiny_models, tmp_path, overlap):
     tasks = {t: tiny_models[t] for t in "abc"}
     rs = compute_from_paths(tiny_models["base"], tasks, str(tmp_path / "reg"), density=0.05, progress=False)
     out = cmerge.run(
-        recipe(tmp_path, merge_method="cpi", base_model=tiny_models["base"],
-               models=[{"model": p} for p in tasks.values()],
-               parameters={"omega": 0.0, "regions": rs.path, "overlap": overlap}),
-        str(tmp_path / "out"), OPTS,
+        recipe(
+            tmp_path,
+            merge_method="cpi",
+            base_model=tiny_models["base"],
+            models=[{"model": p} for p in tasks.values()],
+            parameters={"omega": 0.0, "regions": rs.path, "overlap": overlap},
+        ),
+        str(tmp_path / "out"),
+        OPTS,
     )
     merged = weights(out)
     base = weights(tiny_models["base"])
@@ -151,12 +177,26 @@ def test_global_without_regions_matches_precomputed(tiny_models, tmp_path):
     base = tiny_models["base"]
     models = [{"model": tiny_models[t]} for t in "ab"]
     params = {"omega": 0.6, "density": 0.04}
-    o1 = cmerge.run(recipe(tmp_path, "g.yml", merge_method="cpi", base_model=base, models=models, parameters=params),
-                    str(tmp_path / "o1"), OPTS)
-    rs = compute_from_paths(base, {"a": tiny_models["a"], "b": tiny_models["b"]}, str(tmp_path / "reg"),
-                            density=0.04, progress=False)
-    o2 = cmerge.run(recipe(tmp_path, "p.yml", merge_method="cpi", base_model=base, models=models,
-                           parameters={**params, "regions": rs.path}), str(tmp_path / "o2"), OPTS)
+    o1 = cmerge.run(
+        recipe(tmp_path, "g.yml", merge_method="cpi", base_model=base, models=models, parameters=params),
+        str(tmp_path / "o1"),
+        OPTS,
+    )
+    rs = compute_from_paths(
+        base, {"a": tiny_models["a"], "b": tiny_models["b"]}, str(tmp_path / "reg"), density=0.04, progress=False
+    )
+    o2 = cmerge.run(
+        recipe(
+            tmp_path,
+            "p.yml",
+            merge_method="cpi",
+            base_model=base,
+            models=models,
+            parameters={**params, "regions": rs.path},
+        ),
+        str(tmp_path / "o2"),
+        OPTS,
+    )
     w1, w2 = weights(o1), weights(o2)
     for n in w1:
         assert torch.equal(w1[n], w2[n])
@@ -170,9 +210,15 @@ def test_stock_run_merge_computes_global_prepass_in_kernel(tiny_models, tmp_path
     from mergekit.merge import run_merge
 
     method.register()
-    cfg = MergeConfiguration.model_validate(dict(
-        merge_method="cpi", base_model=tiny_models["base"], dtype="float32",
-        models=[{"model": tiny_models["a"]}], parameters={"omega": 0.0, "density": 0.05}))
+    cfg = MergeConfiguration.model_validate(
+        dict(
+            merge_method="cpi",
+            base_model=tiny_models["base"],
+            dtype="float32",
+            models=[{"model": tiny_models["a"]}],
+            parameters={"omega": 0.0, "density": 0.05},
+        )
+    )
     run_merge(cfg, str(tmp_path / "out"), OPTS)
     merged, base, a = weights(str(tmp_path / "out")), weights(tiny_models["base"]), weights(tiny_models["a"])
     changed = sum(int((merged[n] != base[n]).sum()) for n in merged)
@@ -182,10 +228,17 @@ def test_stock_run_merge_computes_global_prepass_in_kernel(tiny_models, tmp_path
 
 
 def test_tensor_scope_in_kernel(tiny_models, tmp_path):
-    out = cmerge.run(recipe(tmp_path, merge_method="cpi", base_model=tiny_models["base"],
-                            models=[{"model": tiny_models["a"]}],
-                            parameters={"omega": 0.0, "density": 0.1, "scope": "tensor"}),
-                     str(tmp_path / "out"), OPTS)
+    out = cmerge.run(
+        recipe(
+            tmp_path,
+            merge_method="cpi",
+            base_model=tiny_models["base"],
+            models=[{"model": tiny_models["a"]}],
+            parameters={"omega": 0.0, "density": 0.1, "scope": "tensor"},
+        ),
+        str(tmp_path / "out"),
+        OPTS,
+    )
     merged, base, a = weights(out), weights(tiny_models["base"]), weights(tiny_models["a"])
     for n in merged:
         moved = merged[n] != base[n]
@@ -198,9 +251,17 @@ def test_backbone_other_than_theta0_uses_recorded_reference(tiny_models, make_va
     backbone = make_variant("staged", seed=7, scale=0.05)
     tasks = {t: tiny_models[t] for t in "ab"}
     rs = compute_from_paths(tiny_models["base"], tasks, str(tmp_path / "reg"), density=0.2, progress=False)
-    out = cmerge.run(recipe(tmp_path, merge_method="cpi", base_model=backbone,
-                            models=[{"model": p, "parameters": {"task": t}} for t, p in tasks.items()],
-                            parameters={"omega": 0.0, "regions": rs.path}), str(tmp_path / "out"), OPTS)
+    out = cmerge.run(
+        recipe(
+            tmp_path,
+            merge_method="cpi",
+            base_model=backbone,
+            models=[{"model": p, "parameters": {"task": t}} for t, p in tasks.items()],
+            parameters={"omega": 0.0, "regions": rs.path},
+        ),
+        str(tmp_path / "out"),
+        OPTS,
+    )
     merged, theta0, bb = weights(out), weights(tiny_models["base"]), weights(backbone)
     th = {t: weights(p) for t, p in tasks.items()}
     some_overlap = 0
@@ -231,7 +292,9 @@ def test_registration_is_idempotent_and_builtins_still_resolve():
 def test_region_api_refuses_unknown_task(tiny_models, tmp_path):
     from cpift_merge.errors import CpiftError
 
-    rs = compute_from_paths(tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "reg"), density=0.01, progress=False)
+    rs = compute_from_paths(
+        tiny_models["base"], {"a": tiny_models["a"]}, str(tmp_path / "reg"), density=0.01, progress=False
+    )
     with pytest.raises(CpiftError, match="no task 'zz'"):
         rs.mask("zz", rs.tensor_names[0])
     assert load_regions(rs.path).tasks == ["a"]
@@ -247,8 +310,7 @@ def test_global_ties_span_tensors_exactly(tiny_models, make_variant, tmp_path):
     d = torch.cat([(ck.get(n) - base.get(n)).abs().reshape(-1) for n in names])
     moved = int((d > 0).sum())
     density = (moved + 1000) / d.numel()  # k reaches 1000 entries into the zeros
-    rs = compute_from_paths(tiny_models["base"], {"s": sparse}, str(tmp_path / "reg"), density=density,
-                            progress=False)
+    rs = compute_from_paths(tiny_models["base"], {"s": sparse}, str(tmp_path / "reg"), density=density, progress=False)
     got = torch.cat([rs.mask("s", n).reshape(-1) for n in rs.tensor_names])
     order = torch.sort(-d.double(), stable=True).indices
     ref = torch.zeros_like(got)
@@ -273,9 +335,15 @@ def test_works_with_slices_out_dtype_tokenizer_and_shards(tiny_lm, tmp_path):
     cfg = {
         "merge_method": "cpi",
         "base_model": tiny_lm,
-        "slices": [{"sources": [{"model": tiny_lm, "layer_range": [0, 2]},
-                                {"model": variants["a"], "layer_range": [0, 2]},
-                                {"model": variants["b"], "layer_range": [0, 2]}]}],
+        "slices": [
+            {
+                "sources": [
+                    {"model": tiny_lm, "layer_range": [0, 2]},
+                    {"model": variants["a"], "layer_range": [0, 2]},
+                    {"model": variants["b"], "layer_range": [0, 2]},
+                ]
+            }
+        ],
         "parameters": {"omega": 0.5, "density": 0.05, "scope": "tensor"},
         "dtype": "float32",
         "out_dtype": "bfloat16",
@@ -305,9 +373,14 @@ def cli_merge(config, out, *extra):
 
 
 def global_recipe(tmp_path, tiny_models, name="g.yml", **params):
-    return recipe(tmp_path, name, merge_method="cpi", base_model=tiny_models["base"],
-                  models=[{"model": tiny_models[t]} for t in "abc"],
-                  parameters={"omega": 0.4, "density": 0.03, **params})
+    return recipe(
+        tmp_path,
+        name,
+        merge_method="cpi",
+        base_model=tiny_models["base"],
+        models=[{"model": tiny_models[t]} for t in "abc"],
+        parameters={"omega": 0.4, "density": 0.03, **params},
+    )
 
 
 def cut_files(cache):
@@ -396,8 +469,9 @@ def run_forking_cli(*args, cwd):
     import subprocess
     import sys
 
-    return subprocess.run([sys.executable, "-c", FORKING_CLI, *map(str, args)], capture_output=True,
-                          text=True, timeout=600, cwd=str(cwd))
+    return subprocess.run(
+        [sys.executable, "-c", FORKING_CLI, *map(str, args)], capture_output=True, text=True, timeout=600, cwd=str(cwd)
+    )
 
 
 def test_real_cli_forks_the_prepass_with_the_same_result(tiny_models, tmp_path, monkeypatch):

@@ -42,8 +42,11 @@ def spec(lm: str, out: str, **over) -> dict:
     doc = {
         "base": lm,
         "out": out,
-        "tasks": [{"name": "math", "builtin": "math"}, {"name": "code", "builtin": "code"},
-                  {"name": "logic", "builtin": "logic"}],
+        "tasks": [
+            {"name": "math", "builtin": "math"},
+            {"name": "code", "builtin": "code"},
+            {"name": "logic", "builtin": "logic"},
+        ],
         "builtin_data": {"n_train": 12, "n_test": 3},
         "train": {"batch_size": 4, "max_length": 256, "lr": 1e-3, "save_steps": 2, "weight_decay": 0.1},
         "probe": {"steps": 2},
@@ -140,8 +143,9 @@ def test_localize_stitch_keeps_theta0_outside_the_cores(full_run, lm):
         for t in rs.tasks:
             union |= rs.mask(t, name)
         assert torch.equal(merged[name][~union], base[name][~union]), name
-        only = {t: rs.mask(t, name) & ~torch.stack([rs.mask(u, name) for u in rs.tasks if u != t]).any(0)
-                for t in rs.tasks}
+        only = {
+            t: rs.mask(t, name) & ~torch.stack([rs.mask(u, name) for u in rs.tasks if u != t]).any(0) for t in rs.tasks
+        }
         for t, m in only.items():  # entries in one core carry that probe's value
             assert torch.equal(merged[name][m], probes[t][name][m])
             changed += int(m.sum())
@@ -212,10 +216,15 @@ def test_user_task_files_and_custom_metric(lm, tmp_path):
     test = tmp_path / "test.jsonl"
     train.write_text("".join(json.dumps(r) + "\n" for r in rows))
     test.write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
-    doc = spec(lm, str(tmp_path / "out"), methods=["full_sft"],
-               tasks=[{"name": "echo", "train": "train.jsonl", "test": "test.jsonl",
-                       "metric": "py:test_pipeline.echo_metric"},
-                      {"name": "math", "builtin": "math"}])
+    doc = spec(
+        lm,
+        str(tmp_path / "out"),
+        methods=["full_sft"],
+        tasks=[
+            {"name": "echo", "train": "train.jsonl", "test": "test.jsonl", "metric": "py:test_pipeline.echo_metric"},
+            {"name": "math", "builtin": "math"},
+        ],
+    )
     res = run_pipeline(load_pipeline(write(tmp_path, doc)), quiet=True)
     assert res["methods"]["full_sft"]["scores"]["echo"]["n"] == 2
     assert res["tasks"]["echo"]["train"] == str(train)
@@ -230,26 +239,31 @@ def _cli_error(tmp_path, doc, *args) -> str:
     return lines[0]
 
 
-@pytest.mark.parametrize("change, expected", [
-    ({"regoins": {}}, "unknown key 'regoins' in (top level)"),
-    ({"regions": {"density": 0.01, "tua": 0.1}}, "unknown key 'tua' in regions"),
-    ({"regions": {"density": 0.0}}, "regions.density"),
-    ({"regions": {"tau": 1.5}}, "regions.tau"),
-    ({"merge": {"omega": 2}}, "merge.omega"),
-    ({"methods": ["cpift", "magic"]}, "methods.1"),
-    ({"methods": ["dpi", "dpi"]}, "listed twice"),
-    ({"methods": ["sequential"], "sequential": None}, "needs sequential"),
-    ({"sequential": {"pair": ["math", "nope"]}}, "two different tasks"),
-    ({"tasks": [{"name": "a", "builtin": "math"}, {"name": "a", "builtin": "code"}]}, "duplicate task name 'a'"),
-    ({"tasks": [{"name": "a", "builtin": "poetry"}]}, "unknown builtin 'poetry'"),
-    ({"tasks": [{"name": "a", "train": "x.jsonl"}]}, "tasks.a"),
-    ({"tasks": [{"name": "a", "builtin": "math", "metric": "fuzzy"}]}, "unknown metric 'fuzzy'"),
-    ({"tasks": [{"name": "a", "train": "missing.jsonl", "test": "missing.jsonl", "metric": "exact"}]},
-     "does not exist"),
-    ({"tasks": [{"name": "a b", "builtin": "math"}]}, "task name 'a b'"),
-    ({"probe": {"steps": 0}}, "probe.steps"),
-    ({"base": "no/such/model"}, "is not a model folder"),
-])
+@pytest.mark.parametrize(
+    "change, expected",
+    [
+        ({"regoins": {}}, "unknown key 'regoins' in (top level)"),
+        ({"regions": {"density": 0.01, "tua": 0.1}}, "unknown key 'tua' in regions"),
+        ({"regions": {"density": 0.0}}, "regions.density"),
+        ({"regions": {"tau": 1.5}}, "regions.tau"),
+        ({"merge": {"omega": 2}}, "merge.omega"),
+        ({"methods": ["cpift", "magic"]}, "methods.1"),
+        ({"methods": ["dpi", "dpi"]}, "listed twice"),
+        ({"methods": ["sequential"], "sequential": None}, "needs sequential"),
+        ({"sequential": {"pair": ["math", "nope"]}}, "two different tasks"),
+        ({"tasks": [{"name": "a", "builtin": "math"}, {"name": "a", "builtin": "code"}]}, "duplicate task name 'a'"),
+        ({"tasks": [{"name": "a", "builtin": "poetry"}]}, "unknown builtin 'poetry'"),
+        ({"tasks": [{"name": "a", "train": "x.jsonl"}]}, "tasks.a"),
+        ({"tasks": [{"name": "a", "builtin": "math", "metric": "fuzzy"}]}, "unknown metric 'fuzzy'"),
+        (
+            {"tasks": [{"name": "a", "train": "missing.jsonl", "test": "missing.jsonl", "metric": "exact"}]},
+            "does not exist",
+        ),
+        ({"tasks": [{"name": "a b", "builtin": "math"}]}, "task name 'a b'"),
+        ({"probe": {"steps": 0}}, "probe.steps"),
+        ({"base": "no/such/model"}, "is not a model folder"),
+    ],
+)
 def test_malformed_pipeline_is_one_line_error(lm, tmp_path, change, expected):
     doc = spec(lm, str(tmp_path / "out"))
     if "tasks" in change:  # the sequential pair names the default tasks
@@ -272,8 +286,7 @@ def test_pipeline_file_errors(tmp_path):
 
 
 def test_cli_overrides_and_shipped_pipelines(lm, tmp_path):
-    pipe = load_pipeline(write(tmp_path, spec(lm, "x")), {"out": str(tmp_path / "o"), "methods": ["dpi"],
-                                                          "seed": 3})
+    pipe = load_pipeline(write(tmp_path, spec(lm, "x")), {"out": str(tmp_path / "o"), "methods": ["dpi"], "seed": 3})
     assert pipe.out == str(tmp_path / "o") and pipe.methods == ["dpi"] and pipe.seed == 3
     default = load_pipeline()  # the embedded default
     assert default.base == "smollm2" and {"cpift", "dpi", "full_sft"} <= set(default.methods)
@@ -285,10 +298,15 @@ def test_cli_overrides_and_shipped_pipelines(lm, tmp_path):
 def test_normalized_average_and_tables():
     scores = {"a": {"score": 50.0, "n": 2}, "b": {"score": 100.0, "n": 2}}
     assert normalized_average(scores) == 7.5
-    results = {"tasks": {"a": {}, "b": {}},
-               "methods": {"base": {"scores": scores, "avg_normalized": 7.5}},
-               "forgetting": {"a->b": {v: {"first": "a", "second": "b", "delta_first": -3.0, "delta_second": 4.0}
-                                       for v in ("plain", "frozen")}}}
+    results = {
+        "tasks": {"a": {}, "b": {}},
+        "methods": {"base": {"scores": scores, "avg_normalized": 7.5}},
+        "forgetting": {
+            "a->b": {
+                v: {"first": "a", "second": "b", "delta_first": -3.0, "delta_second": 4.0} for v in ("plain", "frozen")
+            }
+        },
+    }
     h, rows = table1_rows(results)
     assert rows == [["base model", "50.0", "100.0", "7.50"]]
     h2, rows2 = table2_rows(results)

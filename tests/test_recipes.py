@@ -101,8 +101,12 @@ def run_cpift_merge(config: str, out: str) -> None:
 
 def run_script(*args: str, cwd: str) -> subprocess.CompletedProcess:
     return subprocess.run(
-        [os.path.join(BIN, args[0]), *args[1:]], cwd=cwd, capture_output=True, text=True,
-        env={**os.environ, "HF_HUB_OFFLINE": "1"}, timeout=300,
+        [os.path.join(BIN, args[0]), *args[1:]],
+        cwd=cwd,
+        capture_output=True,
+        text=True,
+        env={**os.environ, "HF_HUB_OFFLINE": "1"},
+        timeout=300,
     )
 
 
@@ -203,8 +207,12 @@ def test_with_regions(tiny_models, tmp_path):
     for task, rel in tasks.items():
         os.symlink(tiny_models[fixture[task]], work / rel)
     rs = compute_from_paths(
-        str(work / doc["base_model"]), {t: str(work / p) for t, p in tasks.items()},
-        str(work / "regions"), density=0.01, scope="global", progress=False,
+        str(work / doc["base_model"]),
+        {t: str(work / p) for t, p in tasks.items()},
+        str(work / "regions"),
+        density=0.01,
+        scope="global",
+        progress=False,
     )
     config = str(work / "with_regions.yml")
     with open(recipe_path("with_regions"), encoding="utf-8") as src, open(config, "w") as dst:
@@ -256,8 +264,12 @@ def test_omega_gradient_with_stock_mergekit_yaml(tiny_models, tmp_path):
         return float((sd[name] - base[name])[free].pow(2).mean().sqrt())
 
     last = 1  # the tiny model has two layers: gradient positions 0 and 1
-    for proj, grows in [("self_attn.q_proj", True), ("self_attn.o_proj", True),
-                        ("mlp.up_proj", False), ("mlp.down_proj", False)]:
+    for proj, grows in [
+        ("self_attn.q_proj", True),
+        ("self_attn.o_proj", True),
+        ("mlp.up_proj", False),
+        ("mlp.down_proj", False),
+    ]:
         d0 = interpolated_step(f"model.layers.0.{proj}.weight")
         d1 = interpolated_step(f"model.layers.{last}.{proj}.weight")
         # omega 0.2 -> 0.8 in attention, 0.8 -> 0.2 in the mlp: a step 4x as long
@@ -283,8 +295,15 @@ def test_chain_multi_with_stock_mergekit_multi(tiny_models, tmp_path):
     config = write_yaml(str(tmp_path / "chain.yml"), local)
     inter, out = str(tmp_path / "intermediate"), str(tmp_path / "out")
     proc = run_script(
-        "mergekit-multi", config, "--intermediate-dir", inter, "--out-path", out,
-        "--no-copy-tokenizer", "--quiet", cwd=str(tmp_path),
+        "mergekit-multi",
+        config,
+        "--intermediate-dir",
+        inter,
+        "--out-path",
+        out,
+        "--no-copy-tokenizer",
+        "--quiet",
+        cwd=str(tmp_path),
     )
     assert proc.returncode == 0, proc.stderr[-3000:]
 

@@ -37,8 +37,14 @@ def task_rows(kind: str, n: int = 16):
         elif kind == "b":
             rows.append({"prompt": f"rev {i}xy", "response": f"yx{str(i)[::-1]}"})
         else:
-            rows.append({"messages": [{"role": "user", "content": f"up {i}q"},
-                                      {"role": "assistant", "content": f"{i}Q".upper()}]})
+            rows.append(
+                {
+                    "messages": [
+                        {"role": "user", "content": f"up {i}q"},
+                        {"role": "assistant", "content": f"{i}Q".upper()},
+                    ]
+                }
+            )
     return rows
 
 
@@ -98,8 +104,22 @@ def tasks(tmp_path_factory):
 def probes(tiny_lm, tasks, tmp_path_factory):
     """`cpift probe` on tasks a and b (it also writes OUT/regions at density 0.05)."""
     out = tmp_path_factory.mktemp("probes")
-    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}",
-        "--out", out, "--steps", 6, "--regions", 0.05, *FAST)
+    cli(
+        "probe",
+        "--base",
+        tiny_lm,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--out",
+        out,
+        "--steps",
+        6,
+        "--regions",
+        0.05,
+        *FAST,
+    )
     return {"out": str(out), "a": str(out / "a"), "b": str(out / "b")}
 
 
@@ -108,17 +128,41 @@ def regions(tiny_lm, probes, tmp_path_factory):
     from cpift_merge.storage.regions import compute_from_paths
 
     out = tmp_path_factory.mktemp("regions") / "r"
-    return compute_from_paths(tiny_lm, {"a": probes["a"], "b": probes["b"]}, str(out), density=0.05,
-                              order="given", given_order=["a", "b"], progress=False)
+    return compute_from_paths(
+        tiny_lm,
+        {"a": probes["a"], "b": probes["b"]},
+        str(out),
+        density=0.05,
+        order="given",
+        given_order=["a", "b"],
+        progress=False,
+    )
 
 
 @pytest.fixture(scope="module")
 def staged(tiny_lm, tasks, regions, tmp_path_factory):
     """`cpift train --groups given:"a;b"` with the regions: stage 2 freezes a's core."""
     out = tmp_path_factory.mktemp("staged") / "run"
-    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-            "--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", out, "--steps", 4,
-            "--weight-decay", 0.1, *FAST]
+    args = [
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--groups",
+        "given:a;b",
+        "--out",
+        out,
+        "--steps",
+        4,
+        "--weight-decay",
+        0.1,
+        *FAST,
+    ]
     result = cli(*args)
     return {"out": str(out), "args": args, "output": result.output}
 
@@ -135,14 +179,27 @@ def test_hf_trainer_freeze_callback(tiny_lm, tmp_path, bf16):
     model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32)
     masks = random_masks(model)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
-    args = TrainingArguments(output_dir=str(tmp_path), max_steps=4, per_device_train_batch_size=2,
-                             gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.5,
-                             max_grad_norm=0.05, use_cpu=True, report_to=[], save_strategy="no",
-                             logging_steps=1, disable_tqdm=True, remove_unused_columns=False, bf16=bf16)
+    args = TrainingArguments(
+        output_dir=str(tmp_path),
+        max_steps=4,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.5,
+        max_grad_norm=0.05,
+        use_cpu=True,
+        report_to=[],
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+        remove_unused_columns=False,
+        bf16=bf16,
+    )
     callback = FreezeCallback(masks)
     data = [{"input_ids": r.input_ids, "labels": r.labels} for r in rows]
-    trainer = Trainer(model=model, args=args, train_dataset=data, data_collator=Collator(tok.pad_token_id),
-                      callbacks=[callback])
+    trainer = Trainer(
+        model=model, args=args, train_dataset=data, data_collator=Collator(tok.pad_token_id), callbacks=[callback]
+    )
     trainer.train()
     assert trainer.state.global_step == 4
     assert callback.update.frozen_count == sum(int(m.sum()) for m in masks.values())
@@ -160,12 +217,24 @@ def test_trl_sft_trainer_freeze_callback(tiny_lm, tmp_path):
     masks = random_masks(model, seed=2)
     before = {n: p.detach().clone() for n, p in model.named_parameters()}
     data = Dataset.from_list([r for r in task_rows("c", 8)])  # a "messages" column
-    config = trl.SFTConfig(output_dir=str(tmp_path), max_steps=3, per_device_train_batch_size=2,
-                           gradient_accumulation_steps=2, learning_rate=1e-2, weight_decay=0.5,
-                           max_grad_norm=0.05, max_length=64, use_cpu=True, report_to="none",
-                           save_strategy="no", logging_steps=1, disable_tqdm=True)
-    trainer = trl.SFTTrainer(model=model, args=config, train_dataset=data, processing_class=tok,
-                             callbacks=[FreezeCallback(masks)])
+    config = trl.SFTConfig(
+        output_dir=str(tmp_path),
+        max_steps=3,
+        per_device_train_batch_size=2,
+        gradient_accumulation_steps=2,
+        learning_rate=1e-2,
+        weight_decay=0.5,
+        max_grad_norm=0.05,
+        max_length=64,
+        use_cpu=True,
+        report_to="none",
+        save_strategy="no",
+        logging_steps=1,
+        disable_tqdm=True,
+    )
+    trainer = trl.SFTTrainer(
+        model=model, args=config, train_dataset=data, processing_class=tok, callbacks=[FreezeCallback(masks)]
+    )
     trainer.train()
     assert trainer.state.global_step == 3
     assert_frozen_and_trained(model, masks, before)
@@ -205,8 +274,21 @@ def test_probe_regions_option(probes, regions):
 
 
 def test_probe_lora_changes_only_target_modules(tiny_lm, tasks, tmp_path):
-    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path, "--lora",
-        "--lora-rank", 4, "--steps", 3, *FAST)
+    cli(
+        "probe",
+        "--base",
+        tiny_lm,
+        "--task",
+        f"a={tasks['a']}",
+        "--out",
+        tmp_path,
+        "--lora",
+        "--lora-rank",
+        4,
+        "--steps",
+        3,
+        *FAST,
+    )
     base, probe = weights(tiny_lm), weights(str(tmp_path / "a"))
     assert set(probe) == set(base)  # merged back: plain base names, no adapter tensors
     targets = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -278,9 +360,28 @@ def test_finished_stages_are_not_redone(staged, monkeypatch):
 
 def test_random_groups_with_sample(tiny_lm, tasks, regions, tmp_path):
     out = tmp_path / "run"
-    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-        "--task", f"b={tasks['b']}", "--groups", "random:2", "--sample", 3, "--seed", 1, "--out", out,
-        "--steps", 1, *FAST)
+    cli(
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--groups",
+        "random:2",
+        "--sample",
+        3,
+        "--seed",
+        1,
+        "--out",
+        out,
+        "--steps",
+        1,
+        *FAST,
+    )
     plan = plan_groups("random:2", ["a", "b"], seed=1)
     assert plan == [["b"], ["a"]]  # this seed reverses the --task order
     summary = read_json(str(out / "train.json"))
@@ -294,8 +395,24 @@ def test_random_groups_with_sample(tiny_lm, tasks, regions, tmp_path):
 
 def test_from_regions_plan(tiny_lm, tasks, regions, tmp_path):
     out = tmp_path / "run"
-    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-        "--task", f"b={tasks['b']}", "--out", out, "--steps", 1, "--sample", 2, *FAST)
+    cli(
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--out",
+        out,
+        "--steps",
+        1,
+        "--sample",
+        2,
+        *FAST,
+    )
     summary = read_json(str(out / "train.json"))
     assert summary["groups"] == regions.groups
     assert [s["tasks"] for s in summary["stages"]] == regions.groups
@@ -308,8 +425,24 @@ def test_from_regions_plan(tiny_lm, tasks, regions, tmp_path):
 
 def test_sample_draws_n_per_task(tiny_lm, tasks, tmp_path):
     out = tmp_path / "run"
-    cli("train", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"c={tasks['c']}",
-        "--groups", "given:a,c", "--sample", 5, "--out", out, "--steps", 1, *FAST)
+    cli(
+        "train",
+        "--base",
+        tiny_lm,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"c={tasks['c']}",
+        "--groups",
+        "given:a,c",
+        "--sample",
+        5,
+        "--out",
+        out,
+        "--steps",
+        1,
+        *FAST,
+    )
     rec = read_json(str(out / "stage-1" / "stage.json"))
     assert rec["tasks"] == ["a", "c"] and rec["examples"] == 10 and rec["frozen_entries"] == 0
     drawn = sample_balanced({"a": task_rows("a"), "c": task_rows("c")}, 5, seed=0)
@@ -318,7 +451,7 @@ def test_sample_draws_n_per_task(tiny_lm, tasks, tmp_path):
 
 def test_plan_groups(regions):
     tasks = ["a", "b", "c", "d", "e"]
-    assert plan_groups('given:a,b;c;d,e', tasks) == [["a", "b"], ["c"], ["d", "e"]]
+    assert plan_groups("given:a,b;c;d,e", tasks) == [["a", "b"], ["c"], ["d", "e"]]
     assert plan_groups("given: a , b ;; c;d;e", tasks) == [["a", "b"], ["c"], ["d"], ["e"]]
     r = plan_groups("random:2", tasks, seed=3)
     assert r == plan_groups("random:2", tasks, seed=3)  # seeded
@@ -326,25 +459,48 @@ def test_plan_groups(regions):
     assert sorted(len(g) for g in r) == [2, 3]
     assert plan_groups("random:5", tasks) and len(plan_groups("random:1", tasks)) == 1
     assert plan_groups("from-regions", ["a", "b"], regions) == regions.groups
-    for spec, match in [("given:a,b", "every task exactly once"), ("given:a;a,b;c;d;e", "exactly once"),
-                        ("given:a;b;c;d;e;f", "exactly once"), ("random:0", "1 <= K"),
-                        ("random:6", "1 <= K"), ("random:x", "integer"), ("staged", "must be from-regions"),
-                        ("from-regions", "needs --regions")]:
+    for spec, match in [
+        ("given:a,b", "every task exactly once"),
+        ("given:a;a,b;c;d;e", "exactly once"),
+        ("given:a;b;c;d;e;f", "exactly once"),
+        ("random:0", "1 <= K"),
+        ("random:6", "1 <= K"),
+        ("random:x", "integer"),
+        ("staged", "must be from-regions"),
+        ("from-regions", "needs --regions"),
+    ]:
         with pytest.raises(CpiftError, match=match):
             plan_groups(spec, tasks)
     with pytest.raises(CpiftError, match="task c is not in the region file"):
         plan_groups("from-regions", ["a", "b", "c"], regions)
 
 
-@pytest.mark.parametrize("spec, match", [
-    ("given:a;zzz", "must name every task exactly once"),
-    ("random:x", "integer"),
-    ("random:3", "1 <= K <= 2"),
-    ("banana", "must be from-regions, random:K or given"),
-])
+@pytest.mark.parametrize(
+    "spec, match",
+    [
+        ("given:a;zzz", "must name every task exactly once"),
+        ("random:x", "integer"),
+        ("random:3", "1 <= K <= 2"),
+        ("banana", "must be from-regions, random:K or given"),
+    ],
+)
 def test_bad_groups_spec(tiny_lm, tasks, regions, tmp_path, spec, match):
-    result = cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-                 "--task", f"b={tasks['b']}", "--groups", spec, "--out", tmp_path / "o", code=2)
+    result = cli(
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--groups",
+        spec,
+        "--out",
+        tmp_path / "o",
+        code=2,
+    )
     one_line_error(result, match)
     assert not (tmp_path / "o").exists()
 
@@ -357,9 +513,26 @@ def test_task_missing_from_regions(tiny_lm, tasks, regions, tmp_path, groups):
         plan = plan_groups(groups, ["a", "b", "c"], seed=0)
         if plan[-1] == ["c"]:
             pytest.skip("this seed puts c last, where no core of it is needed")
-    result = cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-                 "--task", f"b={tasks['b']}", "--task", f"c={tasks['c']}", "--groups", groups,
-                 "--out", tmp_path / "o", "--steps", 1, code=2)
+    result = cli(
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--task",
+        f"c={tasks['c']}",
+        "--groups",
+        groups,
+        "--out",
+        tmp_path / "o",
+        "--steps",
+        1,
+        code=2,
+    )
     one_line_error(result, "task c is not in the region file")
     assert not (tmp_path / "o" / "stage-1").exists()
 
@@ -367,9 +540,28 @@ def test_task_missing_from_regions(tiny_lm, tasks, regions, tmp_path, groups):
 def test_three_stages_freeze_the_union_of_earlier_cores(tiny_lm, tasks, regions, tmp_path):
     """given:"a;b;c": stage 3 freezes a's and b's cores; c, last, needs no core."""
     out = tmp_path / "run"
-    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-        "--task", f"b={tasks['b']}", "--task", f"c={tasks['c']}", "--groups", "given:a;b;c",
-        "--out", out, "--steps", 2, "--sample", 4, *FAST)
+    cli(
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--task",
+        f"c={tasks['c']}",
+        "--groups",
+        "given:a;b;c",
+        "--out",
+        out,
+        "--steps",
+        2,
+        "--sample",
+        4,
+        *FAST,
+    )
     recs = [read_json(str(out / f"stage-{k}" / "stage.json")) for k in (1, 2, 3)]
     assert [r["frozen_tasks"] for r in recs] == [[], ["a"], ["a", "b"]]
     union = {t: regions.mask("a", t) | regions.mask("b", t) for t in regions.tensor_names}
@@ -387,8 +579,22 @@ def test_regions_of_another_model_refused(tasks, regions, tmp_path):
     other = str(tmp_path / "other")
     LlamaForCausalLM(tiny_config(vocab_size=112)).save_pretrained(other)
     tiny_tokenizer().save_pretrained(other)
-    result = cli("train", "--base", other, "--regions", regions.path, "--task", f"a={tasks['a']}",
-                 "--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", tmp_path / "o", code=2)
+    result = cli(
+        "train",
+        "--base",
+        other,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--groups",
+        "given:a;b",
+        "--out",
+        tmp_path / "o",
+        code=2,
+    )
     one_line_error(result, "computed for another model")
     assert not (tmp_path / "o" / "stage-1").exists()
 
@@ -429,7 +635,9 @@ def test_log_callback_drops_lines_past_the_checkpoint_and_cut_lines(tmp_path):
 
     cb.on_log(None, State(), None, logs={"loss": 0.5, "note": "x"})
     assert [json.loads(line) for line in path.read_text().splitlines()] == [
-        {"step": 1, "loss": 1.0}, {"step": 2, "loss": 0.5}]
+        {"step": 1, "loss": 1.0},
+        {"step": 2, "loss": 0.5},
+    ]
     assert cb.losses == [0.5]
 
 
@@ -448,8 +656,14 @@ def test_last_checkpoint_skips_a_cut_trainer_state(tmp_path):
 
 def test_train_config_checks():
     TrainConfig().check()
-    for bad, match in [({"steps": 0}, "--steps"), ({"epochs": 0}, "--epochs"), ({"batch_size": 0}, "--batch-size"),
-                       ({"lr": 0}, "--lr"), ({"weight_decay": -1}, "--weight-decay"), ({"device": "tpu"}, "--device")]:
+    for bad, match in [
+        ({"steps": 0}, "--steps"),
+        ({"epochs": 0}, "--epochs"),
+        ({"batch_size": 0}, "--batch-size"),
+        ({"lr": 0}, "--lr"),
+        ({"weight_decay": -1}, "--weight-decay"),
+        ({"device": "tpu"}, "--device"),
+    ]:
         with pytest.raises(CpiftError, match=match):
             TrainConfig(**bad).check()
     assert TrainConfig(lr=1e-3).fingerprint() != TrainConfig().fingerprint()
@@ -460,9 +674,14 @@ def test_train_config_checks():
 
 def _start_slow(args, sleep):
     env = {**os.environ, "PYTHONPATH": ROOT, "CPIFT_TEST_STEP_SLEEP": str(sleep), "OMP_NUM_THREADS": "1"}
-    return subprocess.Popen([sys.executable, os.path.join(HERE, "workers", "slow_cli.py"), *map(str, args)],
-                            cwd=ROOT, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE,
-                            start_new_session=True)
+    return subprocess.Popen(
+        [sys.executable, os.path.join(HERE, "workers", "slow_cli.py"), *map(str, args)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+        start_new_session=True,
+    )
 
 
 def _kill_at_checkpoint(proc, work, timeout=120):
@@ -476,8 +695,10 @@ def _kill_at_checkpoint(proc, work, timeout=120):
             ):
                 return
             if proc.poll() is not None:
-                pytest.fail(f"the run ended (rc {proc.returncode}) before a checkpoint appeared in {work}:\n"
-                            f"{proc.stderr.read().decode()[-3000:]}")
+                pytest.fail(
+                    f"the run ended (rc {proc.returncode}) before a checkpoint appeared in {work}:\n"
+                    f"{proc.stderr.read().decode()[-3000:]}"
+                )
             time.sleep(0.05)
         pytest.fail(f"no checkpoint appeared in {work} within {timeout}s")
     finally:
@@ -489,9 +710,28 @@ def _kill_at_checkpoint(proc, work, timeout=120):
 
 def test_resume_after_kill(tiny_lm, tasks, regions, tmp_path):
     out = tmp_path / "run"
-    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}",
-            "--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", out, "--steps", 8,
-            "--save-steps", 2, "--weight-decay", 0.1, *FAST]
+    args = [
+        "train",
+        "--base",
+        tiny_lm,
+        "--regions",
+        regions.path,
+        "--task",
+        f"a={tasks['a']}",
+        "--task",
+        f"b={tasks['b']}",
+        "--groups",
+        "given:a;b",
+        "--out",
+        out,
+        "--steps",
+        8,
+        "--save-steps",
+        2,
+        "--weight-decay",
+        0.1,
+        *FAST,
+    ]
     # killed in stage 1, between checkpoints
     _kill_at_checkpoint(_start_slow(args, 0.5), str(out / "stage-1.work"))
     assert not (out / "stage-1").exists()  # nothing half-written in place
@@ -528,8 +768,9 @@ def test_same_seed_same_weights(tiny_lm, tmp_path):
     w1 = load_file(str(tmp_path / "r1" / "model.safetensors"))
     w2 = load_file(str(tmp_path / "r2" / "model.safetensors"))
     assert all(torch.equal(w1[k], w2[k]) for k in w1)
-    r3 = finetune(tiny_lm, exs, str(tmp_path / "r3"), TrainConfig(steps=4, batch_size=4, lr=1e-3, seed=4),
-                  progress=False)
+    r3 = finetune(
+        tiny_lm, exs, str(tmp_path / "r3"), TrainConfig(steps=4, batch_size=4, lr=1e-3, seed=4), progress=False
+    )
     assert r3["losses"] != r1["losses"]
 
 
@@ -539,8 +780,7 @@ def test_progress_bar_named_from_its_first_draw(tiny_lm, tmp_path, capfd):
     from cpift_merge.training.finetune import TrainConfig, finetune
 
     exs = [{"prompt": f"{a}+{a}=", "response": str(2 * a)} for a in range(8)]
-    finetune(tiny_lm, exs, str(tmp_path / "run"), TrainConfig(steps=2, batch_size=4), progress=True,
-             desc="probe demo")
+    finetune(tiny_lm, exs, str(tmp_path / "run"), TrainConfig(steps=2, batch_size=4), progress=True, desc="probe demo")
     draws = [d for d in capfd.readouterr().err.replace("\r", "\n").splitlines() if "/2 [" in d]
     assert draws, "no training bar drawn"
     assert all(d.startswith("probe demo:") for d in draws), draws

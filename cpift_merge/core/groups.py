@@ -11,9 +11,7 @@ from typing import Dict, List, Optional, Sequence
 import torch
 
 
-def jaccard_from_counts(
-    sizes: Sequence[int], intersections: Sequence[Sequence[int]]
-) -> List[List[float]]:
+def jaccard_from_counts(sizes: Sequence[int], intersections: Sequence[Sequence[int]]) -> List[List[float]]:
     """``|Ci ∩ Cj| / |Ci ∪ Cj|`` from core sizes and pairwise intersection counts.
 
     Two empty cores have Jaccard 0 (they share nothing), except a core with itself (1).
@@ -50,9 +48,7 @@ def jaccard(a: torch.Tensor, b: torch.Tensor) -> float:
     return inter / union if union else 0.0
 
 
-def connected_groups(
-    names: Sequence[str], similarity: Sequence[Sequence[float]], tau: float
-) -> List[List[str]]:
+def connected_groups(names: Sequence[str], similarity: Sequence[Sequence[float]], tau: float) -> List[List[str]]:
     """Connected components of the graph linking tasks with ``S >= tau``.
 
     Each group lists its tasks in input order; groups come in order of their first
@@ -97,13 +93,8 @@ def order_groups(
         return groups
     if order == "given":
         tasks = [t for g in groups for t in g]
-        if given is None or sorted(given) != sorted(tasks) or len(set(given)) != len(
-            given
-        ):
-            raise ValueError(
-                f"order 'given' needs every task exactly once, got {list(given or [])}"
-                f" for tasks {tasks}"
-            )
+        if given is None or sorted(given) != sorted(tasks) or len(set(given)) != len(given):
+            raise ValueError(f"order 'given' needs every task exactly once, got {list(given or [])} for tasks {tasks}")
         pos = {t: i for i, t in enumerate(given)}
         for g in groups:
             g.sort(key=pos.__getitem__)

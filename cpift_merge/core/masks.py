@@ -29,10 +29,7 @@ def pack_bits(mask: torch.Tensor) -> torch.Tensor:
 def unpack_bits(packed: torch.Tensor, numel: int) -> torch.Tensor:
     """Inverse of :func:`pack_bits`: a flat bool tensor of ``numel`` entries."""
     if packed.numel() != packed_size(numel):
-        raise ValueError(
-            f"packed mask has {packed.numel()} bytes, expected {packed_size(numel)}"
-            f" for {numel} entries"
-        )
+        raise ValueError(f"packed mask has {packed.numel()} bytes, expected {packed_size(numel)} for {numel} entries")
     shifts = torch.arange(8, dtype=torch.uint8, device=packed.device)
     bits = (packed.reshape(-1, 1) >> shifts) & 1
     return bits.reshape(-1)[:numel].to(torch.bool)

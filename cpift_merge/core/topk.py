@@ -145,9 +145,7 @@ class ThresholdFinder:
         low = int((counts >= need).nonzero().max())
         greater_in_bucket = int(counts[low + 1]) if low + 1 < LOW_BUCKETS else 0
         key = (self._bucket << 16) | low
-        self.result = Threshold(
-            k=self.k, key=key, ties=self.k - self._above - greater_in_bucket
-        )
+        self.result = Threshold(k=self.k, key=key, ties=self.k - self._above - greater_in_bucket)
         return self.result
 
 

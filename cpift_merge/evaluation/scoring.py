@@ -62,18 +62,23 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
         tok.pad_token = tok.eos_token
     outs: List[str] = []
     for i in range(0, len(prompts), batch_size):
-        enc = tok(list(prompts[i:i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
+        enc = tok(list(prompts[i : i + batch_size]), return_tensors="pt", padding=True, add_special_tokens=False)
         enc = {k: v.to(device) for k, v in enc.items()}
         with torch.no_grad():
-            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False,
-                                 pad_token_id=tok.pad_token_id)
-        for row in gen[:, enc["input_ids"].shape[1]:]:
+            gen = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=False, pad_token_id=tok.pad_token_id)
+        for row in gen[:, enc["input_ids"].shape[1] :]:
             outs.append(tok.decode(row, skip_special_tokens=True).strip())
     return outs
 
 
-def evaluate(model_path: str, tasks: Dict[str, tuple[str, str]], max_new_tokens: int = 32,
-             batch_size: int = 16, limit: int = 0, device: str = "auto") -> Dict[str, Dict[str, Any]]:
+def evaluate(
+    model_path: str,
+    tasks: Dict[str, tuple[str, str]],
+    max_new_tokens: int = 32,
+    batch_size: int = 16,
+    limit: int = 0,
+    device: str = "auto",
+) -> Dict[str, Dict[str, Any]]:
     """Score ``model_path`` on ``{name: (test file, metric)}``; returns per-task results."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 

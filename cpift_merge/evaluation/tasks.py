@@ -43,8 +43,11 @@ def _math(rng: random.Random) -> Example:
     elif kind == 2:
         q, ans = f"{who} buys {c} boxes with {b} {item} in each box. How many {item} is that?", b * c
     else:
-        q, ans = (f"{who} has {a} {item}, buys {c} packs of {b} more, then gives away {a // 2}."
-                  f" How many {item} does {who} have?", a + b * c - a // 2)
+        q, ans = (
+            f"{who} has {a} {item}, buys {c} packs of {b} more, then gives away {a // 2}."
+            f" How many {item} does {who} have?",
+            a + b * c - a // 2,
+        )
     return {"prompt": q, "response": f"The answer is {ans}.", "answer": str(ans)}
 
 
@@ -76,9 +79,12 @@ def _logic(rng: random.Random) -> Example:
     rng.shuffle(options)
     letters = "ABC"
     ans = letters[options.index(target)]
-    q = (" ".join(facts) + f" Who is the {'tallest' if ask_tallest else 'shortest'}?\n"
-         + "\n".join(f"{letters[i]}. {p}" for i, p in enumerate(options))
-         + "\nAnswer with the letter.")
+    q = (
+        " ".join(facts)
+        + f" Who is the {'tallest' if ask_tallest else 'shortest'}?\n"
+        + "\n".join(f"{letters[i]}. {p}" for i, p in enumerate(options))
+        + "\nAnswer with the letter."
+    )
     return {"prompt": q, "response": ans, "answer": ans}
 
 
@@ -163,6 +169,10 @@ def export(out: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Dic
                 for r in rows:
                     fh.write(json.dumps(r) + "\n")
             os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))
-        written[name] = {"metric": metric, "domain": domain, "train": os.path.join(folder, "train.jsonl"),
-                         "test": os.path.join(folder, "test.jsonl")}
+        written[name] = {
+            "metric": metric,
+            "domain": domain,
+            "train": os.path.join(folder, "train.jsonl"),
+            "test": os.path.join(folder, "test.jsonl"),
+        }
     return written

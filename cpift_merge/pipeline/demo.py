@@ -32,7 +32,7 @@ def _answer(path: str, prompt: str = PROMPT) -> str:
     ids = tok(text, return_tensors="pt")
     with torch.no_grad():
         out = model.generate(**ids, max_new_tokens=24, do_sample=False, pad_token_id=tok.eos_token_id)
-    return tok.decode(out[0, ids["input_ids"].shape[1]:], skip_special_tokens=True).strip().replace("\n", " ")
+    return tok.decode(out[0, ids["input_ids"].shape[1] :], skip_special_tokens=True).strip().replace("\n", " ")
 
 
 def run_demo(out: str, density: float = 0.01, omega: float = 0.5, overwrite: bool = True) -> dict:
@@ -59,8 +59,7 @@ def run_demo(out: str, density: float = 0.01, omega: float = 0.5, overwrite: boo
         if not os.path.isfile(os.path.join(paths[name], "model.safetensors")):
             make_variant(base, paths[name], seed=1000 + i, layers=list(layers))
     click.echo(f"[3/5] core regions at density {density:g}")
-    rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=density, tau=0.1,
-                            overwrite=overwrite)
+    rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=density, tau=0.1, overwrite=overwrite)
     plot_regions(rs, rs.path)
     click.echo(region_report(rs))
     click.echo(f"[4/5] cpi merge (omega {omega:g}) through mergekit")
@@ -83,7 +82,12 @@ def run_demo(out: str, density: float = 0.01, omega: float = 0.5, overwrite: boo
     answers = {"base": _answer(base), "merged": _answer(merged)}
     for who, text in answers.items():
         click.echo(f"      {who:>6}: {PROMPT!r} -> {text!r}")
-    result = {"seconds": round(time.time() - t0, 1), "merged": merged, "regions": rs.path,
-              "transplanted": stats["transplanted"], "answers": answers}
+    result = {
+        "seconds": round(time.time() - t0, 1),
+        "merged": merged,
+        "regions": rs.path,
+        "transplanted": stats["transplanted"],
+        "answers": answers,
+    }
     click.echo(f"done in {result['seconds']} s; outputs under {out}")
     return result

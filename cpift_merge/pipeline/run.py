@@ -51,8 +51,10 @@ class Run:
         self.out = pipe.out
         self.quiet = quiet
         if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isdir(os.path.join(self.out, ".steps")):
-            raise CpiftError(f"out {self.out} exists and is not a cpift run folder (no .steps/);"
-                             " choose another out (a rerun into the same out resumes it)")
+            raise CpiftError(
+                f"out {self.out} exists and is not a cpift run folder (no .steps/);"
+                " choose another out (a rerun into the same out resumes it)"
+            )
         if os.path.exists(self.out) and not os.path.isdir(self.out):
             raise CpiftError(f"out {self.out} is a file; choose a folder")
         os.makedirs(self.out, exist_ok=True)
@@ -96,8 +98,9 @@ class Run:
             with open(recipe_path, "w", encoding="utf-8") as fh:
                 yaml.safe_dump(recipe, fh, sort_keys=False)
             cuda = self.device == "cuda"
-            cpi_merge.run(recipe_path, out, MergeOptions(quiet=True, cuda=cuda), overwrite=True,
-                          progress=not self.quiet)
+            cpi_merge.run(
+                recipe_path, out, MergeOptions(quiet=True, cuda=cuda), overwrite=True, progress=not self.quiet
+            )
             return out
 
         return self.steps.run(f"merge/{key}", fp, [out], go, f"{recipe['merge_method']} merge")
@@ -141,12 +144,15 @@ class Run:
                         with open(target + ".tmp", "w", encoding="utf-8") as fh:
                             fh.write(text)
                         os.replace(target + ".tmp", target)
-                self.data[t.name] = {"train": os.path.join(folder, "train.jsonl"),
-                                     "test": os.path.join(folder, "test.jsonl")}
+                self.data[t.name] = {
+                    "train": os.path.join(folder, "train.jsonl"),
+                    "test": os.path.join(folder, "test.jsonl"),
+                }
             else:
                 self.data[t.name] = {"train": t.train, "test": t.test}
-            self.data_fp[t.name] = fingerprint(file_sha(self.data[t.name]["train"]),
-                                               file_sha(self.data[t.name]["test"]))
+            self.data_fp[t.name] = fingerprint(
+                file_sha(self.data[t.name]["train"]), file_sha(self.data[t.name]["test"])
+            )
 
     def probes(self) -> Dict[str, str]:
         from cpift_merge.training.finetune import finetune
@@ -156,11 +162,22 @@ class Run:
         for t in self.pipe.task_names:
             out = self.path("probes", t)
             fp = fingerprint("probe", self.base_fp, self.data_fp[t], asdict(cfg))
-            self.steps.run(f"probe/{t}", fp, [out],
-                           lambda t=t, out=out: finetune(self.base, self.examples(t), out, cfg, record="probe.json",
-                                                         extra={"task": t}, progress=not self.quiet,
-                                                         desc=f"probe {t}")["steps"],
-                           "probe fine-tune")
+            self.steps.run(
+                f"probe/{t}",
+                fp,
+                [out],
+                lambda t=t, out=out: finetune(
+                    self.base,
+                    self.examples(t),
+                    out,
+                    cfg,
+                    record="probe.json",
+                    extra={"task": t},
+                    progress=not self.quiet,
+                    desc=f"probe {t}",
+                )["steps"],
+                "probe fine-tune",
+            )
             paths[t] = out
             self.models[f"probe:{t}"] = {"path": out, "fp": fp}
         return paths
@@ -171,13 +188,29 @@ class Run:
 
         spec = self.pipe.regions
         out = self.path("regions")
-        fp = fingerprint("regions", self.base_fp, [self.models[f"probe:{t}"]["fp"] for t in probes],
-                         spec.model_dump(), self.pipe.seed)
+        fp = fingerprint(
+            "regions",
+            self.base_fp,
+            [self.models[f"probe:{t}"]["fp"] for t in probes],
+            spec.model_dump(),
+            self.pipe.seed,
+        )
 
         def go():
-            rs = compute_from_paths(self.base, probes, out, density=spec.density, scope=spec.scope,
-                                    exclude=list(spec.exclude), tau=spec.tau, order=spec.order, seed=self.pipe.seed,
-                                    given_order=list(probes), overwrite=True, progress=not self.quiet)
+            rs = compute_from_paths(
+                self.base,
+                probes,
+                out,
+                density=spec.density,
+                scope=spec.scope,
+                exclude=list(spec.exclude),
+                tau=spec.tau,
+                order=spec.order,
+                seed=self.pipe.seed,
+                given_order=list(probes),
+                overwrite=True,
+                progress=not self.quiet,
+            )
             plot_regions(rs, out)
             return rs.path
 
@@ -190,19 +223,37 @@ class Run:
             click.echo(region_report(rs))
         return rs
 
-    def staged(self, key: str, base: str, base_fp: str, groups: List[List[str]], budget: Budget,
-               regions=None, regions_fp: str = "", sample: Optional[int] = None) -> str:
+    def staged(
+        self,
+        key: str,
+        base: str,
+        base_fp: str,
+        groups: List[List[str]],
+        budget: Budget,
+        regions=None,
+        regions_fp: str = "",
+        sample: Optional[int] = None,
+    ) -> str:
         from cpift_merge.training.finetune import staged_train
 
         cfg = self.cfg(budget)
         out = self.path("methods", key)
-        fp = fingerprint("staged", base_fp, groups, asdict(cfg), regions_fp, sample,
-                         [self.data_fp[t] for g in groups for t in g])
+        fp = fingerprint(
+            "staged", base_fp, groups, asdict(cfg), regions_fp, sample, [self.data_fp[t] for g in groups for t in g]
+        )
 
         def go():
             tasks = [t for g in groups for t in g]
-            return staged_train(base, self.all_examples(tasks), out, groups, cfg, regions=regions,
-                                sample=sample, progress=not self.quiet)["final"]
+            return staged_train(
+                base,
+                self.all_examples(tasks),
+                out,
+                groups,
+                cfg,
+                regions=regions,
+                sample=sample,
+                progress=not self.quiet,
+            )["final"]
 
         desc = " -> ".join("+".join(g) for g in groups)
         final = self.steps.run(f"train/{key}", fp, [out], go, f"staged SFT: {desc}")
@@ -270,8 +321,13 @@ class Run:
             self.evaluate("full_sft")
         if "multistage_random" in methods:
             k = pipe.baselines.multistage_k
-            self.staged("multistage_random", self.base, self.base_fp,
-                        plan_groups(f"random:{k}", names, None, pipe.seed), pipe.stage)
+            self.staged(
+                "multistage_random",
+                self.base,
+                self.base_fp,
+                plan_groups(f"random:{k}", names, None, pipe.seed),
+                pipe.stage,
+            )
             self.evaluate("multistage_random")
         if "multistage_heuristic" in methods:
             by_domain: Dict[str, List[str]] = {}
@@ -301,10 +357,19 @@ class Run:
         params: Dict[str, Any] = {"regions": rs.path, "omega": pipe.merge.omega, "overlap": pipe.merge.overlap}
         if pipe.merge.epsilon is not None:
             params["epsilon"] = pipe.merge.epsilon
-        recipe = {"merge_method": "cpi", "base_model": backbone["path"],
-                  "models": self._probe_models(probes, True), "parameters": params, "dtype": "float32"}
-        fp = fingerprint("cpift-merge", backbone["fp"], self.models["regions"]["fp"],
-                         {k: v for k, v in params.items() if k != "regions"})
+        recipe = {
+            "merge_method": "cpi",
+            "base_model": backbone["path"],
+            "models": self._probe_models(probes, True),
+            "parameters": params,
+            "dtype": "float32",
+        }
+        fp = fingerprint(
+            "cpift-merge",
+            backbone["fp"],
+            self.models["regions"]["fp"],
+            {k: v for k, v in params.items() if k != "regions"},
+        )
         merged = self._merge("cpift_merged", recipe, fp)
         self.models["cpift_merged"] = {"path": merged, "fp": fp}
         cal = pipe.calibration
@@ -316,20 +381,31 @@ class Run:
         if method == "task_arithmetic":
             w = pipe.baselines.task_arithmetic.weight
             models = [{"model": p, "parameters": {"weight": w}} for p in probes.values()]
-            recipe = {"merge_method": "task_arithmetic", "base_model": self.base, "models": models,
-                      "dtype": "float32"}
+            recipe = {"merge_method": "task_arithmetic", "base_model": self.base, "models": models, "dtype": "float32"}
         elif method == "ties":
             spec = pipe.baselines.ties
-            models = [{"model": p, "parameters": {"weight": spec.weight, "density": spec.density}}
-                      for p in probes.values()]
+            models = [
+                {"model": p, "parameters": {"weight": spec.weight, "density": spec.density}} for p in probes.values()
+            ]
             recipe = {"merge_method": "ties", "base_model": self.base, "models": models, "dtype": "float32"}
         else:  # dataless Localize-and-Stitch: cores transplanted into theta_0, overlaps averaged
-            recipe = {"merge_method": "cpi", "base_model": self.base, "models": self._probe_models(probes, True),
-                      "parameters": {"regions": rs.path, "omega": 0.0, "overlap": "mean"}, "dtype": "float32"}
-        fp = fingerprint("merge", method, self.base_fp, probe_fps, self.models.get("regions", {}).get("fp"),
-                         {k: v for k, v in recipe.items() if k not in ("models", "base_model", "parameters")},
-                         {k: v for k, v in recipe.get("parameters", {}).items() if k != "regions"},
-                         [m.get("parameters") for m in recipe["models"]])
+            recipe = {
+                "merge_method": "cpi",
+                "base_model": self.base,
+                "models": self._probe_models(probes, True),
+                "parameters": {"regions": rs.path, "omega": 0.0, "overlap": "mean"},
+                "dtype": "float32",
+            }
+        fp = fingerprint(
+            "merge",
+            method,
+            self.base_fp,
+            probe_fps,
+            self.models.get("regions", {}).get("fp"),
+            {k: v for k, v in recipe.items() if k not in ("models", "base_model", "parameters")},
+            {k: v for k, v in recipe.get("parameters", {}).items() if k != "regions"},
+            [m.get("parameters") for m in recipe["models"]],
+        )
         out = self._merge(method, recipe, fp)
         self.models[method] = {"path": out, "fp": fp}
 
@@ -346,11 +422,22 @@ class Run:
             key = f"sequential/{x}"
             out = self.path("methods", "sequential", x)
             fp = fingerprint("seq1", self.base_fp, self.data_fp[x], asdict(cfg))
-            self.steps.run(f"train/{key}", fp, [out],
-                           lambda x=x, out=out: finetune(self.base, self.examples(x), out, cfg, record="stage.json",
-                                                         extra={"tasks": [x]}, progress=not self.quiet,
-                                                         desc=x)["steps"],
-                           f"sequential: {x}")
+            self.steps.run(
+                f"train/{key}",
+                fp,
+                [out],
+                lambda x=x, out=out: finetune(
+                    self.base,
+                    self.examples(x),
+                    out,
+                    cfg,
+                    record="stage.json",
+                    extra={"tasks": [x]},
+                    progress=not self.quiet,
+                    desc=x,
+                )["steps"],
+                f"sequential: {x}",
+            )
             self.models[key] = {"path": out, "fp": fp}
             first[x] = key
             self.evaluate(key, [a, b])
@@ -360,22 +447,37 @@ class Run:
                 key = f"sequential/{name}"
                 out = self.path("methods", "sequential", name)
                 src = self.models[first[x]]
-                fp = fingerprint("seq2", src["fp"], self.data_fp[y], asdict(cfg),
-                                 self.models["regions"]["fp"] if frozen else None)
+                fp = fingerprint(
+                    "seq2", src["fp"], self.data_fp[y], asdict(cfg), self.models["regions"]["fp"] if frozen else None
+                )
 
                 def go(src=src, y=y, x=x, out=out, frozen=frozen):
                     masks = masks_from_regions(_skeleton(src["path"]), rs, [x]) if frozen else None
-                    return finetune(src["path"], self.examples(y), out, cfg, frozen=masks, record="stage.json",
-                                    extra={"tasks": [y], "frozen_tasks": [x] if frozen else []},
-                                    progress=not self.quiet, desc=f"{x} -> {y}")["steps"]
+                    return finetune(
+                        src["path"],
+                        self.examples(y),
+                        out,
+                        cfg,
+                        frozen=masks,
+                        record="stage.json",
+                        extra={"tasks": [y], "frozen_tasks": [x] if frozen else []},
+                        progress=not self.quiet,
+                        desc=f"{x} -> {y}",
+                    )["steps"]
 
-                self.steps.run(f"train/{key}", fp, [out], go,
-                               f"sequential: {x} -> {y}" + (f" (core of {x} frozen)" if frozen else ""))
+                self.steps.run(
+                    f"train/{key}",
+                    fp,
+                    [out],
+                    go,
+                    f"sequential: {x} -> {y}" + (f" (core of {x} frozen)" if frozen else ""),
+                )
                 self.models[key] = {"path": out, "fp": fp}
                 after = self.evaluate(key, [a, b])
                 before = self.scores[first[x]]
                 table.setdefault(f"{x}->{y}", {})["frozen" if frozen else "plain"] = {
-                    "first": x, "second": y,
+                    "first": x,
+                    "second": y,
                     "delta_first": after[x]["score"] - before[x]["score"],
                     "delta_second": after[y]["score"] - before[y]["score"],
                 }
@@ -405,13 +507,25 @@ class Run:
             "out": self.out,
             "seed": pipe.seed,
             "device": self.device,
-            "tasks": {t.name: {"metric": t.metric, "domain": t.domain, "builtin": t.builtin,
-                               "train": self.data[t.name]["train"], "test": self.data[t.name]["test"]}
-                      for t in pipe.tasks},
-            "settings": {"regions": pipe.regions.model_dump(), "merge": pipe.merge.model_dump(),
-                         "probe": asdict(self.cfg(pipe.probe)), "stage": asdict(self.cfg(pipe.stage)),
-                         "calibration": {**asdict(self.cfg(pipe.calibration)), "sample": pipe.calibration.sample},
-                         "eval": pipe.eval.model_dump(), "baselines": pipe.baselines.model_dump()},
+            "tasks": {
+                t.name: {
+                    "metric": t.metric,
+                    "domain": t.domain,
+                    "builtin": t.builtin,
+                    "train": self.data[t.name]["train"],
+                    "test": self.data[t.name]["test"],
+                }
+                for t in pipe.tasks
+            },
+            "settings": {
+                "regions": pipe.regions.model_dump(),
+                "merge": pipe.merge.model_dump(),
+                "probe": asdict(self.cfg(pipe.probe)),
+                "stage": asdict(self.cfg(pipe.stage)),
+                "calibration": {**asdict(self.cfg(pipe.calibration)), "sample": pipe.calibration.sample},
+                "eval": pipe.eval.model_dump(),
+                "baselines": pipe.baselines.model_dump(),
+            },
             "methods": methods,
             "groups": self.extra.get("groups"),
             "order": self.extra.get("order"),

@@ -60,11 +60,21 @@ class TensorInfo:
 
 
 _DTYPES = {
-    "F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
-    "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
-    "U8": torch.uint8, "BOOL": torch.bool,
-    "F8_E4M3": getattr(torch, "float8_e4m3fn", None), "F8_E5M2": getattr(torch, "float8_e5m2", None),
-    "U16": getattr(torch, "uint16", None), "U32": getattr(torch, "uint32", None), "U64": getattr(torch, "uint64", None),
+    "F64": torch.float64,
+    "F32": torch.float32,
+    "F16": torch.float16,
+    "BF16": torch.bfloat16,
+    "I64": torch.int64,
+    "I32": torch.int32,
+    "I16": torch.int16,
+    "I8": torch.int8,
+    "U8": torch.uint8,
+    "BOOL": torch.bool,
+    "F8_E4M3": getattr(torch, "float8_e4m3fn", None),
+    "F8_E5M2": getattr(torch, "float8_e5m2", None),
+    "U16": getattr(torch, "uint16", None),
+    "U32": getattr(torch, "uint32", None),
+    "U64": getattr(torch, "uint64", None),
 }
 
 
@@ -185,8 +195,7 @@ class Checkpoint:
         if os.path.isfile(p):
             if not p.endswith(".safetensors"):
                 raise CpiftError(
-                    f"model {self.label}: {p} is not a .safetensors file;"
-                    " save the model with safe_serialization=True"
+                    f"model {self.label}: {p} is not a .safetensors file; save the model with safe_serialization=True"
                 )
             return {p: self._keys_of(p)}
         if not os.path.isdir(p):
@@ -278,9 +287,7 @@ class Checkpoint:
         return iter(self.infos)
 
 
-def fingerprint_from_samples(
-    infos: Dict[str, TensorInfo], samples: Dict[str, List[float]]
-) -> str:
+def fingerprint_from_samples(infos: Dict[str, TensorInfo], samples: Dict[str, List[float]]) -> str:
     """Same digest as :meth:`Checkpoint.fingerprint`, from precomputed samples."""
     h = hashlib.sha256()
     for name in sorted(samples):
@@ -303,8 +310,7 @@ def participating_tensors(
         arch = ckpt.config().get("architectures")
         if base_arch and arch and arch != base_arch:
             raise CpiftError(
-                f"model {name} is a {arch[0]} but the base is a {base_arch[0]};"
-                " all models must share one architecture"
+                f"model {name} is a {arch[0]} but the base is a {base_arch[0]}; all models must share one architecture"
             )
         missing = [t for t in base.infos if t not in ckpt.infos]
         if missing:

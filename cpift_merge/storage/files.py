@@ -16,9 +16,7 @@ from cpift_merge.errors import CpiftError
 
 
 def cache_dir() -> str:
-    return os.environ.get("CPIFT_CACHE") or os.path.join(
-        os.path.expanduser("~"), ".cache", "cpift-merge"
-    )
+    return os.environ.get("CPIFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cpift-merge")
 
 
 def file_stamps(path: str) -> tuple:

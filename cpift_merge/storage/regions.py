@@ -105,7 +105,11 @@ class MaskFileWriter:
 
 
 def _finite_keys(
-    theta: torch.Tensor, theta0: torch.Tensor, tensor: str, task: TensorSource, base: TensorSource,
+    theta: torch.Tensor,
+    theta0: torch.Tensor,
+    tensor: str,
+    task: TensorSource,
+    base: TensorSource,
     out: Optional[torch.Tensor] = None,
 ) -> torch.Tensor:
     try:
@@ -113,8 +117,7 @@ def _finite_keys(
     except ValueError:
         culprit = base if not topk.all_finite(theta0) else task
         raise CpiftError(
-            f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export"
-            " that checkpoint"
+            f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export that checkpoint"
         ) from None
 
 
@@ -133,16 +136,21 @@ def check_task_names(names: Sequence[str]) -> None:
     seen = set()
     for name in names:
         if not name or not all(c.isalnum() or c in "_.-" for c in name) or name[0] == ".":
-            raise CpiftError(
-                f"task name {name!r} must use letters, digits, '_', '.', '-' only"
-            )
+            raise CpiftError(f"task name {name!r} must use letters, digits, '_', '.', '-' only")
         if name in seen:
             raise CpiftError(f"duplicate task name {name!r}; give each task its own name")
         seen.add(name)
 
 
-def _stream(base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequence[TensorInfo],
-            desc: str, progress: bool, samples: Dict[str, Dict[str, List[float]]], wanted=None):
+def _stream(
+    base: TensorSource,
+    tasks: Mapping[str, TensorSource],
+    tensors: Sequence[TensorInfo],
+    desc: str,
+    progress: bool,
+    samples: Dict[str, Dict[str, List[float]]],
+    wanted=None,
+):
     """Yield (info, {task: keys}) tensor by tensor, recording value samples.
 
     ``wanted(tensor) -> task names`` limits what is read; a tensor no task wants is
@@ -161,8 +169,11 @@ def _stream(base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequ
             theta = _read(tasks[n], info.name, scratch, n)
             samples[n][info.name] = sample_values(theta)
             # the task's read buffer becomes its keys (a float32 read is overwritten)
-            out = theta.reshape(-1) if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32 \
+            out = (
+                theta.reshape(-1)
+                if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32
                 else scratch.floats(f"{n}/keys", info.numel)
+            )
             keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out)
             del theta
         del theta0
@@ -191,8 +202,9 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples):
         f.end_high()
 
     def in_bucket(tensor: str) -> List[str]:
-        return [n for n in names if finders[n].needs_low
-                and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]]
+        return [
+            n for n in names if finders[n].needs_low and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]
+        ]
 
     lows: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
     if any(f.needs_low for f in finders.values()):
@@ -231,8 +243,14 @@ class GlobalCut:
         return topk.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
 
     @classmethod
-    def find(cls, base: TensorSource, tasks: Mapping[str, TensorSource], tensors: Sequence[TensorInfo],
-             density: float, progress: bool = True) -> GlobalCut:
+    def find(
+        cls,
+        base: TensorSource,
+        tasks: Mapping[str, TensorSource],
+        tensors: Sequence[TensorInfo],
+        density: float,
+        progress: bool = True,
+    ) -> GlobalCut:
         """Thresholds and tie quotas, exactly: two histogram passes over the high and
         low 16 bits of the keys (the second reads only tensors that reach the
         threshold's bucket). Memory: two fixed histograms per task."""
@@ -243,9 +261,7 @@ class GlobalCut:
         quotas: Dict[str, Dict[str, int]] = {}
         for n in names:
             th = thresholds[n]
-            quotas[n] = {} if th.ties == 0 else {
-                t.name: q for t, q in zip(tensors, topk.tie_quotas(th, tied[n])) if q
-            }
+            quotas[n] = {} if th.ties == 0 else {t.name: q for t, q in zip(tensors, topk.tie_quotas(th, tied[n])) if q}
         return cls(
             tensors=[t.name for t in tensors],
             dtypes={t.name: t.dtype for t in tensors},
@@ -302,9 +318,7 @@ def compute_regions(
     if order == "given":
         given = list(given_order or names)
         if sorted(given) != sorted(names) or len(set(given)) != len(given):
-            raise CpiftError(
-                f"--order given needs each task once, got {given} for tasks {names}"
-            )
+            raise CpiftError(f"--order given needs each task once, got {given} for tasks {names}")
     tensors = participating_tensors(base, dict(tasks), exclude)  # type: ignore[arg-type]
     total = sum(t.numel for t in tensors)
     if total == 0:
@@ -476,7 +490,9 @@ def load_regions(path: str, verify: bool = True) -> RegionSet:
         raise CpiftError(f"region file {meta_file} is corrupt ({err}); recompute it with cpift regions") from None
     required = ("format", "version", "density", "scope", "D", "tasks", "tensors", "groups", "jaccard", "samples")
     if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in required):
-        raise CpiftError(f"region file {meta_file} is not a cpift region file or is incomplete; recompute it with cpift regions")
+        raise CpiftError(
+            f"region file {meta_file} is not a cpift region file or is incomplete; recompute it with cpift regions"
+        )
     if meta["version"] != VERSION:
         raise CpiftError(f"region file {meta_file} has version {meta['version']}, this cpift-merge reads {VERSION}")
     if verify:
@@ -491,9 +507,15 @@ def load_regions(path: str, verify: bool = True) -> RegionSet:
                     while chunk := fh.read(1 << 22):
                         digest.update(chunk)
             except (OSError, struct.error) as err:
-                raise CpiftError(f"region file {path}: mask file of task {task} is missing or truncated ({err}); recompute it with cpift regions") from None
+                raise CpiftError(
+                    f"region file {path}: mask file of task {task} is missing or truncated ({err});"
+                    " recompute it with cpift regions"
+                ) from None
             if digest.hexdigest() != info["mask_sha256"]:
-                raise CpiftError(f"region file {path}: mask file of task {task} is corrupt or truncated (checksum mismatch); recompute it with cpift regions")
+                raise CpiftError(
+                    f"region file {path}: mask file of task {task} is corrupt or truncated (checksum mismatch);"
+                    " recompute it with cpift regions"
+                )
     return RegionSet(path=path, meta=meta)
 
 

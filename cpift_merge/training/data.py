@@ -26,9 +26,13 @@ def _check_example(ex: Any, where: str) -> Dict[str, Any]:
         raise CpiftError(f"{where}: an example must be a JSON object")
     if "messages" in ex:
         msgs = ex["messages"]
-        if not isinstance(msgs, list) or not msgs or not all(
-            isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-            for m in msgs
+        if (
+            not isinstance(msgs, list)
+            or not msgs
+            or not all(
+                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
+                for m in msgs
+            )
         ):
             raise CpiftError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
         if not any(m["role"] == "assistant" for m in msgs):
@@ -140,7 +144,7 @@ def encode(tok, ex: Dict[str, Any]) -> Encoded:
                 prompt = _template_ids(tok, messages[:i], add_generation_prompt=True)
                 if upto[: len(prompt)] != prompt or prompt[: len(ids)] != ids:
                     raise CpiftError("the tokenizer's chat template is not prefix-stable; cannot mask prompts")
-                labels += [IGNORE] * (len(prompt) - len(ids)) + _turn_labels(tok, upto[len(prompt):])
+                labels += [IGNORE] * (len(prompt) - len(ids)) + _turn_labels(tok, upto[len(prompt) :])
             else:
                 if upto[: len(ids)] != ids:
                     raise CpiftError("the tokenizer's chat template is not prefix-stable; cannot mask prompts")

@@ -207,17 +207,22 @@ def finetune(
         with open(done, encoding="utf-8") as fh:
             return json.load(fh)
     if os.path.exists(out):  # finished runs are written whole, record included
-        raise CpiftError(f"{out} exists but holds no {record}; it is not a finished run: delete it or choose another --out")
+        raise CpiftError(
+            f"{out} exists but holds no {record}; it is not a finished run: delete it or choose another --out"
+        )
     os.makedirs(work, exist_ok=True)
     stamp = os.path.join(work, "run-config.json")
-    run_id = {"config": cfg.fingerprint(), "base": os.path.abspath(base), "n": len(examples),
-              "frozen": sum(int(m.sum()) for m in (frozen or {}).values())}
+    run_id = {
+        "config": cfg.fingerprint(),
+        "base": os.path.abspath(base),
+        "n": len(examples),
+        "frozen": sum(int(m.sum()) for m in (frozen or {}).values()),
+    }
     if os.path.isfile(stamp):
         with open(stamp, encoding="utf-8") as fh:
             if json.load(fh) != run_id:
                 raise CpiftError(
-                    f"{work} holds an interrupted run with other settings; delete it or rerun"
-                    " with the same options"
+                    f"{work} holds an interrupted run with other settings; delete it or rerun with the same options"
                 )
     else:
         with open(stamp, "w", encoding="utf-8") as fh:
@@ -235,8 +240,9 @@ def finetune(
         from peft import LoraConfig, get_peft_model
 
         targets = [t for t in LORA_TARGETS if any(n.endswith(f"{t}.weight") for n, _ in model.named_parameters())]
-        model = get_peft_model(model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank,
-                                                 lora_dropout=0.0, target_modules=targets))
+        model = get_peft_model(
+            model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
+        )
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     args = TrainingArguments(
         output_dir=work,
@@ -271,8 +277,13 @@ def finetune(
     callbacks: List[Any] = [log, NoFinalCheckpoint()]
     if frozen and not cfg.lora:
         callbacks.append(FreezeCallback(frozen))
-    trainer = Trainer(model=model, args=args, train_dataset=_Examples(rows),
-                      data_collator=Collator(tok.pad_token_id), callbacks=callbacks)
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=_Examples(rows),
+        data_collator=Collator(tok.pad_token_id),
+        callbacks=callbacks,
+    )
     # Trainer prints every log dict (with bars off) or writes it under the bar: show the
     # loss in the bar's postfix instead (train_log.jsonl keeps every log)
     trainer.remove_callback(PrinterCallback)
@@ -283,8 +294,9 @@ def finetune(
     if cfg.lora:
         model = model.merge_and_unload()
     model = model.to("cpu")
-    identical = all(torch.equal(p.detach()[frozen[n]], reference[n])
-                    for n, p in model.named_parameters() if n in reference)
+    identical = all(
+        torch.equal(p.detach()[frozen[n]], reference[n]) for n, p in model.named_parameters() if n in reference
+    )
     if frozen and not identical:
         raise CpiftError(f"internal error: frozen entries moved in {out}; please report")
     losses = [json.loads(line).get("loss") for line in open(os.path.join(work, "train_log.jsonl"), encoding="utf-8")]
@@ -331,16 +343,25 @@ def run_probes(
     paths = {}
     for name, examples in data.items():
         say(f"probe {name}: {len(examples)} examples")
-        rec = finetune(base, examples, os.path.join(out, name), cfg, record="probe.json",
-                       extra={"task": name}, progress=progress, desc=f"probe {name}")
+        rec = finetune(
+            base,
+            examples,
+            os.path.join(out, name),
+            cfg,
+            record="probe.json",
+            extra={"task": name},
+            progress=progress,
+            desc=f"probe {name}",
+        )
         say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
         paths[name] = os.path.join(out, name)
     if regions_density is None:
         return paths, None
     from cpift_merge.storage.regions import compute_from_paths
 
-    rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=regions_density,
-                            overwrite=True, progress=progress)
+    rs = compute_from_paths(
+        base, paths, os.path.join(out, "regions"), density=regions_density, overwrite=True, progress=progress
+    )
     return paths, rs
 
 
@@ -376,7 +397,7 @@ def plan_groups(spec: str, tasks: Sequence[str], regions=None, seed: int = 0) ->
         if sorted(named) != sorted(tasks) or len(set(named)) != len(named):
             raise CpiftError(f"--groups {spec!r} must name every task exactly once (tasks: {', '.join(tasks)})")
         return groups
-    raise CpiftError(f"--groups must be from-regions, random:K or given:\"a,b;c\", got {spec!r}")
+    raise CpiftError(f'--groups must be from-regions, random:K or given:"a,b;c", got {spec!r}')
 
 
 def _skeleton(path: str) -> torch.nn.Module:
@@ -435,15 +456,36 @@ def staged_train(
             frozen = masks_from_regions(_skeleton(current), regions, earlier)
         rows = [ex for t in group for ex in data[t]]
         random.Random(cfg.seed + k).shuffle(rows)
-        rec = finetune(current, rows, stage_dir, cfg, frozen=frozen, record="stage.json",
-                       extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)}, progress=progress,
-                       desc=f"stage {k}/{len(groups)} ({'+'.join(group)})")
-        stages.append({"stage": k, "tasks": group, "path": stage_dir, "frozen_entries": rec["frozen_entries"],
-                       "steps": rec["steps"], "final_loss": rec["final_loss"]})
+        rec = finetune(
+            current,
+            rows,
+            stage_dir,
+            cfg,
+            frozen=frozen,
+            record="stage.json",
+            extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)},
+            progress=progress,
+            desc=f"stage {k}/{len(groups)} ({'+'.join(group)})",
+        )
+        stages.append(
+            {
+                "stage": k,
+                "tasks": group,
+                "path": stage_dir,
+                "frozen_entries": rec["frozen_entries"],
+                "steps": rec["steps"],
+                "final_loss": rec["final_loss"],
+            }
+        )
         earlier += group
         current = stage_dir
-    summary = {"groups": groups, "stages": stages, "final": current,
-               "regions": getattr(regions, "path", None), "sample": sample}
+    summary = {
+        "groups": groups,
+        "stages": stages,
+        "final": current,
+        "regions": getattr(regions, "path", None),
+        "sample": sample,
+    }
     with open(os.path.join(out, "train.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
     return summary

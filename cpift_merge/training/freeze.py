@@ -114,9 +114,7 @@ class _Frozen:
 
     def __init__(self, name: str, param: torch.Tensor, mask: torch.Tensor, storage: str):
         if mask.numel() != param.numel():
-            raise ValueError(
-                f"mask for {name} has {mask.numel()} entries, the parameter {param.numel()}"
-            )
+            raise ValueError(f"mask for {name} has {mask.numel()} entries, the parameter {param.numel()}")
         local = _local(param)
         flat = _shard_mask(name, mask, param).reshape(-1).to(device=local.device, dtype=torch.bool)
         self.param, self.name, self.numel = param, name, local.numel()
@@ -131,12 +129,12 @@ class _Frozen:
                 weights = torch.tensor([[1 << j] for j in range(8)], dtype=torch.uint8, device=flat.device)
                 self._bits = torch.empty(n8, dtype=torch.int8, device=flat.device)
                 for a, e in _spans(self.numel):
-                    planes = keep[8 * a:8 * e].view(8, e - a).view(torch.uint8)
+                    planes = keep[8 * a : 8 * e].view(8, e - a).view(torch.uint8)
                     self._bits[a:e] = (planes * weights).sum(0, dtype=torch.uint8).view(torch.int8)
             else:
                 self._bytes = keep[: 8 * n8].neg()
             if self.numel > 8 * n8:
-                self._tail = keep[8 * n8:].neg()
+                self._tail = keep[8 * n8 :].neg()
         self._saved: Optional[torch.Tensor] = None
 
     # ------------------------------------------------------------ keep masks
@@ -146,12 +144,14 @@ class _Frozen:
         w, device = e - a, (self._bits if self._bits is not None else self._bytes).device
         out = _buffer("keep", 8, dtype, device)[:, :w]
         if self._bytes is not None:
-            return out.copy_(self._bytes[8 * a:8 * e].view(8, w))
+            return out.copy_(self._bytes[8 * a : 8 * e].view(8, w))
         width = 8 * torch.tensor([], dtype=dtype).element_size()
         wide = _buffer("bits", 1, dtype, device)[:, :w]
         wide.copy_(self._bits[None, a:e])  # sign-extends; the high bits shift out below
-        shifts = _cached(("shifts", dtype, device),  # bit j to the sign bit
-                         lambda: torch.arange(width - 1, width - 9, -1, dtype=dtype, device=device).view(8, 1))
+        shifts = _cached(
+            ("shifts", dtype, device),  # bit j to the sign bit
+            lambda: torch.arange(width - 1, width - 9, -1, dtype=dtype, device=device).view(8, 1),
+        )
         torch.bitwise_left_shift(wide, shifts, out=out)
         return out.bitwise_right_shift_(width - 1)
 
@@ -159,7 +159,7 @@ class _Frozen:
         """``(keep, view, ...)`` per block: ``keep(dtype)`` gives the block's keep mask
         shaped like the views of each flat ``tensor``."""
         for a, e in _spans(self.numel):
-            yield (lambda dt, a=a, e=e: self._keep(a, e, dt), *[t[8 * a:8 * e].view(8, e - a) for t in tensors])
+            yield (lambda dt, a=a, e=e: self._keep(a, e, dt), *[t[8 * a : 8 * e].view(8, e - a) for t in tensors])
         if self._tail is not None:
             n = 8 * (self.numel // 8)
             yield (lambda dt: self._tail.to(dt), *[t[n:] for t in tensors])
@@ -170,11 +170,15 @@ class _Frozen:
             m = torch.zeros(self.numel, dtype=torch.bool, device=self._idx.device)
             m[self._idx] = True
             return m
-        return torch.cat([keep(torch.int8).reshape(-1) == 0 for keep, in self._blocks()])
+        return torch.cat([keep(torch.int8).reshape(-1) == 0 for (keep,) in self._blocks()])
 
     @property
     def nbytes(self) -> int:
-        ts = [self._idx] if self._idx is not None else [t for t in (self._bits, self._bytes, self._tail) if t is not None]
+        ts = (
+            [self._idx]
+            if self._idx is not None
+            else [t for t in (self._bits, self._bytes, self._tail) if t is not None]
+        )
         return sum(t.numel() * t.element_size() for t in ts)
 
     # ------------------------------------------------------------ operations
@@ -283,8 +287,13 @@ class MaskedUpdate:
     comparison; the result is the same).
     """
 
-    def __init__(self, model: torch.nn.Module, masks: Mapping[str, torch.Tensor], storage: str = "bits",
-                 adam_fast_path: bool = True):
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        masks: Mapping[str, torch.Tensor],
+        storage: str = "bits",
+        adam_fast_path: bool = True,
+    ):
         if storage not in ("bits", "bytes"):
             raise ValueError("storage must be 'bits' or 'bytes'")
         params = dict(_named_parameters(model))

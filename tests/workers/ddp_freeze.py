@@ -36,7 +36,7 @@ def main(out_path: str) -> None:
     norms = []
     for _ in range(3):
         for micro in range(2):
-            ddp(x[micro * 2:(micro + 1) * 2], labels=x[micro * 2:(micro + 1) * 2]).loss.backward()
+            ddp(x[micro * 2 : (micro + 1) * 2], labels=x[micro * 2 : (micro + 1) * 2]).loss.backward()
         norms.append(float(torch.nn.utils.clip_grad_norm_(ddp.parameters(), 0.5)))
         frozen_grad_zero = all(
             bool((p.grad[masks[n]] == 0).all()) for n, p in model.named_parameters() if p.grad is not None
@@ -53,9 +53,18 @@ def main(out_path: str) -> None:
     mu.detach()
     if rank == 0:
         with open(out_path, "w") as fh:
-            json.dump({"identical": identical, "moved": moved, "grads_masked": frozen_grad_zero,
-                       "replicas_equal": all(torch.equal(gathered[0], t) for t in gathered),
-                       "world": dist.get_world_size(), "norms": norms, "path": path}, fh)
+            json.dump(
+                {
+                    "identical": identical,
+                    "moved": moved,
+                    "grads_masked": frozen_grad_zero,
+                    "replicas_equal": all(torch.equal(gathered[0], t) for t in gathered),
+                    "world": dist.get_world_size(),
+                    "norms": norms,
+                    "path": path,
+                },
+                fh,
+            )
     # free DDP (its reducer) while the process group is alive: destroying it after
     # destroy_process_group() hangs one rank at exit under gloo
     del ddp, opt, mu

@@ -57,7 +57,7 @@ def main(out_path: str) -> None:
     grads_masked, norms_match, norms = True, True, []
     for _ in range(3):
         for micro in range(2):
-            xb = x[micro * 2:(micro + 1) * 2]
+            xb = x[micro * 2 : (micro + 1) * 2]
             model(xb, labels=xb).loss.backward()
         grads = {n: full(p.grad) for n, p in params.items() if p.grad is not None}
         grads_masked &= all(bool((gr[masks[n]] == 0).all()) for n, gr in grads.items())
@@ -89,12 +89,26 @@ def main(out_path: str) -> None:
     sgd_moved = sum(int((final[n][~masks[n]] != after[n][~masks[n]]).sum()) for n in params)
     if rank == 0:
         with open(out_path, "w") as fh:
-            json.dump({"identical": identical, "moved": moved, "grads_masked": grads_masked,
-                       "moments_zeroed": moments_zeroed, "norms_match": norms_match, "norms": norms,
-                       "sharded": sharded, "embed_rows_rank0": uneven, "frozen_counts": counts,
-                       "frozen_total": sum(int(m.sum()) for m in masks.values()),
-                       "world": dist.get_world_size(), "path": path, "sgd_path": sgd_path,
-                       "sgd_identical": sgd_identical, "sgd_moved": sgd_moved}, fh)
+            json.dump(
+                {
+                    "identical": identical,
+                    "moved": moved,
+                    "grads_masked": grads_masked,
+                    "moments_zeroed": moments_zeroed,
+                    "norms_match": norms_match,
+                    "norms": norms,
+                    "sharded": sharded,
+                    "embed_rows_rank0": uneven,
+                    "frozen_counts": counts,
+                    "frozen_total": sum(int(m.sum()) for m in masks.values()),
+                    "world": dist.get_world_size(),
+                    "path": path,
+                    "sgd_path": sgd_path,
+                    "sgd_identical": sgd_identical,
+                    "sgd_moved": sgd_moved,
+                },
+                fh,
+            )
     dist.barrier()
     dist.destroy_process_group()
 
