@@ -330,6 +330,37 @@ def _no_meta(d):
     os.remove(os.path.join(d, "regions.json"))
 
 
+def _edit_meta(edit):
+    def apply(d):
+        with open(os.path.join(d, "regions.json")) as fh:
+            meta = json.load(fh)
+        edit(meta)
+        with open(os.path.join(d, "regions.json"), "w") as fh:
+            json.dump(meta, fh)
+
+    return apply
+
+
+def _swap_header_names(d):
+    """Swap two tensors' names in a mask file's safetensors header (same length)."""
+    import struct
+
+    f = os.path.join(d, "masks", "code.safetensors")
+    data = open(f, "rb").read()
+    (n,) = struct.unpack("<Q", data[:8])
+    header = json.loads(data[8 : 8 + n])
+    a, b = "model.layers.0.mlp.up_proj.weight", "model.layers.1.mlp.up_proj.weight"
+    header[a], header[b] = header[b], header[a]
+    blob = json.dumps(header, separators=(",", ":")).encode().ljust(n)
+    open(f, "wb").write(data[:8] + blob + data[8 + n :])
+
+
+def _traversal(d):
+    other = os.path.join(os.path.dirname(d), "other")
+    shutil.copytree(d, other)
+    _edit_meta(lambda m: m["tasks"]["code"].update(mask_file="../other/masks/code.safetensors"))(d)
+
+
 CORRUPTIONS = {
     "garbage_json": (_garbage_json, ["regions.json", "corrupt"]),
     "not_a_region_file": (_not_a_region_file, ["regions.json", "not a cpift region file"]),
@@ -338,6 +369,23 @@ CORRUPTIONS = {
     "stub_mask": (_stub_mask, ["code", "truncated"]),
     "flipped_mask_bit": (_flip_mask_bit, ["code", "corrupt"]),
     "missing_mask": (_drop_mask, ["code", "missing"]),
+    "swapped_header_names": (_swap_header_names, ["code", "edited"]),
+    "mask_file_outside": (_traversal, ["mask file '../other/masks/code.safetensors'", "not inside"]),
+    "mask_file_absolute": (
+        _edit_meta(lambda m: m["tasks"]["code"].update(mask_file="/etc/passwd")),
+        ["'/etc/passwd'", "not inside"],
+    ),
+    "wrong_k": (_edit_meta(lambda m: m["tasks"]["code"].update(k=5)), ["task code", "k = 5"]),
+    "wrong_k_and_counts": (
+        _edit_meta(lambda m: (m["tasks"]["code"].update(k=5), m.pop("counts"))),
+        ["task code", "k = 5"],
+    ),
+    "bogus_scope": (_edit_meta(lambda m: m.update(scope="bogus")), ["field scope", "'bogus'"]),
+    "string_density": (_edit_meta(lambda m: m.update(density="0.01")), ["field density", "'0.01'"]),
+    "density_above_one": (_edit_meta(lambda m: m.update(density=2.0)), ["field density"]),
+    "k_not_int": (_edit_meta(lambda m: m["tasks"]["code"].update(k=5.5)), ["field tasks.code.k"]),
+    "wrong_D": (_edit_meta(lambda m: m.update(D=m["D"] + 1)), ["D is"]),
+    "unknown_version": (_edit_meta(lambda m: m.update(version=9)), ["version 9"]),
 }
 
 
@@ -348,6 +396,41 @@ def test_corrupt_region_file(kind, regions_dir, tiny_models, tmp_path):
     out = str(tmp_path / "out")
     config = recipe(tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"regions": broken})
     assert_refused(merge_cli(config, out), out, broken, *needles)
+
+
+def _as_version_1(d):
+    """Rewrite a region directory as version 1 wrote it: checksums of the data after
+    each mask file's header."""
+    import hashlib
+    import struct
+
+    def edit(meta):
+        meta["version"] = 1
+        for info in meta["tasks"].values():
+            data = open(os.path.join(d, info["mask_file"]), "rb").read()
+            (n,) = struct.unpack("<Q", data[:8])
+            info["mask_sha256"] = hashlib.sha256(data[8 + n :]).hexdigest()
+
+    _edit_meta(edit)(d)
+
+
+def test_version_1_region_file_loads_and_its_masks_are_counted(regions_dir, tiny_models, tmp_path):
+    from cpift_merge.errors import CpiftError
+    from cpift_merge.storage.regions import load_regions
+
+    v1 = copy_regions(regions_dir, str(tmp_path / "v1"), _as_version_1)
+    rs, fresh = load_regions(v1), load_regions(regions_dir)
+    assert rs.meta["version"] == 1 and fresh.meta["version"] == 2
+    assert all(torch.equal(rs.mask("code", t), fresh.mask("code", t)) for t in fresh.tensor_names)
+    out = str(tmp_path / "out")
+    config = recipe(tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"regions": v1})
+    assert merge_cli(config, out).exit_code == 0
+    # version 1's checksum misses a swap of two names in a header; the per-tensor counts do not
+    counts = rs.meta["counts"]["code"]
+    assert counts["model.layers.0.mlp.up_proj.weight"] != counts["model.layers.1.mlp.up_proj.weight"]
+    _swap_header_names(v1)
+    with pytest.raises(CpiftError, match="holds .* entries for model.layers.0.mlp.up_proj.weight"):
+        load_regions(v1)
 
 
 def test_missing_region_dir(tiny_models, tmp_path):
@@ -696,3 +779,33 @@ def test_real_cli_nan_found_by_the_forked_prepass_is_one_line(bad, tiny_models, 
     assert_no_output(out)
     lines = [ln for ln in proc.stderr.splitlines() if ln.strip()]
     assert len(lines) == 1 and lines[0].startswith("error: ") and LATE in lines[0] and bad["nan"] in lines[0], lines
+
+
+# ------------------------------------------------- an output that would destroy an input
+
+
+def _digest_tree(path: str) -> Dict[str, bytes]:
+    out = {}
+    for root, _dirs, files in os.walk(path):
+        for f in files:
+            with open(os.path.join(root, f), "rb") as fh:
+                out[os.path.relpath(os.path.join(root, f), path)] = fh.read()
+    return out
+
+
+def test_output_equal_to_inside_or_containing_an_input_is_refused(tiny_models, tmp_path):
+    """`--overwrite` never turns an input into the output: equal, inside, containing."""
+    work = tmp_path / "work"
+    base = shutil.copytree(tiny_models["base"], str(work / "base"))
+    a = shutil.copytree(tiny_models["a"], str(work / "a"))
+    before = {p: _digest_tree(p) for p in (base, a)}
+    for out in (a, base, str(work), os.path.join(a, "regions")):
+        line = error_line(regions_cli(base, {"math": a}, out, "--overwrite"))
+        assert "overlaps the input" in line and "--overwrite" not in line, line
+    config = recipe(work, [a], base)
+    for out in (base, a, str(work), os.path.join(base, "merged")):
+        line = error_line(merge_cli(config, out, "--overwrite"))
+        assert "overlaps the input" in line, line
+    assert {p: _digest_tree(p) for p in (base, a)} == before
+    assert os.path.isfile(config) and sorted(os.listdir(work)) == ["a", "base", "recipe.yml"]
+    assert_no_output(os.path.join(a, "regions"))

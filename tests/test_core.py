@@ -129,6 +129,27 @@ def test_bit_layout_is_little_endian():
         masks.decode(torch.tensor([0, 12], dtype=torch.int32), 10)
 
 
+@pytest.mark.parametrize("n", [1, 7, 8, 13, 1000])
+def test_mask_count_without_decoding(n):
+    g = torch.Generator().manual_seed(n)
+    for p in (0.0, 0.003, 0.5, 1.0):
+        m = torch.rand(n, generator=g) < p
+        for enc in (masks.encode(m), masks.pack_bits(m), m.nonzero().reshape(-1).to(torch.int32)):
+            assert masks.count(enc, n) == int(m.sum())
+
+
+def test_mask_count_refuses_what_encode_cannot_write():
+    with pytest.raises(ValueError, match="bytes"):
+        masks.count(torch.zeros(3, dtype=torch.uint8), 9)
+    with pytest.raises(ValueError, match="past its last entry"):
+        masks.count(torch.tensor([0, 0b10], dtype=torch.uint8), 9)  # bit 9 of 9 entries
+    for bad in ([3, 3], [4, 2], [-1, 2], [2, 10]):
+        with pytest.raises(ValueError, match="increasing"):
+            masks.count(torch.tensor(bad, dtype=torch.int32), 10)
+    with pytest.raises(ValueError, match="dtype"):
+        masks.count(torch.zeros(2, dtype=torch.float32), 10)
+
+
 def test_jaccard_on_hand_made_masks():
     a = torch.tensor([1, 1, 1, 0, 0, 0], dtype=torch.bool)
     b = torch.tensor([0, 1, 1, 1, 0, 0], dtype=torch.bool)

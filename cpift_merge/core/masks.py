@@ -65,3 +65,22 @@ def decode(data: torch.Tensor, numel: int) -> torch.Tensor:
         out[idx] = True
         return out
     raise ValueError(f"unknown mask encoding dtype {data.dtype}")
+
+
+def count(data: torch.Tensor, numel: int) -> int:
+    """Entries set in an encoded mask of ``numel`` entries, without decoding it; refuses
+    (ValueError) data that :func:`encode` cannot have written: a wrong byte count, pad
+    bits set, indices out of range, unsorted or repeated."""
+    if data.dtype == torch.uint8:
+        if data.numel() != packed_size(numel):
+            raise ValueError(f"packed mask has {data.numel()} bytes, expected {packed_size(numel)} for {numel} entries")
+        flat = data.reshape(-1)
+        if numel % 8 and int(flat[-1]) >> (numel % 8):
+            raise ValueError("packed mask has bits set past its last entry")
+        return sum(int(((flat >> j) & 1).sum(dtype=torch.int64)) for j in range(8))
+    if data.dtype in (torch.int32, torch.int64):
+        idx = data.reshape(-1).to(torch.int64)
+        if idx.numel() and (int(idx[0]) < 0 or int(idx[-1]) >= numel or not bool((idx[1:] > idx[:-1]).all())):
+            raise ValueError(f"mask indices must be increasing and below {numel}")
+        return idx.numel()
+    raise ValueError(f"unknown mask encoding dtype {data.dtype}")

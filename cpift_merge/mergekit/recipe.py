@@ -87,6 +87,18 @@ def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
     return cfg
 
 
+def local_inputs(cfg: Any) -> List[str]:
+    """Every local path a resolved recipe reads (models, ``base+lora`` parts, regions,
+    tokenizer source): any string in it, or ``+``-separated part, that exists on disk."""
+    if isinstance(cfg, dict):
+        return [p for v in cfg.values() for p in local_inputs(v)]
+    if isinstance(cfg, list):
+        return [p for v in cfg for p in local_inputs(v)]
+    if isinstance(cfg, str):
+        return [part for part in cfg.split("+") if part and os.path.exists(part)]
+    return []
+
+
 def check_cpi_values(cfg: Dict[str, Any]) -> None:
     """Range and type checks of ``cpi`` parameter values, one clear line each."""
     from cpift_merge.mergekit.method import check_parameter_place
@@ -245,7 +257,7 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
     from pydantic import ValidationError
 
     from cpift_merge.mergekit import method
-    from cpift_merge.storage.files import atomic_dir, ensure_free
+    from cpift_merge.storage.files import atomic_dir, ensure_apart, ensure_free
 
     method.register()
     ensure_free(out, overwrite)
@@ -255,6 +267,7 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
         transformers.logging.set_verbosity_error()  # mergekit trips deprecation notices
     raw = load_yaml(config_path)
     cfg = resolve_recipe(raw, os.path.dirname(os.path.abspath(config_path)))
+    ensure_apart(out, [config_path, *local_inputs(cfg)])
     try:
         config = MergeConfiguration.model_validate(cfg)
     except (ValidationError, RuntimeError) as err:

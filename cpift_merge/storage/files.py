@@ -10,7 +10,7 @@ import os
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterator
+from typing import Iterable, Iterator
 
 from cpift_merge.errors import CpiftError
 
@@ -38,6 +38,18 @@ def ensure_free(out: str, overwrite: bool = False) -> None:
     """Refuse an existing output early, before any expensive work."""
     if os.path.exists(out) and not overwrite:
         raise CpiftError(f"output {os.path.abspath(out)} already exists; pass --overwrite or choose another path")
+
+
+def ensure_apart(out: str, inputs: Iterable[str]) -> None:
+    """Refuse an output that is, contains or lies inside one of the inputs: writing
+    (or with overwrite, replacing) it would destroy or alter that input."""
+    target = os.path.realpath(os.path.expanduser(out))
+    for path in inputs:
+        if not path or not os.path.exists(os.path.expanduser(path)):
+            continue  # not a local input (a hub id, an adapter's label)
+        src = os.path.realpath(os.path.expanduser(path))
+        if target == src or src.startswith(target + os.sep) or target.startswith(src + os.sep):
+            raise CpiftError(f"output {out} overlaps the input {path}; choose an output outside every input")
 
 
 @contextmanager

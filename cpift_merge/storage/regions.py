@@ -15,8 +15,10 @@ safetensors writer for the same reason.
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
+import math
 import os
 import struct
 from dataclasses import dataclass
@@ -36,10 +38,10 @@ from cpift_merge.storage.checkpoint import (
     participating_tensors,
     sample_values,
 )
-from cpift_merge.storage.files import atomic_dir, ensure_free
+from cpift_merge.storage.files import atomic_dir, ensure_apart, ensure_free
 
 FORMAT = "cpift-regions"
-VERSION = 1
+VERSION = 2  # 2: mask_sha256 covers the whole mask file (1: the data after its header)
 META_NAME = "regions.json"
 MASK_DIR = "masks"
 SCOPES = ("global", "tensor")
@@ -88,10 +90,10 @@ class MaskFileWriter:
         header["__metadata__"] = dict(metadata or {})
         blob = json.dumps(header, separators=(",", ":")).encode()
         blob += b" " * ((-len(blob)) % 8)
-        digest = hashlib.sha256()
+        head = struct.pack("<Q", len(blob)) + blob
+        digest = hashlib.sha256(head)  # the whole file (region format version 2)
         with open(self.path, "wb") as out:
-            out.write(struct.pack("<Q", len(blob)))
-            out.write(blob)
+            out.write(head)
             self._scratch.seek(0)
             while chunk := self._scratch.read(1 << 22):
                 out.write(chunk)
@@ -311,6 +313,7 @@ def compute_regions(
     """
     _check_args(density, scope, tau, order)
     ensure_free(out, overwrite)
+    ensure_apart(out, [base.path, *(t.path for t in tasks.values())])
     names = list(tasks)
     check_task_names(names)
     if not names:
@@ -477,8 +480,136 @@ class RegionSet:
         return self.meta["samples"].get(task, {}).get(tensor)
 
 
+@functools.lru_cache(maxsize=1)
+def _schema():
+    """The pydantic model of ``regions.json`` (built on first use: pydantic stays out of
+    the import of this module, which the merge pre-pass child imports)."""
+    from typing import Annotated, Literal
+
+    from pydantic import BaseModel, ConfigDict, Field
+
+    class _Strict(BaseModel):
+        model_config = ConfigDict(strict=True, extra="allow")
+
+    class _TaskMeta(_Strict):
+        k: int = Field(ge=0)
+        mask_file: str
+        mask_sha256: str
+
+    class _TensorMeta(_Strict):
+        name: str
+        shape: List[Annotated[int, Field(ge=0)]]
+
+    class _RegionMeta(_Strict):
+        """The fields of ``regions.json`` that loading relies on, with their types and ranges."""
+
+        format: Literal["cpift-regions"]
+        version: Literal[1, 2]
+        density: float = Field(ge=0.0, le=1.0)
+        scope: Literal["global", "tensor"]
+        D: int = Field(ge=0)
+        exclude: List[str] = []
+        tau: float = Field(ge=0.0, le=1.0)
+        order: Literal["random", "given"]
+        seed: int
+        tasks: Dict[str, _TaskMeta]
+        tensors: List[_TensorMeta]
+        groups: List[List[str]]
+        jaccard: Dict[str, Dict[str, float]]
+        samples: Dict[str, Dict[str, List[float]]]
+        counts: Optional[Dict[str, Dict[str, Annotated[int, Field(ge=0)]]]] = None
+
+    return _RegionMeta
+
+
+def _check_meta(meta: object, path: str) -> Dict:
+    """Types, ranges and consistency of ``regions.json``; one line on the first problem."""
+    what = f"region file {os.path.join(path, META_NAME)}"
+    fix = "recompute it with cpift regions"
+    if not isinstance(meta, dict) or meta.get("format") != FORMAT:
+        raise CpiftError(f"{what} is not a cpift region file; {fix}")
+    if meta.get("version") not in (1, 2):
+        raise CpiftError(f"{what} has version {meta.get('version')!r}, this cpift-merge reads 1 and {VERSION}")
+    from pydantic import ValidationError
+
+    try:
+        m = _schema().model_validate(meta)
+    except ValidationError as err:
+        e = err.errors()[0]
+        field = ".".join(str(x) for x in e["loc"]) or "(top level)"
+        got = "" if e["type"] == "missing" else f", got {e['input']!r}"[:80]
+        raise CpiftError(f"{what}: field {field}: {e['msg']}{got}; {fix}") from None
+    numel = sum(math.prod(t.shape) for t in m.tensors)
+    if numel != m.D:
+        raise CpiftError(f"{what}: D is {m.D} but its tensors hold {numel} entries; {fix}")
+    names = [t.name for t in m.tensors]
+    if len(set(names)) != len(names):
+        raise CpiftError(f"{what}: a tensor is listed twice; {fix}")
+    staged = [t for g in m.groups for t in g]
+    if sorted(staged) != sorted(m.tasks) or set(m.jaccard) != set(m.tasks):
+        raise CpiftError(f"{what}: groups and jaccard must name each task ({', '.join(m.tasks)}) once; {fix}")
+    root = os.path.realpath(path)
+    for task, info in m.tasks.items():
+        if info.k > m.D:
+            raise CpiftError(f"{what}: task {task} has k = {info.k}, more than D = {m.D}; {fix}")
+        file = info.mask_file
+        inside = os.path.realpath(os.path.join(root, file))
+        if os.path.isabs(file) or not inside.startswith(root + os.sep):
+            raise CpiftError(f"{what}: mask file {file!r} of task {task} is not inside the region directory; {fix}")
+        if m.counts is not None:
+            per = m.counts.get(task)
+            if per is None or set(per) - set(names) or sum(per.values()) != info.k:
+                raise CpiftError(f"{what}: the per-tensor counts of task {task} do not add up to k = {info.k}; {fix}")
+    return meta
+
+
+def _verify_masks(rs: RegionSet) -> None:
+    """Each mask file whole (checksum) and its entries counted, tensor by tensor: the
+    count per tensor matches ``counts`` and the total matches ``k``."""
+    version = rs.meta["version"]
+    counts = rs.meta.get("counts") or {}
+    for task, info in rs.meta["tasks"].items():
+        file = os.path.join(rs.path, info["mask_file"])
+        what = f"region file {rs.path}: mask file of task {task}"
+        try:
+            with open(file, "rb") as fh:
+                if version == 1:  # version 1 checksums the data after the header only
+                    (n,) = struct.unpack("<Q", fh.read(8))
+                    fh.seek(8 + n)
+                digest = hashlib.sha256()
+                while chunk := fh.read(1 << 22):
+                    digest.update(chunk)
+        except (OSError, struct.error) as err:
+            raise CpiftError(f"{what} is missing or truncated ({err}); recompute it with cpift regions") from None
+        if digest.hexdigest() != info["mask_sha256"]:
+            raise CpiftError(
+                f"{what} is corrupt, truncated or edited (checksum mismatch); recompute it with cpift regions"
+            )
+        handle = rs._handle(task)
+        total = 0
+        for name in rs.tensor_names:
+            try:
+                n = masks.count(handle.get_tensor(name), math.prod(rs.shape(name)))
+            except Exception as err:
+                raise CpiftError(f"{what} has a bad mask for {name} ({err}); recompute it with cpift regions") from None
+            if task in counts and counts[task].get(name, 0) != n:
+                raise CpiftError(
+                    f"{what} holds {n} entries for {name}, its metadata {counts[task].get(name, 0)};"
+                    " recompute it with cpift regions"
+                )
+            total += n
+        if total != info["k"]:
+            raise CpiftError(
+                f"{what} holds {total} core entries, its metadata k = {info['k']}; recompute it with cpift regions"
+            )
+
+
 def load_regions(path: str, verify: bool = True) -> RegionSet:
-    """Load a region directory; a corrupt or truncated one is refused clearly."""
+    """Load a region directory; a corrupt, truncated or edited one is refused clearly.
+
+    The metadata is always checked (types, ranges, consistency, mask files inside the
+    directory); with ``verify`` each mask file is also checksummed whole and its
+    entries counted against ``k``."""
     path = os.path.abspath(os.path.expanduser(str(path)))
     meta_file = os.path.join(path, META_NAME)
     if not os.path.isfile(meta_file):
@@ -488,35 +619,10 @@ def load_regions(path: str, verify: bool = True) -> RegionSet:
             meta = json.load(fh)
     except (OSError, ValueError) as err:
         raise CpiftError(f"region file {meta_file} is corrupt ({err}); recompute it with cpift regions") from None
-    required = ("format", "version", "density", "scope", "D", "tasks", "tensors", "groups", "jaccard", "samples")
-    if not isinstance(meta, dict) or meta.get("format") != FORMAT or any(k not in meta for k in required):
-        raise CpiftError(
-            f"region file {meta_file} is not a cpift region file or is incomplete; recompute it with cpift regions"
-        )
-    if meta["version"] != VERSION:
-        raise CpiftError(f"region file {meta_file} has version {meta['version']}, this cpift-merge reads {VERSION}")
+    rs = RegionSet(path=path, meta=_check_meta(meta, path))
     if verify:
-        for task, info in meta["tasks"].items():
-            file = os.path.join(path, info["mask_file"])
-            try:
-                with open(file, "rb") as fh:
-                    head = fh.read(8)
-                    (n,) = struct.unpack("<Q", head)
-                    fh.seek(8 + n)
-                    digest = hashlib.sha256()
-                    while chunk := fh.read(1 << 22):
-                        digest.update(chunk)
-            except (OSError, struct.error) as err:
-                raise CpiftError(
-                    f"region file {path}: mask file of task {task} is missing or truncated ({err});"
-                    " recompute it with cpift regions"
-                ) from None
-            if digest.hexdigest() != info["mask_sha256"]:
-                raise CpiftError(
-                    f"region file {path}: mask file of task {task} is corrupt or truncated (checksum mismatch);"
-                    " recompute it with cpift regions"
-                )
-    return RegionSet(path=path, meta=meta)
+        _verify_masks(rs)
+    return rs
 
 
 def compute_from_paths(
