@@ -154,6 +154,11 @@ def _train_options(fn):
         ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
         click.option("--quiet", is_flag=True, help="No progress bars."),
+        click.option(
+            "--overwrite",
+            is_flag=True,
+            help="Redo a finished or interrupted run in --out that was made with other settings or data.",
+        ),
     ]
     for o in reversed(opts):
         fn = o(fn)
@@ -205,14 +210,23 @@ def _config(lora=False, lora_rank=8, **kw):
 )
 @_train_options
 @_friendly
-def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
+def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, overwrite, **kw):
     """Short fine-tune of BASE on each task alone (the probes that give the cores)."""
     from cpift_merge.training.data import load_tasks
     from cpift_merge.training.finetune import run_probes
 
     cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
     data = load_tasks(_pairs(tasks, "--task"))
-    _paths, rs = run_probes(base, data, out, cfg, regions_density=regions_density, progress=not quiet, say=click.echo)
+    _paths, rs = run_probes(
+        base,
+        data,
+        out,
+        cfg,
+        regions_density=regions_density,
+        progress=not quiet,
+        overwrite=overwrite,
+        say=click.echo,
+    )
     if rs is not None:
         click.echo(region_report(rs))
 
@@ -228,7 +242,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, **kw):
 @click.option("--out", required=True, help="OUT/stage-K/ per stage.")
 @_train_options
 @_friendly
-def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
+def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, **kw):
     """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
     from cpift_merge.training.finetune import train_from_files
 
@@ -244,6 +258,7 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, **kw):
         regions_dir=regions_dir,
         sample=sample,
         progress=not quiet,
+        overwrite=overwrite,
     )
     rows = [
         [

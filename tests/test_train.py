@@ -785,3 +785,81 @@ def test_progress_bar_named_from_its_first_draw(tiny_lm, tmp_path, capfd):
     assert draws, "no training bar drawn"
     assert all(d.startswith("probe demo:") for d in draws), draws
     assert any("loss=" in d for d in draws), draws
+
+
+# ------------------------------------------- stale results: redo or refuse, never reuse
+
+
+def test_finished_run_with_other_options_is_refused_or_redone(tiny_lm, tasks, tmp_path):
+    """`cpift train --out EXISTING` with another --lr: refused naming the option; with
+    --overwrite redone with the new lr; with the same options reused as it is."""
+    out = tmp_path / "run"
+    args = ["train", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--groups", "given:a", "--out", out]
+    args += ["--steps", 2, "--batch-size", 4, "--max-length", 64, "--quiet"]
+    cli(*args, "--lr", "1e-4")
+    stage = out / "stage-1"
+    first = weights(str(stage))
+    mtime = os.stat(stage / "model.safetensors").st_mtime_ns
+    cli(*args, "--lr", "1e-4")  # same options: the finished stage is reused, not retrained
+    assert os.stat(stage / "model.safetensors").st_mtime_ns == mtime
+    line = one_line_error(cli(*args, "--lr", "5e-3", code=2), "finished run made with other settings")
+    assert "lr 0.0001 -> 0.005" in line and "--overwrite" in line
+    assert all(torch.equal(first[k], v) for k, v in weights(str(stage)).items())  # untouched
+    cli(*args, "--lr", "5e-3", "--overwrite")
+    assert read_json(str(stage / "stage.json"))["config"]["lr"] == 5e-3
+    assert any(not torch.equal(first[k], v) for k, v in weights(str(stage)).items())
+
+
+def test_swapped_data_of_the_same_length_is_refused(tiny_lm, tmp_path):
+    from cpift_merge.training.finetune import finetune
+
+    out = str(tmp_path / "probe")
+    cfg = TrainConfig(steps=1, batch_size=4, max_length=64)
+    first = finetune(tiny_lm, task_rows("a", 8), out, cfg, record="probe.json", progress=False)
+    with pytest.raises(CpiftError, match=r"other settings \(training data\)"):
+        finetune(tiny_lm, task_rows("b", 8), out, cfg, record="probe.json", progress=False)
+    rec = finetune(tiny_lm, task_rows("b", 8), out, cfg, record="probe.json", progress=False, overwrite=True)
+    assert rec["run"]["data"] != first["run"]["data"] and rec["run"]["config"] == first["run"]["config"]
+    again = finetune(tiny_lm, task_rows("b", 8), out, cfg, record="probe.json", progress=False)
+    assert again == rec  # same identity: reused
+
+
+def test_interrupted_run_on_other_data_is_not_resumed(tiny_lm, tmp_path):
+    """A work folder left by a kill on one data file is not finished on another file of
+    the same length: refused, or started over with overwrite."""
+    from cpift_merge.training.finetune import finetune, run_identity
+
+    out = tmp_path / "probe"
+    cfg = TrainConfig(steps=1, batch_size=4, max_length=64)
+    work = tmp_path / "probe.work"
+    work.mkdir()
+    (work / "run-config.json").write_text(json.dumps(run_identity(tiny_lm, task_rows("a", 8), cfg, None)))
+    (work / "checkpoint-1").mkdir()  # what a kill leaves: must not be resumed from
+    with pytest.raises(CpiftError, match=r"interrupted run with other settings \(training data\)"):
+        finetune(tiny_lm, task_rows("b", 8), str(out), cfg, progress=False)
+    rec = finetune(tiny_lm, task_rows("b", 8), str(out), cfg, progress=False, overwrite=True)
+    assert rec["steps"] == 1 and not work.exists()
+
+
+def test_run_identity_covers_base_content_and_frozen_entries(tiny_lm, tmp_path):
+    """A copied base keeps its identity (moved runs resume); other weights or other
+    frozen entries change it."""
+    import shutil
+
+    from cpift_merge.training.finetune import run_identity
+
+    cfg = TrainConfig(steps=1)
+    rows = task_rows("a", 4)
+    copy = str(tmp_path / "copy")
+    shutil.copytree(tiny_lm, copy)
+    assert run_identity(copy, rows, cfg, None) == run_identity(tiny_lm, rows, cfg, None)
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(copy)
+    with torch.no_grad():
+        next(model.parameters()).add_(1.0)
+    model.save_pretrained(copy)
+    assert run_identity(copy, rows, cfg, None)["base"] != run_identity(tiny_lm, rows, cfg, None)["base"]
+    masks = {"x": torch.tensor([True, False, False])}
+    other = {"x": torch.tensor([False, True, False])}
+    assert run_identity(tiny_lm, rows, cfg, masks)["frozen"] != run_identity(tiny_lm, rows, cfg, other)["frozen"]

@@ -25,6 +25,9 @@ from cpift_merge.errors import CpiftError
 from cpift_merge.training.data import Collator, encode_all
 from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
 
+# Bump when a change to the training path below changes the bits a run writes: a
+# finished or interrupted run made by other code is then redone or refused, not reused.
+TRAIN_CODE_VERSION = 1
 LORA_TARGETS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -179,6 +182,57 @@ def _readable_state(path: str) -> bool:
         return False
 
 
+def _digest(*chunks: bytes) -> str:
+    h = hashlib.sha256()
+    for c in chunks:
+        h.update(c)
+    return h.hexdigest()[:16]
+
+
+def model_fingerprint(path: str) -> str:
+    """Content fingerprint of a model folder (tensor names, shapes, dtypes, sampled
+    values), so a moved or copied model keeps it; file stamps for what is not safetensors."""
+    from cpift_merge.storage.checkpoint import Checkpoint
+    from cpift_merge.storage.files import file_stamps
+
+    try:
+        return Checkpoint(path, label=path).fingerprint()[:16]
+    except CpiftError:
+        return _digest(repr(file_stamps(path)).encode())
+
+
+def run_identity(
+    base: str, examples: Sequence[Dict[str, Any]], cfg: TrainConfig, frozen: Optional[Dict[str, torch.Tensor]]
+) -> Dict[str, Any]:
+    """Everything that determines the bits a fine-tune writes: the resolved options,
+    the base model's content, the examples' content, the frozen entries, the code."""
+    import numpy as np
+
+    masks = sorted((frozen or {}).items())
+    return {
+        "config": asdict(cfg),
+        "base": model_fingerprint(base),
+        "data": _digest(json.dumps(list(examples), sort_keys=True, default=str).encode()),
+        "frozen": {
+            "entries": sum(int(m.sum()) for _, m in masks),
+            "digest": _digest(*(n.encode() + np.packbits(m.detach().cpu().numpy()).tobytes() for n, m in masks)),
+        },
+        "code": TRAIN_CODE_VERSION,
+    }
+
+
+def _what_changed(old: Any, new: Dict[str, Any]) -> str:
+    """``other settings (lr 0.0001 -> 0.005, training data)``: what differs between two
+    :func:`run_identity` records (``old`` may be anything read from disk)."""
+    if not isinstance(old, dict) or not isinstance(old.get("config"), dict):
+        return "other settings (made by an older cpift-merge or edited)"
+    cfg_old = old["config"]
+    changed = [f"{k} {cfg_old.get(k)!r} -> {v!r}" for k, v in new["config"].items() if cfg_old.get(k) != v]
+    labels = {"base": "base model", "data": "training data", "frozen": "frozen entries", "code": "training code"}
+    changed += [label for key, label in labels.items() if old.get(key) != new[key]]
+    return f"other settings ({', '.join(changed) or 'unknown'})"
+
+
 def finetune(
     base: str,
     examples: Sequence[Dict[str, Any]],
@@ -190,11 +244,15 @@ def finetune(
     extra: Optional[Dict[str, Any]] = None,
     progress: bool = True,
     desc: str = "",
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Fine-tune ``base`` on ``examples`` into ``out`` (resumable, atomic).
 
     ``frozen`` maps parameter names to bool masks kept bit-identical. Returns the
-    record written to ``out/<record>``.
+    record written to ``out/<record>``. A finished run in ``out`` (or an interrupted
+    one in ``out.work``) is reused (resumed) only when it was made from the same
+    :func:`run_identity`; otherwise it is refused with what changed, or redone with
+    ``overwrite`` (the old ``out`` stays until the new one is written).
     """
     from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
 
@@ -202,29 +260,45 @@ def finetune(
     out = os.path.abspath(out)
     done = os.path.join(out, record)
     work = out + ".work"
+    from cpift_merge.storage.files import ensure_apart
+
+    ensure_apart(out, [base])
+    run_id = run_identity(base, examples, cfg, frozen)
     if os.path.isfile(done):
-        shutil.rmtree(work, ignore_errors=True)  # left by a kill between the rename and the cleanup
-        with open(done, encoding="utf-8") as fh:
-            return json.load(fh)
-    if os.path.exists(out):  # finished runs are written whole, record included
+        try:
+            with open(done, encoding="utf-8") as fh:
+                old = json.load(fh)
+        except (OSError, ValueError):
+            old = None
+        if isinstance(old, dict) and old.get("run") == run_id:
+            shutil.rmtree(work, ignore_errors=True)  # left by a kill between the rename and the cleanup
+            return old
+        if not overwrite:
+            prior = old.get("run") if isinstance(old, dict) else None
+            raise CpiftError(
+                f"{out} holds a finished run made with {_what_changed(prior, run_id)}; pass --overwrite to redo it,"
+                " or choose another --out"
+            )
+    elif os.path.exists(out) and not overwrite:  # finished runs are written whole, record included
         raise CpiftError(
             f"{out} exists but holds no {record}; it is not a finished run: delete it or choose another --out"
         )
-    os.makedirs(work, exist_ok=True)
     stamp = os.path.join(work, "run-config.json")
-    run_id = {
-        "config": cfg.fingerprint(),
-        "base": os.path.abspath(base),
-        "n": len(examples),
-        "frozen": sum(int(m.sum()) for m in (frozen or {}).values()),
-    }
     if os.path.isfile(stamp):
-        with open(stamp, encoding="utf-8") as fh:
-            if json.load(fh) != run_id:
+        try:
+            with open(stamp, encoding="utf-8") as fh:
+                prior = json.load(fh)
+        except (OSError, ValueError):
+            prior = None
+        if prior != run_id:
+            if not overwrite:
                 raise CpiftError(
-                    f"{work} holds an interrupted run with other settings; delete it or rerun with the same options"
+                    f"{work} holds an interrupted run with {_what_changed(prior, run_id)}; pass --overwrite to start"
+                    " over, or rerun with the same options"
                 )
-    else:
+            shutil.rmtree(work)
+    if not os.path.isfile(stamp):
+        os.makedirs(work, exist_ok=True)
         with open(stamp, "w", encoding="utf-8") as fh:
             json.dump(run_id, fh)
 
@@ -307,12 +381,13 @@ def finetune(
         "truncated": report.truncated,
         "dropped": report.dropped,
         "steps": int(result.global_step),
-        "frozen_entries": run_id["frozen"],
+        "frozen_entries": run_id["frozen"]["entries"],
         "frozen_bit_identical": bool(identical) if frozen else None,
         "first_loss": losses[0] if losses else None,
         "final_loss": losses[-1] if losses else None,
         "losses": losses,
         "config": asdict(cfg),
+        "run": run_id,
         **(extra or {}),
     }
     from cpift_merge.storage.files import atomic_dir
@@ -335,6 +410,7 @@ def run_probes(
     *,
     regions_density: Optional[float] = None,
     progress: bool = True,
+    overwrite: bool = False,
     say: Callable[[str], None] = lambda line: None,
 ):
     """One probe per task, ``out/NAME`` (``cpift probe``); with ``regions_density``,
@@ -352,6 +428,7 @@ def run_probes(
             extra={"task": name},
             progress=progress,
             desc=f"probe {name}",
+            overwrite=overwrite,
         )
         say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
         paths[name] = os.path.join(out, name)
@@ -421,6 +498,7 @@ def staged_train(
     regions=None,
     sample: Optional[int] = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """Train the groups in order; stage k freezes the cores of every task trained in
     stages 1..k-1. Each stage is saved under ``OUT/stage-K/`` with ``stage.json``."""
@@ -466,6 +544,7 @@ def staged_train(
             extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)},
             progress=progress,
             desc=f"stage {k}/{len(groups)} ({'+'.join(group)})",
+            overwrite=overwrite,
         )
         stages.append(
             {
@@ -501,6 +580,7 @@ def train_from_files(
     regions_dir: Optional[str] = None,
     sample: Optional[int] = None,
     progress: bool = True,
+    overwrite: bool = False,
 ) -> Dict[str, Any]:
     """``cpift train``: each task's data from its file, the cores from ``regions_dir``,
     the stages from ``groups`` (see :func:`plan_groups`), then :func:`staged_train`."""
@@ -510,4 +590,4 @@ def train_from_files(
     data = load_tasks(task_files)
     rs = load_regions(regions_dir) if regions_dir else None
     plan = plan_groups(groups, list(data), rs, cfg.seed)
-    return staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=progress)
+    return staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=progress, overwrite=overwrite)
