@@ -337,8 +337,9 @@ def tasks() -> None:
 @click.option("--train", "n_train", type=int, default=200, show_default=True, help="Train examples per task.")
 @click.option("--test", "n_test", type=int, default=50, show_default=True, help="Test examples per task.")
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
 @_friendly
-def tasks_export(out_dir, n_train, n_test, seed):
+def tasks_export(out_dir, n_train, n_test, seed, overwrite):
     """Write each built-in task as OUT_DIR/NAME/train.jsonl and test.jsonl."""
     from cpift_merge.evaluation.tasks import export
 
@@ -346,7 +347,7 @@ def tasks_export(out_dir, n_train, n_test, seed):
         raise CpiftError("--train and --test must be at least 1")
     rows = [
         [name, info["metric"], info["domain"], info["train"], info["test"]]
-        for name, info in export(out_dir, n_train, n_test, seed).items()
+        for name, info in export(out_dir, n_train, n_test, seed, overwrite).items()
     ]
     click.echo(format_table(["task", "metric", "domain", "train", "test"], rows))
 

@@ -58,3 +58,29 @@ def test_export_writes_user_format(tmp_path):
             assert len([json.loads(line) for line in fh]) == 5
     bad = CliRunner().invoke(main, ["tasks", "export", str(tmp_path), "--test", "0"])
     assert bad.exit_code == 2 and "at least 1" in bad.output
+
+
+def test_export_is_all_or_nothing_and_asks_before_replacing(tmp_path, monkeypatch):
+    from cpift_merge.evaluation import tasks
+
+    out = tmp_path / "data"
+    out.mkdir()
+    (out / "mine.txt").write_text("keep me")
+    res = CliRunner().invoke(main, ["tasks", "export", str(out), "--train", "3", "--test", "2"])
+    assert res.exit_code == 2 and "already exists" in res.output and "--overwrite" in res.output
+    assert os.listdir(out) == ["mine.txt"]
+    real = tasks.generate
+
+    def fail_on_logic(name, *a, **k):
+        if name == "logic":
+            raise RuntimeError("disk full")
+        return real(name, *a, **k)
+
+    monkeypatch.setattr(tasks, "generate", fail_on_logic)
+    with pytest.raises(RuntimeError):
+        tasks.export(str(tmp_path / "fresh"), 3, 2)
+    assert os.listdir(tmp_path) == ["data"]  # no half export, no temporary left
+    monkeypatch.setattr(tasks, "generate", real)
+    res = CliRunner().invoke(main, ["tasks", "export", str(out), "--train", "3", "--test", "2", "--overwrite"])
+    assert res.exit_code == 0, res.output
+    assert sorted(os.listdir(out)) == sorted(GENERATORS)

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import signal
 import subprocess
 import sys
@@ -863,3 +864,59 @@ def test_run_identity_covers_base_content_and_frozen_entries(tiny_lm, tmp_path):
     masks = {"x": torch.tensor([True, False, False])}
     other = {"x": torch.tensor([False, True, False])}
     assert run_identity(tiny_lm, rows, cfg, masks)["frozen"] != run_identity(tiny_lm, rows, cfg, other)["frozen"]
+
+
+# ------------------------------------- non-finite input, bad options, nothing half-written
+
+
+def test_nan_in_the_base_is_refused_before_training(tiny_lm, tasks, tmp_path):
+    from safetensors.torch import save_file
+
+    nan_base = tmp_path / "nan-base"
+    shutil.copytree(tiny_lm, nan_base)
+    w = weights(str(nan_base))
+    name = sorted(w)[3]
+    w[name].view(-1)[0] = float("nan")
+    save_file(w, str(nan_base / "model.safetensors"), metadata={"format": "pt"})
+    out = tmp_path / "probes"
+    res = cli("probe", "--base", nan_base, "--task", f"a={tasks['a']}", "--out", out, "--steps", 1, *FAST, code=2)
+    one_line_error(res, f"has NaN or Inf in tensor {name}")
+    assert not (out / "a").exists() and not (out / "a.work").exists()
+
+
+def test_diverging_training_stops_with_one_line_and_leaves_nothing(tiny_lm, tmp_path):
+    from cpift_merge.training.finetune import finetune
+
+    out = tmp_path / "probe"
+    cfg = TrainConfig(steps=6, lr=1e12, max_grad_norm=0.0, batch_size=4, max_length=64)
+    with pytest.raises(CpiftError, match=r"training diverged at step \d+: (loss|grad_norm) is (nan|inf)"):
+        finetune(tiny_lm, task_rows("a", 16), str(out), cfg, progress=False)
+    assert not out.exists() and not (tmp_path / "probe.work").exists()
+
+
+@pytest.mark.parametrize(
+    "flags, match",
+    [
+        (["--lr", "nan"], "--lr must be a finite number"),
+        (["--epochs", "inf"], "--epochs must be a finite number"),
+        (["--max-grad-norm", "nan"], "--max-grad-norm must be a finite number"),
+        (["--seed", "-1"], "--seed and warmup steps must be non-negative"),
+    ],
+)
+def test_non_finite_and_negative_options_refused_before_work(tiny_lm, tasks, tmp_path, flags, match):
+    out = tmp_path / "probes"
+    res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", out, "--steps", 1, *flags, code=2)
+    one_line_error(res, match)
+    assert not out.exists()
+
+
+def test_outputs_get_the_usual_file_modes(tiny_lm, tmp_path):
+    from cpift_merge.training.finetune import finetune
+
+    out = tmp_path / "probe"
+    finetune(tiny_lm, task_rows("a", 4), str(out), TrainConfig(steps=1, batch_size=4, max_length=64), progress=False)
+    umask = os.umask(0)
+    os.umask(umask)
+    modes = {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)}
+    assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
+    assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask

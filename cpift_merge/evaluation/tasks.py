@@ -156,23 +156,30 @@ def check(metric: str, output: str, answer: str) -> bool:
     raise CpiftError(f"unknown metric {metric!r}; use exact, numeric or choice")
 
 
-def export(out: str, n_train: int = 200, n_test: int = 50, seed: int = 0) -> Dict[str, Dict[str, str]]:
-    """Write every built-in task as ``OUT/NAME/train.jsonl`` and ``test.jsonl``."""
+def export(
+    out: str, n_train: int = 200, n_test: int = 50, seed: int = 0, overwrite: bool = False
+) -> Dict[str, Dict[str, str]]:
+    """Write every built-in task as ``OUT/NAME/train.jsonl`` and ``test.jsonl``, all or
+    nothing. ``out`` may be a missing or empty folder; another is replaced only with
+    ``overwrite``."""
+    from cpift_merge.storage.files import atomic_dir
+
+    out = os.path.abspath(out)
+    empty = os.path.isdir(out) and not os.listdir(out)
     written = {}
-    for name, (_gen, metric, domain) in GENERATORS.items():
-        train, test = generate(name, n_train, n_test, seed)
-        folder = os.path.join(out, name)
-        os.makedirs(folder, exist_ok=True)
-        for split, rows in (("train", train), ("test", test)):
-            tmp = os.path.join(folder, f".{split}.jsonl.tmp")
-            with open(tmp, "w", encoding="utf-8") as fh:
-                for r in rows:
-                    fh.write(json.dumps(r) + "\n")
-            os.replace(tmp, os.path.join(folder, f"{split}.jsonl"))
-        written[name] = {
-            "metric": metric,
-            "domain": domain,
-            "train": os.path.join(folder, "train.jsonl"),
-            "test": os.path.join(folder, "test.jsonl"),
-        }
+    with atomic_dir(out, overwrite=overwrite or empty) as tmp:
+        for name, (_gen, metric, domain) in GENERATORS.items():
+            train, test = generate(name, n_train, n_test, seed)
+            os.makedirs(os.path.join(tmp, name))
+            for split, rows in (("train", train), ("test", test)):
+                with open(os.path.join(tmp, name, f"{split}.jsonl"), "w", encoding="utf-8") as fh:
+                    for r in rows:
+                        fh.write(json.dumps(r) + "\n")
+            folder = os.path.join(out, name)
+            written[name] = {
+                "metric": metric,
+                "domain": domain,
+                "train": os.path.join(folder, "train.jsonl"),
+                "test": os.path.join(folder, "test.jsonl"),
+            }
     return written

@@ -9,9 +9,10 @@ from the current directory. Every problem is reported as one line naming the key
 from __future__ import annotations
 
 import os
-from typing import Dict, List, Literal, Optional
+import re
+from typing import Annotated, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
+from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
 
 from cpift_merge.errors import CpiftError, load_yaml_mapping
 
@@ -30,8 +31,11 @@ SMOLLM2 = "smollm2"  # ``base: smollm2``: SmolLM2-135M-Instruct from the llm-smo
 DEFAULT_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yml")
 
 
+Int = Annotated[int, Strict()]  # a whole number as written: `steps: true` is not 1
+
+
 class _Strict(BaseModel):
-    model_config = ConfigDict(extra="forbid")
+    model_config = ConfigDict(extra="forbid", allow_inf_nan=False)  # no .nan / .inf anywhere
 
 
 class TaskSpec(_Strict):
@@ -64,34 +68,44 @@ class TaskSpec(_Strict):
 class BuiltinData(_Strict):
     """Sizes and seed of the built-in tasks' splits (fixed across training seeds)."""
 
-    n_train: int = Field(200, ge=1)
-    n_test: int = Field(50, ge=1)
-    seed: int = 0
+    n_train: Int = Field(200, ge=1)
+    n_test: Int = Field(50, ge=1)
+    seed: Int = Field(0, ge=0)
 
 
 class Budget(_Strict):
     """Training options (any field of TrainConfig but seed and device, which are pipeline-wide)."""
 
-    steps: Optional[int] = Field(None, ge=1)
+    steps: Optional[Int] = Field(None, ge=1)
     epochs: Optional[float] = Field(None, gt=0)
     lr: Optional[float] = Field(None, gt=0)
     weight_decay: Optional[float] = Field(None, ge=0)
     max_grad_norm: Optional[float] = Field(None, ge=0)
-    batch_size: Optional[int] = Field(None, ge=1)
-    grad_accum: Optional[int] = Field(None, ge=1)
-    max_length: Optional[int] = Field(None, ge=8)
-    warmup_steps: Optional[int] = Field(None, ge=0)
+    batch_size: Optional[Int] = Field(None, ge=1)
+    grad_accum: Optional[Int] = Field(None, ge=1)
+    max_length: Optional[Int] = Field(None, ge=8)
+    warmup_steps: Optional[Int] = Field(None, ge=0)
     scheduler: Optional[str] = None
-    save_steps: Optional[int] = Field(None, ge=1)
+    save_steps: Optional[Int] = Field(None, ge=1)
     bf16: Optional[bool] = None
     lora: Optional[bool] = None
-    lora_rank: Optional[int] = Field(None, ge=1)
+    lora_rank: Optional[Int] = Field(None, ge=1)
+
+    @field_validator("scheduler")
+    @classmethod
+    def _known_scheduler(cls, v: Optional[str]) -> Optional[str]:
+        from transformers.trainer_utils import SchedulerType
+
+        names = [s.value for s in SchedulerType]
+        if v is not None and v not in names:
+            raise ValueError(f"unknown scheduler {v!r}; choose from {', '.join(names)}")
+        return v
 
 
 class Calibration(Budget):
     """The short staged SFT after the merge, on ``sample`` examples per task."""
 
-    sample: int = Field(16, ge=1)
+    sample: Int = Field(16, ge=1)
 
 
 class RegionSpec(_Strict):
@@ -100,6 +114,16 @@ class RegionSpec(_Strict):
     tau: float = Field(0.1, ge=0, le=1)
     order: Literal["random", "given"] = "random"
     exclude: List[str] = []
+
+    @field_validator("exclude")
+    @classmethod
+    def _regexes(cls, v: List[str]) -> List[str]:
+        for pattern in v:
+            try:
+                re.compile(pattern)
+            except re.error as err:
+                raise ValueError(f"{pattern!r} is not a regular expression ({err})") from None
+        return v
 
 
 class MergeSpec(_Strict):
@@ -118,7 +142,7 @@ class TiesSpec(_Strict):
 
 
 class Baselines(_Strict):
-    multistage_k: int = Field(3, ge=1)
+    multistage_k: Int = Field(3, ge=1)
     task_arithmetic: TaskArithmeticSpec = TaskArithmeticSpec()
     ties: TiesSpec = TiesSpec()
 
@@ -130,9 +154,9 @@ class SequentialSpec(_Strict):
 
 
 class EvalSpec(_Strict):
-    max_new_tokens: int = Field(24, ge=1)
-    batch_size: int = Field(16, ge=1)
-    limit: int = Field(0, ge=0)
+    max_new_tokens: Int = Field(24, ge=1)
+    batch_size: Int = Field(16, ge=1)
+    limit: Int = Field(0, ge=0)
     intermediate: bool = False  # also score CPI-FT's merged model before calibration
 
     def scoring(self) -> dict:
@@ -143,7 +167,7 @@ class EvalSpec(_Strict):
 class Pipeline(_Strict):
     base: str
     out: str = "cpift-run"
-    seed: int = 0
+    seed: Int = Field(0, ge=0)
     device: Literal["auto", "cpu", "cuda"] = "auto"
     keep_stages: bool = False  # keep the weights of every intermediate stage (disk: one model each)
     tasks: List[TaskSpec] = Field(..., min_length=1)
@@ -198,6 +222,21 @@ class Pipeline(_Strict):
         return [t.name for t in self.tasks]
 
 
+def train_config(pipe: Pipeline, budget: Budget, device: Optional[str] = None):
+    """TrainConfig from the pipeline-wide ``train`` defaults overridden by ``budget``."""
+    from dataclasses import fields
+
+    from cpift_merge.training.finetune import TrainConfig
+
+    names = {f.name for f in fields(TrainConfig)}
+    values: Dict[str, object] = {}
+    for b in (pipe.train, budget):
+        values.update({k: v for k, v in b.model_dump().items() if v is not None and k in names})
+    cfg = TrainConfig(**values, seed=pipe.seed, device=device or pipe.device)
+    cfg.check()
+    return cfg
+
+
 def _where(loc) -> str:
     return ".".join(str(p) for p in loc) or "(top level)"
 
@@ -240,6 +279,11 @@ def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) 
         if not os.path.isdir(pipe.base):
             raise CpiftError(f"pipeline {path}: base {pipe.base} is not a model folder (or use base: {SMOLLM2})")
     pipe.out = os.path.abspath(os.path.expanduser(pipe.out))
+    for key in ("probe", "stage", "calibration"):  # the training options, before any work
+        try:
+            train_config(pipe, getattr(pipe, key))
+        except CpiftError as err:
+            raise CpiftError(f"pipeline {path}: {key} (with train): {err}") from None
     from cpift_merge.evaluation.scoring import metric_fn
 
     for t in pipe.tasks:

@@ -20,27 +20,14 @@ from __future__ import annotations
 import json
 import os
 import time
-from dataclasses import asdict, fields
+from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
 
 import click
 
 from cpift_merge.errors import CpiftError
-from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline
+from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, train_config
 from cpift_merge.pipeline.steps import Record, Steps, file_sha, fingerprint
-
-
-def train_config(pipe: Pipeline, budget: Budget, device: str):
-    """TrainConfig from the pipeline-wide ``train`` defaults overridden by ``budget``."""
-    from cpift_merge.training.finetune import TrainConfig
-
-    names = {f.name for f in fields(TrainConfig)}
-    values: Dict[str, Any] = {}
-    for b in (pipe.train, budget):
-        values.update({k: v for k, v in b.model_dump().items() if v is not None and k in names})
-    cfg = TrainConfig(**values, seed=pipe.seed, device=device)
-    cfg.check()
-    return cfg
 
 
 class Run:

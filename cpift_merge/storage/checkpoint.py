@@ -273,6 +273,16 @@ class Checkpoint:
         except (OSError, ValueError) as err:
             raise CpiftError(f"model {self.label}: unreadable {cfg}: {err}") from None
 
+    def first_non_finite(self) -> Optional[str]:
+        """The first floating-point tensor holding a NaN or Inf (streamed, one tensor
+        at a time), or None."""
+        from cpift_merge.core.topk import all_finite
+
+        for name, info in self.infos.items():
+            if info.is_float and not all_finite(self.get(name)):
+                return name
+        return None
+
     def fingerprint(self, names: Optional[Sequence[str]] = None) -> str:
         """sha256 over names, shapes, dtypes and sampled values of ``names`` (default:
         every tensor)."""

@@ -7,10 +7,11 @@ process while its parent is still importing mergekit.
 from __future__ import annotations
 
 import os
+import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterable, Iterator
+from typing import Iterable, Iterator, List
 
 from cpift_merge.errors import CpiftError
 
@@ -52,28 +53,73 @@ def ensure_apart(out: str, inputs: Iterable[str]) -> None:
             raise CpiftError(f"output {out} overlaps the input {path}; choose an output outside every input")
 
 
+def _alive(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except OSError:  # exists, owned by someone else
+        return True
+    return True
+
+
+def clean_stale_temporaries(out: str) -> List[str]:
+    """Remove the temporaries a killed :func:`atomic_dir` left beside ``out``: siblings
+    named ``.NAME.tmp-PID-*`` or ``.NAME.old-PID-*`` whose process is gone. Nothing
+    else is touched (not another name, not a live process's folder)."""
+    parent, name = os.path.split(os.path.abspath(out))
+    pattern = re.compile(rf"\.{re.escape(name)}\.(?:tmp|old)-(\d+)-[^/]*")
+    removed = []
+    try:
+        entries = os.listdir(parent)
+    except OSError:
+        return removed
+    for entry in entries:
+        m = pattern.fullmatch(entry)
+        path = os.path.join(parent, entry)
+        if m and int(m.group(1)) != os.getpid() and not _alive(int(m.group(1))) and os.path.isdir(path):
+            shutil.rmtree(path, ignore_errors=True)
+            removed.append(path)
+    return removed
+
+
+def _usual_modes(root: str) -> None:
+    """Files 0666 and folders 0777 less the umask, as open() and mkdir() would make
+    them: tempfile (and libraries that write through it) make 0600/0700."""
+    umask = os.umask(0)
+    os.umask(umask)
+    os.chmod(root, 0o777 & ~umask)
+    for folder, dirs, files in os.walk(root):
+        for d in dirs:
+            os.chmod(os.path.join(folder, d), 0o777 & ~umask)
+        for f in files:
+            os.chmod(os.path.join(folder, f), 0o666 & ~umask)
+
+
 @contextmanager
 def atomic_dir(out: str, overwrite: bool = False) -> Iterator[str]:
     """Yield a temporary sibling of ``out``; rename it to ``out`` only on success.
 
     Refuses an existing ``out`` unless ``overwrite``. On any error the temporary
-    folder is removed and ``out`` is left as it was.
+    folder is removed and ``out`` is left as it was. Temporaries that a killed run
+    left beside ``out`` are removed first (:func:`clean_stale_temporaries`); what is
+    written gets the usual file modes.
     """
     out = os.path.abspath(out)
     ensure_free(out, overwrite)
     parent = os.path.dirname(out)
+    stem = f".{os.path.basename(out)}"
     try:
         os.makedirs(parent, exist_ok=True)
-        tmp = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.tmp-", dir=parent)
-        umask = os.umask(0)
-        os.umask(umask)
-        os.chmod(tmp, 0o777 & ~umask)  # mkdtemp makes 0700; outputs get the usual mode
+        clean_stale_temporaries(out)
+        tmp = tempfile.mkdtemp(prefix=f"{stem}.tmp-{os.getpid()}-", dir=parent)
     except OSError as err:
         raise CpiftError(f"cannot write to {parent}: {err.strerror}") from None
     try:
         yield tmp
+        _usual_modes(tmp)
         if os.path.exists(out):
-            old = tempfile.mkdtemp(prefix=f".{os.path.basename(out)}.old-", dir=parent)
+            old = tempfile.mkdtemp(prefix=f"{stem}.old-{os.getpid()}-", dir=parent)
             os.rename(out, os.path.join(old, "x"))
             os.rename(tmp, out)
             shutil.rmtree(old, ignore_errors=True)

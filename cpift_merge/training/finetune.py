@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
@@ -21,6 +22,7 @@ from tqdm.auto import tqdm
 from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
+from cpift_merge.core.topk import all_finite
 from cpift_merge.errors import CpiftError
 from cpift_merge.training.data import Collator, encode_all
 from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
@@ -53,6 +55,14 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
 
     def check(self) -> None:
+        for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "seed", "warmup_steps"):
+            value = getattr(self, name)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
+                raise CpiftError(f"--{name.replace('_', '-')} must be a whole number, got {value!r}")
+        for name in ("epochs", "lr", "weight_decay", "max_grad_norm"):
+            value = getattr(self, name)
+            if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+                raise CpiftError(f"--{name.replace('_', '-')} must be a finite number, got {value!r}")
         if self.steps is not None and self.steps < 1:
             raise CpiftError(f"--steps must be at least 1, got {self.steps}")
         if self.epochs <= 0:
@@ -60,10 +70,17 @@ class TrainConfig:
         for name in ("batch_size", "grad_accum", "save_steps", "lora_rank"):
             if getattr(self, name) < 1:
                 raise CpiftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
+        if self.seed < 0 or self.warmup_steps < 0:
+            raise CpiftError(f"--seed and warmup steps must be non-negative, got {self.seed} and {self.warmup_steps}")
         if self.lr <= 0:
             raise CpiftError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise CpiftError("--weight-decay and --max-grad-norm must be non-negative")
+        from transformers.trainer_utils import SchedulerType
+
+        schedulers = [s.value for s in SchedulerType]
+        if self.scheduler not in schedulers:
+            raise CpiftError(f"scheduler must be one of {', '.join(schedulers)}, got {self.scheduler!r}")
         if self.device not in ("auto", "cpu", "cuda"):
             raise CpiftError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
@@ -152,6 +169,20 @@ class NoFinalCheckpoint(TrainerCallback):
             control.should_save = False
 
 
+class FiniteTraining(TrainerCallback):
+    """Stop at the first logged loss or gradient norm that is NaN or infinite (before
+    that step is checkpointed): one line naming the step, instead of a NaN model."""
+
+    def on_log(self, args, state, control, logs=None, **kwargs):
+        for key in ("loss", "grad_norm"):
+            value = (logs or {}).get(key)
+            if isinstance(value, (int, float)) and not math.isfinite(value):
+                raise CpiftError(
+                    f"training diverged at step {state.global_step}: {key} is {value};"
+                    f" lower the learning rate (now {args.learning_rate:g}) or check the data"
+                )
+
+
 class _Examples(torch.utils.data.Dataset):
     def __init__(self, rows):
         self.rows = rows
@@ -199,6 +230,21 @@ def model_fingerprint(path: str) -> str:
         return Checkpoint(path, label=path).fingerprint()[:16]
     except CpiftError:
         return _digest(repr(file_stamps(path)).encode())
+
+
+def refuse_non_finite(path: str) -> bool:
+    """Refuse a model with NaN or Inf in a tensor, streamed before anything is loaded.
+    False when the folder is not safetensors (then the loaded model is checked)."""
+    from cpift_merge.storage.checkpoint import Checkpoint
+
+    try:
+        ckpt = Checkpoint(path, label=path)
+    except CpiftError:
+        return False
+    bad = ckpt.first_non_finite()
+    if bad is not None:
+        raise CpiftError(f"model {path} has NaN or Inf in tensor {bad}; fix or re-export that checkpoint")
+    return True
 
 
 def run_identity(
@@ -252,17 +298,17 @@ def finetune(
     record written to ``out/<record>``. A finished run in ``out`` (or an interrupted
     one in ``out.work``) is reused (resumed) only when it was made from the same
     :func:`run_identity`; otherwise it is refused with what changed, or redone with
-    ``overwrite`` (the old ``out`` stays until the new one is written).
+    ``overwrite`` (the old ``out`` stays until the new one is written). Nothing is left
+    in ``out.work`` when the run is refused or diverges.
     """
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from cpift_merge.storage.files import ensure_apart
 
     cfg.check()
     out = os.path.abspath(out)
     done = os.path.join(out, record)
     work = out + ".work"
-    from cpift_merge.storage.files import ensure_apart
-
     ensure_apart(out, [base])
+    streamed = refuse_non_finite(base)
     run_id = run_identity(base, examples, cfg, frozen)
     if os.path.isfile(done):
         try:
@@ -302,6 +348,33 @@ def finetune(
         with open(stamp, "w", encoding="utf-8") as fh:
             json.dump(run_id, fh)
 
+    try:
+        return _train_and_save(
+            base, examples, out, cfg, frozen, record, extra, progress, desc, work, run_id, check_loaded=not streamed
+        )
+    except CpiftError:
+        shutil.rmtree(work, ignore_errors=True)  # a refused or diverged run leaves nothing worth resuming
+        raise
+
+
+def _train_and_save(
+    base: str,
+    examples: Sequence[Dict[str, Any]],
+    out: str,
+    cfg: TrainConfig,
+    frozen: Optional[Dict[str, torch.Tensor]],
+    record: str,
+    extra: Optional[Dict[str, Any]],
+    progress: bool,
+    desc: str,
+    work: str,
+    run_id: Dict[str, Any],
+    check_loaded: bool,
+) -> Dict[str, Any]:
+    """The body of :func:`finetune` once ``work`` is stamped: train (resuming from the
+    last checkpoint in ``work``), check, and write ``out`` atomically."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+
     tok = AutoTokenizer.from_pretrained(base)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
@@ -309,6 +382,9 @@ def finetune(
     if not rows:
         raise CpiftError(f"{report.summary('data')}: nothing left to train on")
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    bad = next((n for n, p in model.named_parameters() if check_loaded and not all_finite(p.detach())), None)
+    if bad is not None:
+        raise CpiftError(f"model {base} has NaN or Inf in tensor {bad}; fix or re-export that checkpoint")
     reference = {n: p.detach()[frozen[n]].clone() for n, p in model.named_parameters() if frozen and n in frozen}
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
@@ -341,6 +417,7 @@ def finetune(
         disable_tqdm=True,  # our LossBar replaces Trainer's bar
         dataloader_num_workers=0,
         remove_unused_columns=False,
+        logging_nan_inf_filter=False,  # log a NaN loss as NaN (FiniteTraining stops there)
     )
     resume = _last_checkpoint(work)
     resume_step = 0
@@ -348,7 +425,7 @@ def finetune(
         with open(os.path.join(resume, "trainer_state.json"), encoding="utf-8") as fh:
             resume_step = int(json.load(fh).get("global_step", 0))
     log = JsonlLogCallback(os.path.join(work, "train_log.jsonl"), resume_step)
-    callbacks: List[Any] = [log, NoFinalCheckpoint()]
+    callbacks: List[Any] = [log, NoFinalCheckpoint(), FiniteTraining()]
     if frozen and not cfg.lora:
         callbacks.append(FreezeCallback(frozen))
     trainer = Trainer(
