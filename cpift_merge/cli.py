@@ -315,6 +315,8 @@ def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_
 
     if max_new_tokens < 1 or batch_size < 1 or limit < 0:
         raise CpiftError("--max-new-tokens and --batch-size must be at least 1, --limit non-negative")
+    if out_json and not os.path.isdir(os.path.dirname(os.path.abspath(out_json))):
+        raise CpiftError(f"--out {out_json}: folder {os.path.dirname(os.path.abspath(out_json))} does not exist")
     res = evaluate(model_path, _eval_specs(tasks_), max_new_tokens, batch_size, limit, device)
     click.echo(
         format_table(
@@ -322,8 +324,9 @@ def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_
         )
     )
     if out_json:
-        with open(out_json, "w", encoding="utf-8") as fh:
+        with open(out_json + ".tmp", "w", encoding="utf-8") as fh:
             json.dump({"model": os.path.abspath(model_path), "tasks": res}, fh, indent=1)
+        os.replace(out_json + ".tmp", out_json)
         click.echo(f"wrote {out_json}")
 
 

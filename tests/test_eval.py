@@ -56,3 +56,36 @@ def test_eval_spec_parsing_and_errors():
     with pytest.raises(CpiftError):
         metric_fn("py:no_such_module_xyz.f")
     assert metric_fn("choice")("B. Ada", "B")
+
+
+def _one_line(res) -> str:
+    lines = [ln for ln in res.stderr.splitlines() if ln.strip()]
+    assert res.exit_code == 2 and len(lines) == 1 and lines[0].startswith("error: "), res.output
+    return lines[0]
+
+
+def test_eval_checks_its_options_before_loading_the_model(tmp_path):
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
+    task = ["--task", f"add={data}:numeric"]
+    missing = tmp_path / "no" / "such" / "res.json"
+    res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "no-model"), *task, "--out", str(missing)])
+    assert "folder" in _one_line(res) and "does not exist" in _one_line(res)
+    import torch
+
+    if not torch.cuda.is_available():
+        res = CliRunner().invoke(main, ["eval", "--model", str(tmp_path / "no-model"), *task, "--device", "cuda"])
+        assert "no CUDA device" in _one_line(res)
+
+
+def test_a_raising_user_metric_is_one_line_naming_it(tiny_lm, tmp_path):
+    (tmp_path / "mymetrics.py").write_text("def boom(output, answer):\n    raise KeyError('oops')\n")
+    data = tmp_path / "t.jsonl"
+    data.write_text(json.dumps({"prompt": "1+1=", "response": "2"}) + "\n")
+    from cpift_merge.evaluation.scoring import evaluate
+
+    with pytest.raises(CpiftError, match=r"metric 'py:mymetrics.boom' raised KeyError: 'oops' \(output"):
+        evaluate(tiny_lm, {"t": (str(data), "py:mymetrics.boom")}, 2, 1, metric_search=[str(tmp_path)])
+    import sys
+
+    assert str(tmp_path) not in sys.path  # the search folder is not left on the path

@@ -333,3 +333,28 @@ def test_out_must_be_a_run_folder(lm, tmp_path):
 def test_bad_values_caught_before_any_work(lm, tmp_path):
     with pytest.raises(CpiftError, match="multistage_k"):
         load_pipeline(write(tmp_path, spec(lm, str(tmp_path / "o"), baselines={"multistage_k": 5})))
+
+
+def test_py_metrics_run_only_when_scoring_from_the_pipeline_folder(lm, tmp_path):
+    """Validating a pipeline file imports no user code; the py: metric's module is found
+    in the pipeline file's folder (no PYTHONPATH needed) when evaluation starts."""
+    folder = tmp_path / "proj"
+    folder.mkdir()
+    marker = tmp_path / "imported"
+    (folder / "proj_metric_xyz.py").write_text(
+        f"open({str(marker)!r}, 'w').close()\n\ndef ok(output, answer):\n    return True\n"
+    )
+    rows = [{"prompt": f"say {w}", "response": w} for w in "abcd"]
+    (folder / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    task = {"name": "echo", "train": "d.jsonl", "test": "d.jsonl", "metric": "py:proj_metric_xyz.ok"}
+    bad = spec(lm, str(tmp_path / "o1"), methods=["full_sft"], tasks=[task], merge={"omega": 3})
+    with pytest.raises(CpiftError, match="merge.omega"):
+        load_pipeline(write(folder, bad))
+    pipe = load_pipeline(write(folder, spec(lm, str(tmp_path / "o2"), methods=["full_sft"], tasks=[task])))
+    assert not marker.exists()
+    with pytest.raises(CpiftError, match="must be py:module.function"):
+        load_pipeline(write(folder, spec(lm, "x", methods=["full_sft"], tasks=[{**task, "metric": "py:nodot"}])))
+    pipe.methods = []  # score the base model only
+    pipe.eval.limit = 2
+    res = run_pipeline(pipe, quiet=True)
+    assert marker.exists() and res["methods"]["base"]["scores"]["echo"]["score"] == 100.0

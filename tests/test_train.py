@@ -920,3 +920,10 @@ def test_outputs_get_the_usual_file_modes(tiny_lm, tmp_path):
     modes = {f: os.stat(out / f).st_mode & 0o777 for f in os.listdir(out)}
     assert modes["model.safetensors"] == 0o666 & ~umask and set(modes.values()) == {0o666 & ~umask}, modes
     assert os.stat(out).st_mode & 0o777 == 0o777 & ~umask
+
+
+def test_probe_regions_density_checked_before_training(tiny_lm, tasks, tmp_path):
+    out = tmp_path / "probes"
+    res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", out, "--regions", 5, *FAST, code=2)
+    one_line_error(res, "--regions takes a density in [0, 1]")
+    assert not out.exists()

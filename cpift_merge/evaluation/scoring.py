@@ -11,6 +11,7 @@ from __future__ import annotations
 import importlib
 import json
 import os
+import sys
 from typing import Any, Callable, Dict, List, Sequence
 
 import torch
@@ -22,21 +23,46 @@ from cpift_merge.training.data import as_messages, load_examples
 BUILTIN_METRICS = ("exact", "numeric", "choice")
 
 
-def metric_fn(metric: str) -> Callable[[str, str], bool]:
-    """The checker for a metric name (built-in or ``py:module.function``)."""
+def check_metric_name(metric: str) -> None:
+    """Refuse a metric name that is neither built-in nor ``py:module.function``, without
+    importing anything (a ``py:`` metric runs the user's code: only when scoring)."""
+    if metric in BUILTIN_METRICS:
+        return
+    if metric.startswith("py:"):
+        module, _, name = metric[3:].rpartition(".")
+        if not (module and name and all(part.isidentifier() for part in metric[3:].split("."))):
+            raise CpiftError(f"metric {metric!r} must be py:module.function")
+        return
+    raise CpiftError(f"unknown metric {metric!r}; use exact, numeric, choice or py:module.function")
+
+
+def metric_fn(metric: str, search: Sequence[str] = ()) -> Callable[[str, str], bool]:
+    """The checker for a metric name (built-in or ``py:module.function``). A ``py:``
+    metric's module is imported now, from the folders in ``search`` first (a pipeline
+    file's folder), then from ``sys.path``: it runs that module's code."""
+    check_metric_name(metric)
     if metric in BUILTIN_METRICS:
         return lambda out, ans: check(metric, out, ans)
-    if metric.startswith("py:"):
-        target = metric[3:]
-        module, _, name = target.rpartition(".")
-        if not module:
-            raise CpiftError(f"metric {metric!r} must be py:module.function")
+    module, _, name = metric[3:].rpartition(".")
+    added = [d for d in search if d not in sys.path]
+    sys.path[:0] = added
+    try:
+        fn = getattr(importlib.import_module(module), name)
+    except (ImportError, AttributeError) as err:
+        raise CpiftError(f"cannot load metric {metric!r}: {err}") from None
+    finally:
+        for d in added:
+            sys.path.remove(d)
+
+    def call(out: str, ans: str) -> bool:
         try:
-            fn = getattr(importlib.import_module(module), name)
-        except (ImportError, AttributeError) as err:
-            raise CpiftError(f"cannot load metric {metric!r}: {err}") from None
-        return lambda out, ans: bool(fn(out, ans))
-    raise CpiftError(f"unknown metric {metric!r}; use exact, numeric, choice or py:module.function")
+            return bool(fn(out, ans))
+        except Exception as err:
+            raise CpiftError(
+                f"metric {metric!r} raised {type(err).__name__}: {err} (output {out[:60]!r}, answer {ans[:60]!r})"
+            ) from None
+
+    return call
 
 
 def reference(ex: Dict[str, Any], raw: Dict[str, Any]) -> str:
@@ -78,11 +104,15 @@ def evaluate(
     batch_size: int = 16,
     limit: int = 0,
     device: str = "auto",
+    metric_search: Sequence[str] = (),
 ) -> Dict[str, Dict[str, Any]]:
-    """Score ``model_path`` on ``{name: (test file, metric)}``; returns per-task results."""
+    """Score ``model_path`` on ``{name: (test file, metric)}``; returns per-task results.
+    ``metric_search``: folders to import ``py:`` metrics from first (see :func:`metric_fn`)."""
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    checks = {name: metric_fn(metric) for name, (_path, metric) in tasks.items()}
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CpiftError("--device cuda asked for, but no CUDA device is available")
+    checks = {name: metric_fn(metric, metric_search) for name, (_path, metric) in tasks.items()}
     data = {}
     for name, (path, _metric) in tasks.items():
         examples = load_examples(path)

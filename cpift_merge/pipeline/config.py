@@ -12,7 +12,16 @@ import os
 import re
 from typing import Annotated, Dict, List, Literal, Optional
 
-from pydantic import BaseModel, ConfigDict, Field, Strict, ValidationError, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    PrivateAttr,
+    Strict,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 
 from cpift_merge.errors import CpiftError, load_yaml_mapping
 
@@ -182,6 +191,7 @@ class Pipeline(_Strict):
     methods: List[Literal[METHODS]] = Field(default_factory=lambda: ["cpift", "dpi", "full_sft"], min_length=1)
     sequential: Optional[SequentialSpec] = None
     eval: EvalSpec = EvalSpec()
+    _folder: str = PrivateAttr(default="")  # the pipeline file's folder: py: metrics are imported from there
 
     @field_validator("methods")
     @classmethod
@@ -279,15 +289,16 @@ def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) 
         if not os.path.isdir(pipe.base):
             raise CpiftError(f"pipeline {path}: base {pipe.base} is not a model folder (or use base: {SMOLLM2})")
     pipe.out = os.path.abspath(os.path.expanduser(pipe.out))
+    pipe._folder = here
     for key in ("probe", "stage", "calibration"):  # the training options, before any work
         try:
             train_config(pipe, getattr(pipe, key))
         except CpiftError as err:
             raise CpiftError(f"pipeline {path}: {key} (with train): {err}") from None
-    from cpift_merge.evaluation.scoring import metric_fn
+    from cpift_merge.evaluation.scoring import check_metric_name
 
     for t in pipe.tasks:
-        metric_fn(t.metric)  # unknown metric / unloadable py: function -> one-line error now
+        check_metric_name(t.metric)  # the name only: a py: metric's code runs when scoring starts
         for split in ("train", "test"):
             p = getattr(t, split)
             if p is not None:

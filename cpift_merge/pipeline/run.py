@@ -260,7 +260,15 @@ class Run:
         out = self.path("eval", key.replace(":", "_").replace("/", "_") + ".json")
 
         def go():
-            res = evaluate(model["path"], specs, ev.max_new_tokens, ev.batch_size, ev.limit, self.pipe.device)
+            res = evaluate(
+                model["path"],
+                specs,
+                ev.max_new_tokens,
+                ev.batch_size,
+                ev.limit,
+                self.pipe.device,
+                metric_search=[self.pipe._folder] if self.pipe._folder else [],
+            )
             os.makedirs(os.path.dirname(out), exist_ok=True)
             with open(out + ".tmp", "w", encoding="utf-8") as fh:
                 json.dump({"model": model["path"], "tasks": res}, fh, indent=1)

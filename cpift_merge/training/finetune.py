@@ -493,6 +493,8 @@ def run_probes(
     """One probe per task, ``out/NAME`` (``cpift probe``); with ``regions_density``,
     then their core regions (global scope) in ``out/regions``. Returns the probes'
     paths and the region set (or None); ``say`` gets one line per probe."""
+    if regions_density is not None and not 0.0 <= regions_density <= 1.0:  # before any training
+        raise CpiftError(f"--regions takes a density in [0, 1] (0.01 = 1%), got {regions_density}")
     paths = {}
     for name, examples in data.items():
         say(f"probe {name}: {len(examples)} examples")
