@@ -14,10 +14,17 @@ def load_yaml_mapping(path: str, what: str, hint: str) -> dict:
     import yaml
 
     try:
-        with open(path, encoding="utf-8") as fh:
-            data = yaml.safe_load(fh)
+        with open(path, "rb") as fh:
+            raw = fh.read()
     except OSError as err:
         raise CpiftError(f"cannot read {what} {path}: {err.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as err:
+        line = raw.count(b"\n", 0, err.start) + 1
+        raise CpiftError(f"{what} {path} line {line} is not UTF-8 text; save the file as UTF-8") from None
+    try:
+        data = yaml.safe_load(text)
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

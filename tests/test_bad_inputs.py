@@ -809,3 +809,14 @@ def test_output_equal_to_inside_or_containing_an_input_is_refused(tiny_models, t
     assert {p: _digest_tree(p) for p in (base, a)} == before
     assert os.path.isfile(config) and sorted(os.listdir(work)) == ["a", "base", "recipe.yml"]
     assert_no_output(os.path.join(a, "regions"))
+
+
+def test_non_utf8_recipe_and_null_parameters_are_one_line(tiny_models, tmp_path):
+    out = str(tmp_path / "out")
+    config = recipe(tmp_path, [tiny_models["a"]], tiny_models["base"], {"omega": None})
+    assert_refused(merge_cli(config, out), out, "parameters.omega is empty (null)")
+    config = recipe(tmp_path, [(tiny_models["a"], {"weight": None})], tiny_models["base"])
+    assert_refused(merge_cli(config, out), out, "models[0].weight is empty (null)")
+    raw = tmp_path / "latin1.yml"
+    raw.write_bytes(b"merge_method: cpi\n# caf\xe9\nbase_model: x\n")
+    assert_refused(merge_cli(str(raw), out), out, "line 2 is not UTF-8 text")

@@ -168,7 +168,7 @@ def test_load_jsonl_both_formats(tmp_path):
         ([{"prompt": "a", "response": "b"}, "", '{"prompt": "a", "response": '], 3, "not valid JSON"),
         ([{"prompt": "a", "response": "b"}, {"prompt": "a"}], 2, "missing field 'response'"),
         ([{"response": "b"}], 1, "missing field 'prompt'"),
-        ([{"prompt": "a", "response": 3}], 1, "missing field 'response'"),
+        ([{"prompt": "a", "response": 3}], 1, "field 'response' must be a string, got int"),
         ([[1, 2]], 1, "JSON object"),
         (
             [{"prompt": "a", "response": "b"}] * 3 + [{"messages": [{"role": "user", "content": "u"}]}],
@@ -176,7 +176,8 @@ def test_load_jsonl_both_formats(tmp_path):
             "no assistant turn",
         ),
         ([{"messages": []}], 1, "non-empty list"),
-        ([{"messages": [{"role": "user"}]}], 1, "non-empty list"),
+        ([{"messages": [{"role": "user"}]}], 1, r"missing field 'messages\[0\].content'"),
+        ([{"prompt": "a\ud800b", "response": "b"}], 1, "field 'prompt' holds an unpaired surrogate"),
     ],
     ids=[
         "empty",
@@ -189,6 +190,7 @@ def test_load_jsonl_both_formats(tmp_path):
         "no-assistant",
         "empty-messages",
         "no-content",
+        "lone-surrogate",
     ],
 )
 def test_bad_data_errors(tmp_path, rows, line, match):
@@ -262,3 +264,78 @@ def test_collator_pads_right_with_ignored_labels():
     assert batch["labels"].tolist() == [[IGNORE, 6, 7], [8, IGNORE, IGNORE]]
     assert batch["attention_mask"].tolist() == [[1, 1, 1], [1, 0, 0]]
     assert all(t.dtype == torch.long for t in batch.values())
+
+
+# ------------------------------------------------- bytes, huge lines, dataset splits
+
+
+def test_non_utf8_and_oversized_lines_name_file_and_line(tmp_path, monkeypatch):
+    from cpift_merge.training import data
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"prompt": "a", "response": "b"}\n{"prompt": "caf\xe9", "response": "b"}\n')
+    with pytest.raises(CpiftError, match=r"d.jsonl:2: not UTF-8 text \(byte 16 of the line\)"):
+        load_examples(str(path))
+    monkeypatch.setattr(data, "MAX_LINE_BYTES", 64)
+    write_jsonl(path, [{"prompt": "a", "response": "b"}, {"prompt": "x" * 100, "response": "b"}])
+    with pytest.raises(CpiftError, match=r"d.jsonl:2: line of 132 bytes; one example may take at most 64"):
+        load_examples(str(path))
+
+
+def test_a_huge_example_is_cut_before_tokenizing_with_the_same_tokens(tok, plain_tok):
+    for t in (tok, plain_tok):
+        long = {"prompt": "p" * 20, "response": "r" * 9000}
+        got, rep = encode_all(t, [long], 64)
+        full = encode(t, long)  # tokenized whole: what the cut must not change
+        assert got[0].input_ids == full.input_ids[:64] and got[0].labels == full.labels[:64]
+        assert rep.truncated == 1
+    msgs = {"messages": [{"role": "user", "content": "u" * 9000}, {"role": "assistant", "content": "a"}]}
+    got, rep = encode_all(tok, [msgs], 64)
+    assert got == [] and rep.dropped == 1  # the prompt fills max_length either way
+
+
+def test_a_huge_line_keeps_memory_bounded(tmp_path):
+    """A 15 MB prompt with --max-length 64: the tokenizer sees 4 KB of it, so the
+    process stays near its import size (tokenizing it whole took GBs)."""
+    import os
+    import subprocess
+    import sys
+
+    here = os.path.dirname(os.path.abspath(__file__))
+    path = tmp_path / "huge.jsonl"
+    path.write_text(json.dumps({"prompt": "word " * 3_000_000, "response": "ok"}) + "\n")
+    code = (
+        f"import resource, sys; sys.path.insert(0, {here!r})\n"
+        "from conftest import tiny_tokenizer\n"
+        "from cpift_merge.training.data import encode_all, load_examples\n"
+        f"rows, rep = encode_all(tiny_tokenizer(), load_examples({str(path)!r}), 64)\n"
+        "assert rep.truncated == 1, rep\n"
+        "print(resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)\n"
+    )
+    res = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=300)
+    assert res.returncode == 0, res.stderr[-2000:]
+    peak_mb = int(res.stdout.split()[-1]) / 1024
+    assert peak_mb < 1024, f"peak RSS {peak_mb:.0f} MB"
+
+
+def test_dataset_dict_splits_by_role_and_by_name(tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    from cpift_merge.training.data import split_of
+
+    train = [{"prompt": f"t{i}", "response": "r"} for i in range(4)]
+    test = [{"prompt": f"e{i}", "response": "r"} for i in range(2)]
+    dd = str(tmp_path / "dd")
+    DatasetDict({"train": Dataset.from_list(train), "test": Dataset.from_list(test)}).save_to_disk(dd)
+    assert load_examples(dd) == train and load_examples(dd, role="test") == test
+    assert load_examples(dd + ":test") == test and load_examples(dd + ":train", role="test") == train
+    assert split_of(dd, "test") == (dd, "test") and split_of(dd + ":train", "test") == (dd, "train")
+    with pytest.raises(CpiftError, match="not 'dev'"):
+        load_examples(dd + ":dev")
+    val = str(tmp_path / "val")
+    DatasetDict({"train": Dataset.from_list(train), "validation": Dataset.from_list(test)}).save_to_disk(val)
+    assert load_examples(val, role="test") == test
+    only = str(tmp_path / "only")
+    DatasetDict({"train": Dataset.from_list(train)}).save_to_disk(only)
+    with pytest.raises(CpiftError, match=r"none of test, validation for testing; name one as .*:SPLIT"):
+        load_examples(only, role="test")

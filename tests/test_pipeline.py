@@ -346,7 +346,8 @@ def test_py_metrics_run_only_when_scoring_from_the_pipeline_folder(lm, tmp_path)
     )
     rows = [{"prompt": f"say {w}", "response": w} for w in "abcd"]
     (folder / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
-    task = {"name": "echo", "train": "d.jsonl", "test": "d.jsonl", "metric": "py:proj_metric_xyz.ok"}
+    (folder / "t.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows[:2]))
+    task = {"name": "echo", "train": "d.jsonl", "test": "t.jsonl", "metric": "py:proj_metric_xyz.ok"}
     bad = spec(lm, str(tmp_path / "o1"), methods=["full_sft"], tasks=[task], merge={"omega": 3})
     with pytest.raises(CpiftError, match="merge.omega"):
         load_pipeline(write(folder, bad))
@@ -358,3 +359,23 @@ def test_py_metrics_run_only_when_scoring_from_the_pipeline_folder(lm, tmp_path)
     pipe.eval.limit = 2
     res = run_pipeline(pipe, quiet=True)
     assert marker.exists() and res["methods"]["base"]["scores"]["echo"]["score"] == 100.0
+
+
+def test_same_data_as_train_and_test_is_refused_and_dataset_splits_are_picked(lm, tmp_path):
+    from datasets import Dataset, DatasetDict
+
+    rows = [{"prompt": f"say {w}", "response": w} for w in "abcdef"]
+    (tmp_path / "d.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    same = {"name": "echo", "train": "d.jsonl", "test": "d.jsonl", "metric": "exact"}
+    line = _cli_error(tmp_path, spec(lm, str(tmp_path / "o"), methods=["full_sft"], tasks=[same]))
+    assert "task echo: train and test are the same data" in line and "held-out" in line
+    dd = tmp_path / "dd"
+    DatasetDict({"train": Dataset.from_list(rows), "test": Dataset.from_list(rows[:2])}).save_to_disk(str(dd))
+    split = {"name": "echo", "train": "dd", "test": "dd", "metric": "exact"}  # train split, test split
+    pipe = load_pipeline(write(tmp_path, spec(lm, str(tmp_path / "o"), methods=["full_sft"], tasks=[split])))
+    pipe.methods = []
+    res = run_pipeline(pipe, quiet=True)
+    assert res["methods"]["base"]["scores"]["echo"]["n"] == 2  # scored on test, not on train
+    both = {**split, "test": "dd:train"}
+    line = _cli_error(tmp_path, spec(lm, str(tmp_path / "o"), methods=["full_sft"], tasks=[both]))
+    assert "same data" in line and "dd:train" in line

@@ -927,3 +927,29 @@ def test_probe_regions_density_checked_before_training(tiny_lm, tasks, tmp_path)
     res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", out, "--regions", 5, *FAST, code=2)
     one_line_error(res, "--regions takes a density in [0, 1]")
     assert not out.exists()
+
+
+def test_model_folder_without_tokenizer_or_truncated_is_one_line(tiny_lm, tasks, tmp_path):
+    no_tok = tmp_path / "no-tok"
+    no_tok.mkdir()
+    for f in ("config.json", "model.safetensors"):
+        shutil.copy(os.path.join(tiny_lm, f), no_tok / f)
+    args = ["--task", f"a={tasks['a']}", "--steps", 1, *FAST]
+    res = cli("probe", "--base", no_tok, "--out", tmp_path / "p1", *args, code=2)
+    one_line_error(res, f"cannot load a tokenizer from {no_tok}")
+    cut = tmp_path / "cut"
+    shutil.copytree(tiny_lm, cut)
+    with open(cut / "model.safetensors", "r+b") as fh:
+        fh.truncate(os.path.getsize(cut / "model.safetensors") // 2)
+    res = cli("probe", "--base", cut, "--out", tmp_path / "p2", *args, code=2)
+    one_line_error(res, "is truncated")
+    assert not (tmp_path / "p1").exists() or not os.listdir(tmp_path / "p1")
+    assert not (tmp_path / "p2").exists() or not os.listdir(tmp_path / "p2")
+
+
+def test_nothing_left_after_max_length_names_the_task(tiny_lm, tmp_path):
+    long = write_jsonl(tmp_path / "long.jsonl", [{"prompt": "x" * 200, "response": "y"}] * 3)
+    out = tmp_path / "probes"
+    res = cli("probe", "--base", tiny_lm, "--task", f"wordy={long}", "--out", out, "--steps", 1, *FAST, code=2)
+    line = one_line_error(res, "probe wordy: 0 examples")
+    assert "nothing left to train on; raise --max-length" in line and not (out / "wordy.work").exists()

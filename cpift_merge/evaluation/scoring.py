@@ -115,7 +115,7 @@ def evaluate(
     checks = {name: metric_fn(metric, metric_search) for name, (_path, metric) in tasks.items()}
     data = {}
     for name, (path, _metric) in tasks.items():
-        examples = load_examples(path)
+        examples = load_examples(path, role="test")
         raws = None
         if os.path.isfile(path):  # JSONL: keep the raw rows for their "answer" field
             with open(path, encoding="utf-8") as fh:
@@ -128,8 +128,9 @@ def evaluate(
     try:
         tok = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev).eval()
-    except OSError as err:
-        raise CpiftError(f"cannot load model {model_path}: {err}") from None
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CpiftError(f"cannot load model {model_path}: {first[:300]}") from None
     results = {}
     for name, (examples, raws) in data.items():
         prompts = [_prompt_text(tok, ex) for ex in examples]

@@ -268,6 +268,10 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
     raw = load_yaml(config_path)
     cfg = resolve_recipe(raw, os.path.dirname(os.path.abspath(config_path)))
     ensure_apart(out, [config_path, *local_inputs(cfg)])
+    for where, params, _per_model in param_blocks(cfg):
+        empty = [k for k, v in params.items() if v is None]
+        if empty:
+            raise CpiftError(f"recipe {config_path}: {where}.{empty[0]} is empty (null); give it a value or remove it")
     try:
         config = MergeConfiguration.model_validate(cfg)
     except (ValidationError, RuntimeError) as err:

@@ -296,14 +296,26 @@ def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) 
         except CpiftError as err:
             raise CpiftError(f"pipeline {path}: {key} (with train): {err}") from None
     from cpift_merge.evaluation.scoring import check_metric_name
+    from cpift_merge.training.data import split_of
 
     for t in pipe.tasks:
         check_metric_name(t.metric)  # the name only: a py: metric's code runs when scoring starts
-        for split in ("train", "test"):
-            p = getattr(t, split)
+        picked = {}
+        for role in ("train", "test"):
+            p = getattr(t, role)
             if p is not None:
                 p = resolve(p)
-                if not os.path.exists(p):
-                    raise CpiftError(f"pipeline {path}: task {t.name}: {split} data {p} does not exist")
-                setattr(t, split, p)
+                try:
+                    picked[role] = split_of(p, role)
+                except CpiftError as err:
+                    raise CpiftError(f"pipeline {path}: task {t.name}: {role}: {err}") from None
+                if not os.path.exists(picked[role][0]):
+                    raise CpiftError(f"pipeline {path}: task {t.name}: {role} data {p} does not exist")
+                setattr(t, role, p)
+        if len(picked) == 2 and picked["train"] == picked["test"]:
+            where, split = picked["train"]
+            raise CpiftError(
+                f"pipeline {path}: task {t.name}: train and test are the same data ({where}"
+                f"{':' + split if split else ''}); give a held-out test set"
+            )
     return pipe

@@ -27,7 +27,7 @@ import click
 
 from cpift_merge.errors import CpiftError
 from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, train_config
-from cpift_merge.pipeline.steps import Record, Steps, file_sha, fingerprint
+from cpift_merge.pipeline.steps import Record, Steps, data_sha, fingerprint
 
 
 class Run:
@@ -138,7 +138,7 @@ class Run:
             else:
                 self.data[t.name] = {"train": t.train, "test": t.test}
             self.data_fp[t.name] = fingerprint(
-                file_sha(self.data[t.name]["train"]), file_sha(self.data[t.name]["test"])
+                data_sha(self.data[t.name]["train"], "train"), data_sha(self.data[t.name]["test"], "test")
             )
 
     def probes(self) -> Dict[str, str]:

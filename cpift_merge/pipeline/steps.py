@@ -36,6 +36,16 @@ def file_sha(path: str) -> str:
     return h.hexdigest()[:16]
 
 
+def data_sha(path: str, role: str) -> str:
+    """Content hash of a task's data: a JSONL file, or a saved dataset (and the split a
+    DatasetDict gives for ``role``, as :func:`cpift_merge.training.data.split_of` picks it).
+    A plain file keeps the hash it had before splits existed."""
+    from cpift_merge.training.data import split_of
+
+    where, split = split_of(path, role)
+    return file_sha(where) if split is None else fingerprint(file_sha(where), split)
+
+
 class Steps:
     """Fingerprinted, resumable steps: ``run(key, fp, outputs, fn)``."""
 

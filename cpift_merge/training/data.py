@@ -12,7 +12,7 @@ import json
 import os
 import random
 from dataclasses import dataclass, field
-from typing import Any, Dict, List, Sequence
+from typing import Any, Dict, List, Optional, Sequence
 
 import torch
 
@@ -21,32 +21,79 @@ from cpift_merge.errors import CpiftError
 IGNORE = -100
 
 
+MAX_LINE_BYTES = 16 << 20  # a JSONL line longer than this is refused (one example, 16 MiB)
+# Before tokenizing, each text is cut to this many characters per token of max_length:
+# far more than any token spans, so the first max_length tokens are unchanged, while a
+# huge example costs memory in proportion to max_length, not to its size.
+CHARS_PER_TOKEN_BOUND = 64
+TRAIN_SPLITS = ("train",)
+TEST_SPLITS = ("test", "validation")
+
+
+def _text(value: Any, field_name: str, where: str) -> str:
+    if value is None:
+        raise CpiftError(f"{where}: missing field {field_name!r}")
+    if not isinstance(value, str):
+        raise CpiftError(f"{where}: field {field_name!r} must be a string, got {type(value).__name__}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as err:
+        raise CpiftError(
+            f"{where}: field {field_name!r} holds an unpaired surrogate ({value[err.start]!r} at {err.start});"
+            " fix the text"
+        ) from None
+    return value
+
+
 def _check_example(ex: Any, where: str) -> Dict[str, Any]:
     if not isinstance(ex, dict):
         raise CpiftError(f"{where}: an example must be a JSON object")
     if "messages" in ex:
         msgs = ex["messages"]
-        if (
-            not isinstance(msgs, list)
-            or not msgs
-            or not all(
-                isinstance(m, dict) and isinstance(m.get("role"), str) and isinstance(m.get("content"), str)
-                for m in msgs
-            )
-        ):
+        if not isinstance(msgs, list) or not msgs or not all(isinstance(m, dict) for m in msgs):
             raise CpiftError(f"{where}: 'messages' must be a non-empty list of {{role, content}} strings")
-        if not any(m["role"] == "assistant" for m in msgs):
+        out = [
+            {
+                "role": _text(m.get("role"), f"messages[{n}].role", where),
+                "content": _text(m.get("content"), f"messages[{n}].content", where),
+            }
+            for n, m in enumerate(msgs)
+        ]
+        if not any(m["role"] == "assistant" for m in out):
             raise CpiftError(f"{where}: 'messages' has no assistant turn to learn from")
-        return {"messages": [{"role": m["role"], "content": m["content"]} for m in msgs]}
-    missing = [k for k in ("prompt", "response") if not isinstance(ex.get(k), str)]
+        return {"messages": out}
+    missing = [k for k in ("prompt", "response") if k not in ex]
     if missing:
         raise CpiftError(f"{where}: missing field {missing[0]!r} (need prompt and response, or messages)")
-    return {"prompt": ex["prompt"], "response": ex["response"]}
+    return {"prompt": _text(ex["prompt"], "prompt", where), "response": _text(ex["response"], "response", where)}
 
 
-def load_examples(path: str) -> List[Dict[str, Any]]:
-    """Examples from a JSONL file or a ``datasets`` dataset saved with ``save_to_disk``."""
+def split_of(path: str, role: str = "train") -> tuple[str, Optional[str]]:
+    """(folder or file, split): ``DIR:SPLIT`` names a split of a saved ``datasets``
+    DatasetDict; a DatasetDict named without one gives ``train`` for training and
+    ``test`` (else ``validation``) for evaluation (``role``: train or test)."""
     path = os.path.expanduser(str(path))
+    head, sep, tail = path.rpartition(":")
+    if sep and head and not os.path.exists(path) and os.path.isdir(head) and tail and "/" not in tail:
+        return head, tail
+    if os.path.isdir(path) and os.path.isfile(os.path.join(path, "dataset_dict.json")):
+        with open(os.path.join(path, "dataset_dict.json"), encoding="utf-8") as fh:
+            splits = json.load(fh).get("splits", [])
+        wanted = TRAIN_SPLITS if role == "train" else TEST_SPLITS
+        found = next((w for w in wanted if w in splits), None)
+        if found is None:
+            raise CpiftError(
+                f"dataset {path} has splits {splits}, none of {', '.join(wanted)} for {role}ing;"
+                f" name one as {path}:SPLIT"
+            )
+        return path, found
+    return path, None
+
+
+def load_examples(path: str, role: str = "train") -> List[Dict[str, Any]]:
+    """Examples from a JSONL file or a ``datasets`` dataset saved with ``save_to_disk``
+    (a DatasetDict's split as :func:`split_of` picks it for ``role``)."""
+    path, split = split_of(path, role)
     if os.path.isdir(path):
         try:
             from datasets import DatasetDict, load_from_disk
@@ -55,24 +102,35 @@ def load_examples(path: str) -> List[Dict[str, Any]]:
         except Exception as err:
             raise CpiftError(f"cannot read dataset folder {path}: {err}") from None
         if isinstance(ds, DatasetDict):  # (it has column_names too: a dict per split)
-            if "train" not in ds:
-                raise CpiftError(f"dataset {path} has splits {list(ds)}; point at one split or add 'train'")
-            ds = ds["train"]
-        rows = [_check_example(dict(r), f"{path} row {i}") for i, r in enumerate(ds)]
+            if split not in ds:
+                raise CpiftError(f"dataset {path} has splits {list(ds)}, not {split!r}")
+            ds = ds[split]
+        elif split is not None:
+            raise CpiftError(f"dataset {path} has no splits; name it without :{split}")
+        where = f"{path}:{split}" if split else path
+        rows = [_check_example(dict(r), f"{where} row {i}") for i, r in enumerate(ds)]
     else:
         try:
-            with open(path, encoding="utf-8") as fh:
+            with open(path, "rb") as fh:
                 lines = fh.readlines()
         except OSError as err:
             raise CpiftError(f"cannot read data file {path}: {err.strerror}") from None
         rows = []
-        for no, line in enumerate(lines, 1):
+        for no, raw in enumerate(lines, 1):
+            if len(raw) > MAX_LINE_BYTES:
+                raise CpiftError(
+                    f"{path}:{no}: line of {len(raw):,} bytes; one example may take at most {MAX_LINE_BYTES:,}"
+                )
+            try:
+                line = raw.decode("utf-8")
+            except UnicodeDecodeError as err:
+                raise CpiftError(f"{path}:{no}: not UTF-8 text (byte {err.start + 1} of the line)") from None
             if not line.strip():
                 continue
             try:
                 ex = json.loads(line)
             except ValueError as err:
-                raise CpiftError(f"{path}:{no}: not valid JSON ({err.msg})") from None
+                raise CpiftError(f"{path}:{no}: not valid JSON ({getattr(err, 'msg', err)})") from None
             rows.append(_check_example(ex, f"{path}:{no}"))
     if not rows:
         raise CpiftError(f"data {path} holds no examples")
@@ -161,13 +219,26 @@ def encode(tok, ex: Dict[str, Any]) -> Encoded:
     return Encoded(full, [IGNORE] * n + full[n:])
 
 
+def _bounded(ex: Dict[str, Any], chars: int) -> Dict[str, Any]:
+    """``ex`` with every text cut to ``chars`` characters (the same object when none is
+    longer): what follows them would be truncated away anyway."""
+    if "messages" in ex:
+        if all(len(m["content"]) <= chars for m in ex["messages"]):
+            return ex
+        return {"messages": [{**m, "content": m["content"][:chars]} for m in ex["messages"]]}
+    if len(ex["prompt"]) <= chars and len(ex["response"]) <= chars:
+        return ex
+    return {"prompt": ex["prompt"][:chars], "response": ex["response"][:chars]}
+
+
 def encode_all(tok, examples: Sequence[Dict[str, Any]], max_length: int) -> tuple[List[Encoded], EncodeReport]:
     if max_length < 2:
         raise CpiftError(f"--max-length must be at least 2, got {max_length}")
     report = EncodeReport()
     out = []
+    bound = max_length * CHARS_PER_TOKEN_BOUND
     for ex in examples:
-        e = encode(tok, ex)
+        e = encode(tok, _bounded(ex, bound))
         if len(e.input_ids) > max_length:
             report.truncated += 1
             e = Encoded(e.input_ids[:max_length], e.labels[:max_length])

@@ -232,16 +232,30 @@ def model_fingerprint(path: str) -> str:
         return _digest(repr(file_stamps(path)).encode())
 
 
+def load_tokenizer(path: str):
+    """The tokenizer saved beside a model; one line when there is none."""
+    from transformers import AutoTokenizer
+
+    try:
+        return AutoTokenizer.from_pretrained(path)
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CpiftError(
+            f"cannot load a tokenizer from {path} ({first[:200]}); save the base's tokenizer beside it"
+        ) from None
+
+
 def refuse_non_finite(path: str) -> bool:
     """Refuse a model with NaN or Inf in a tensor, streamed before anything is loaded.
     False when the folder is not safetensors (then the loaded model is checked)."""
     from cpift_merge.storage.checkpoint import Checkpoint
 
-    try:
-        ckpt = Checkpoint(path, label=path)
-    except CpiftError:
+    if not (
+        path.endswith(".safetensors")
+        or (os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)))
+    ):
         return False
-    bad = ckpt.first_non_finite()
+    bad = Checkpoint(path, label=path).first_non_finite()  # a truncated file: one line here
     if bad is not None:
         raise CpiftError(f"model {path} has NaN or Inf in tensor {bad}; fix or re-export that checkpoint")
     return True
@@ -373,15 +387,20 @@ def _train_and_save(
 ) -> Dict[str, Any]:
     """The body of :func:`finetune` once ``work`` is stamped: train (resuming from the
     last checkpoint in ``work``), check, and write ``out`` atomically."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer, Trainer, TrainingArguments
+    from transformers import AutoModelForCausalLM, Trainer, TrainingArguments
 
-    tok = AutoTokenizer.from_pretrained(base)
+    tok = load_tokenizer(base)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     rows, report = encode_all(tok, examples, cfg.max_length)
     if not rows:
-        raise CpiftError(f"{report.summary('data')}: nothing left to train on")
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+        raise CpiftError(f"{report.summary(desc or 'data')}: nothing left to train on; raise --max-length")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    except Exception as err:  # a damaged or foreign checkpoint: one line, not a traceback
+        raise CpiftError(
+            f"cannot load model {base}: {type(err).__name__}: {' '.join(str(err).split())[:300]}"
+        ) from None
     bad = next((n for n, p in model.named_parameters() if check_loaded and not all_finite(p.detach())), None)
     if bad is not None:
         raise CpiftError(f"model {base} has NaN or Inf in tensor {bad}; fix or re-export that checkpoint")
