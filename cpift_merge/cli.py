@@ -240,9 +240,14 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, overwrite, 
 )
 @click.option("--sample", type=int, default=None, help="Seeded, balanced N examples per task.")
 @click.option("--out", required=True, help="OUT/stage-K/ per stage.")
+@click.option(
+    "--allow-other-base",
+    is_flag=True,
+    help="Freeze cores of --regions computed on another base (e.g. calibrating a merged model).",
+)
 @_train_options
 @_friendly
-def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, **kw):
+def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow_other_base, **kw):
     """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
     from cpift_merge.training.finetune import train_from_files
 
@@ -259,6 +264,7 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, **kw)
         sample=sample,
         progress=not quiet,
         overwrite=overwrite,
+        allow_other_base=allow_other_base,
     )
     rows = [
         [

@@ -953,3 +953,25 @@ def test_nothing_left_after_max_length_names_the_task(tiny_lm, tmp_path):
     res = cli("probe", "--base", tiny_lm, "--task", f"wordy={long}", "--out", out, "--steps", 1, *FAST, code=2)
     line = one_line_error(res, "probe wordy: 0 examples")
     assert "nothing left to train on; raise --max-length" in line and not (out / "wordy.work").exists()
+
+
+def test_regions_of_another_base_need_allow_other_base(tiny_lm, tasks, regions, tmp_path):
+    """Same architecture, other weights: refused by default; --allow-other-base (the
+    calibration of a merged model) freezes those cores in it."""
+    from transformers import AutoModelForCausalLM
+
+    other = str(tmp_path / "other")
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.mul_(1.01)
+    model.save_pretrained(other)
+    for f in os.listdir(tiny_lm):
+        if "token" in f or f.endswith(".jinja"):
+            shutil.copy(os.path.join(tiny_lm, f), other)
+    args = ["train", "--base", other, "--regions", regions.path, "--task", f"a={tasks['a']}"]
+    args += ["--task", f"b={tasks['b']}", "--groups", "given:a;b", "--out", tmp_path / "o", "--steps", 1, *FAST]
+    line = one_line_error(cli(*args, code=2), "computed for another model")
+    assert "--allow-other-base" in line and not (tmp_path / "o" / "stage-1").exists()
+    cli(*args, "--allow-other-base")
+    assert read_json(str(tmp_path / "o" / "stage-2" / "stage.json"))["frozen_entries"] == regions.k("a")

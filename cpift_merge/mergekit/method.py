@@ -25,7 +25,7 @@ import os
 import re
 import threading
 from functools import lru_cache
-from typing import Any, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Dict, List, Optional, Tuple
 
 import torch
 from mergekit.merge_methods import (
@@ -46,7 +46,7 @@ from cpift_merge.errors import CpiftError
 from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
 from cpift_merge.storage.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
 from cpift_merge.storage.files import file_stamps
-from cpift_merge.storage.regions import GlobalCut, RegionSet, load_regions
+from cpift_merge.storage.regions import GlobalCut, RegionSet, load_regions, samples_close
 
 LOG = logging.getLogger(__name__)
 METHOD_NAME = "cpi"
@@ -100,13 +100,6 @@ def _label(model_id: Any) -> str:
     return str(model_id)
 
 
-def _close(values: torch.Tensor, recorded: Sequence[float]) -> bool:
-    ref = torch.tensor(recorded, dtype=torch.float64)
-    got = values.to(torch.float64)
-    eps = torch.finfo(values.dtype).eps if values.is_floating_point() else 0.0
-    return bool(torch.all((got - ref).abs() <= 2 * eps * ref.abs() + 1e-30))
-
-
 def _samples_of(tensor: torch.Tensor) -> torch.Tensor:
     flat = tensor.reshape(-1)
     return flat[torch.tensor(sample_positions(flat.numel()), device=flat.device)].cpu()
@@ -130,7 +123,7 @@ def _match_task(regions: RegionSet, model_id: Any, tensor_name: str, tensor: tor
             return t
     if regions.has_tensor(tensor_name):
         values = _samples_of(tensor)
-        hits = [t for t in tasks if _close(values, regions.sample(t, tensor_name))]
+        hits = [t for t in tasks if samples_close(values, regions.sample(t, tensor_name))]
         if len(hits) == 1:
             return hits[0]
     raise CpiftError(
@@ -144,9 +137,9 @@ def _check_against(regions: RegionSet, task: str, model_id: Any, name: str, tens
     if recorded is None:
         return
     values = _samples_of(tensor)
-    if _close(values, recorded):
+    if samples_close(values, recorded):
         return
-    others = [t for t in regions.tasks if t != task and _close(values, regions.sample(t, name) or [])]
+    others = [t for t in regions.tasks if t != task and samples_close(values, regions.sample(t, name) or [])]
     if others:
         raise CpiftError(
             f"model {_label(model_id)} is task {others[0]}, not {task}, in region file"
@@ -247,7 +240,7 @@ def cpi_merge(
                 _check_against(rs, n, e.id, name, e.tensor)
             cores = [rs.mask(n, name, device=base.device) for n in names]
             base_sample = rs.sample("__base__", name)
-            if overlap == "max_delta" and base_sample is not None and not _close(_samples_of(base), base_sample):
+            if overlap == "max_delta" and base_sample is not None and not samples_close(_samples_of(base), base_sample):
                 theta0 = _lazy_theta0(rs, name, base)
         else:
             cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]

@@ -58,6 +58,10 @@ class TensorInfo:
     def is_float(self) -> bool:
         return self.dtype in ("F64", "F32", "F16", "BF16", "F8_E4M3", "F8_E5M2")
 
+    @property
+    def torch_dtype(self) -> Optional[torch.dtype]:
+        return _DTYPES.get(self.dtype)
+
 
 _DTYPES = {
     "F64": torch.float64,

@@ -393,6 +393,14 @@ def compute_regions(
 # --------------------------------------------------------------------- loading
 
 
+def samples_close(values: torch.Tensor, recorded: Sequence[float]) -> bool:
+    """Whether a tensor's sampled values match recorded ones (2 ulp of its dtype)."""
+    ref = torch.tensor(recorded, dtype=torch.float64)
+    got = values.to(torch.float64)
+    eps = torch.finfo(values.dtype).eps if values.is_floating_point() else 0.0
+    return bool(torch.all((got - ref).abs() <= 2 * eps * ref.abs() + 1e-30))
+
+
 @dataclass
 class RegionSet:
     """A loaded region directory. Masks are read lazily, one tensor at a time."""
@@ -478,6 +486,16 @@ class RegionSet:
 
     def sample(self, task: str, tensor: str) -> Optional[List[float]]:
         return self.meta["samples"].get(task, {}).get(tensor)
+
+    def other_base_tensor(self, base: Checkpoint) -> Optional[str]:
+        """The first tensor of ``base`` whose sampled values differ from those of the base
+        these regions were computed on, or None (also when no base samples were kept)."""
+        for name, recorded in (self.meta["samples"].get("__base__") or {}).items():
+            if name in base.infos:
+                values = torch.tensor(base.sample(name), dtype=base.infos[name].torch_dtype or torch.float64)
+                if not samples_close(values, recorded):
+                    return name
+        return None
 
 
 @functools.lru_cache(maxsize=1)

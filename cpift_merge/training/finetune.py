@@ -679,13 +679,24 @@ def train_from_files(
     sample: Optional[int] = None,
     progress: bool = True,
     overwrite: bool = False,
+    allow_other_base: bool = False,
 ) -> Dict[str, Any]:
     """``cpift train``: each task's data from its file, the cores from ``regions_dir``,
-    the stages from ``groups`` (see :func:`plan_groups`), then :func:`staged_train`."""
+    the stages from ``groups`` (see :func:`plan_groups`), then :func:`staged_train`.
+    Regions computed on another base than ``base`` are refused unless
+    ``allow_other_base`` (CPI-FT's calibration freezes θ0's cores in a merged model)."""
+    from cpift_merge.storage.checkpoint import Checkpoint
     from cpift_merge.storage.regions import load_regions
     from cpift_merge.training.data import load_tasks
 
     data = load_tasks(task_files)
     rs = load_regions(regions_dir) if regions_dir else None
+    if rs is not None and not allow_other_base and refuse_non_finite(base):
+        other = rs.other_base_tensor(Checkpoint(base, label=base))
+        if other is not None:
+            raise CpiftError(
+                f"region file {rs.path} was computed for another model: its base differs from {base} in {other};"
+                " pass --allow-other-base to freeze its cores in this model anyway (as when calibrating a merge)"
+            )
     plan = plan_groups(groups, list(data), rs, cfg.seed)
     return staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=progress, overwrite=overwrite)
