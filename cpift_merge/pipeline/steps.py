@@ -16,6 +16,8 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
+from cpift_merge.storage.files import read_json
+
 Record = Dict[str, Any]
 
 
@@ -66,11 +68,7 @@ class Steps:
         os.replace(tmp, self._marker(key))
 
     def read(self, key: str) -> Optional[Record]:
-        try:
-            with open(self._marker(key), encoding="utf-8") as fh:
-                return json.load(fh)
-        except (OSError, ValueError):
-            return None
+        return read_json(self._marker(key))
 
     def say(self, msg: str) -> None:
         if not self.quiet:

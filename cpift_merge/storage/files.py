@@ -6,12 +6,13 @@ process while its parent is still importing mergekit.
 
 from __future__ import annotations
 
+import json
 import os
 import re
 import shutil
 import tempfile
 from contextlib import contextmanager
-from typing import Iterable, Iterator, List
+from typing import Any, Iterable, Iterator, List
 
 from cpift_merge.errors import CpiftError
 
@@ -33,6 +34,16 @@ def file_stamps(path: str) -> tuple:
                 st = os.stat(os.path.join(root, f))
                 out.append((f, st.st_size, st.st_mtime_ns))
     return tuple(out)
+
+
+def read_json(path: str) -> Any:
+    """The JSON in ``path``, or None when it is missing, unreadable or cut short (a
+    record or marker a killed run may have left half-written)."""
+    try:
+        with open(path, encoding="utf-8") as fh:
+            return json.load(fh)
+    except (OSError, ValueError):
+        return None
 
 
 def ensure_free(out: str, overwrite: bool = False) -> None:

@@ -24,6 +24,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from cpift_merge.core.topk import all_finite
 from cpift_merge.errors import CpiftError
+from cpift_merge.storage.files import atomic_dir, ensure_apart, file_stamps, read_json
 from cpift_merge.training.data import Collator, encode_all
 from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
 
@@ -206,11 +207,8 @@ def _last_checkpoint(work: str) -> Optional[str]:
 def _readable_state(path: str) -> bool:
     """trainer_state.json is written last into a checkpoint, but not atomically: a run
     killed while writing it leaves a checkpoint to pass over, not to resume from."""
-    try:
-        with open(path, encoding="utf-8") as fh:
-            return "global_step" in json.load(fh)
-    except (OSError, ValueError):
-        return False
+    state = read_json(path)
+    return isinstance(state, dict) and "global_step" in state
 
 
 def _digest(*chunks: bytes) -> str:
@@ -224,7 +222,6 @@ def model_fingerprint(path: str) -> str:
     """Content fingerprint of a model folder (tensor names, shapes, dtypes, sampled
     values), so a moved or copied model keeps it; file stamps for what is not safetensors."""
     from cpift_merge.storage.checkpoint import Checkpoint
-    from cpift_merge.storage.files import file_stamps
 
     try:
         return Checkpoint(path, label=path).fingerprint()[:16]
@@ -315,8 +312,6 @@ def finetune(
     ``overwrite`` (the old ``out`` stays until the new one is written). Nothing is left
     in ``out.work`` when the run is refused or diverges.
     """
-    from cpift_merge.storage.files import ensure_apart
-
     cfg.check()
     out = os.path.abspath(out)
     done = os.path.join(out, record)
@@ -325,11 +320,7 @@ def finetune(
     streamed = refuse_non_finite(base)
     run_id = run_identity(base, examples, cfg, frozen)
     if os.path.isfile(done):
-        try:
-            with open(done, encoding="utf-8") as fh:
-                old = json.load(fh)
-        except (OSError, ValueError):
-            old = None
+        old = read_json(done)
         if isinstance(old, dict) and old.get("run") == run_id:
             shutil.rmtree(work, ignore_errors=True)  # left by a kill between the rename and the cleanup
             return old
@@ -345,11 +336,7 @@ def finetune(
         )
     stamp = os.path.join(work, "run-config.json")
     if os.path.isfile(stamp):
-        try:
-            with open(stamp, encoding="utf-8") as fh:
-                prior = json.load(fh)
-        except (OSError, ValueError):
-            prior = None
+        prior = read_json(stamp)
         if prior != run_id:
             if not overwrite:
                 raise CpiftError(
@@ -486,8 +473,6 @@ def _train_and_save(
         "run": run_id,
         **(extra or {}),
     }
-    from cpift_merge.storage.files import atomic_dir
-
     with atomic_dir(out, overwrite=True) as tmp:
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
