@@ -193,3 +193,29 @@ def test_stage_order_random_is_seeded_and_given_is_respected():
         groups.order_groups(stages, "given", given=["a", "b"])
     with pytest.raises(ValueError):
         groups.order_groups(stages, "sideways")
+
+
+def test_localization_on_hand_made_deltas(monkeypatch):
+    from cpift_merge.core import localization
+
+    monkeypatch.setattr(localization, "CHUNK", 7)  # several chunks and a short last one
+    core = torch.zeros(100, dtype=torch.bool)
+    core[:5] = True
+    peaked = torch.zeros(100)
+    peaked[:5] = torch.tensor([1.0, 2.0, 3.0, 4.0, 5.0])  # the core holds all of Δ
+    sums = localization.delta_sums(peaked, core)
+    assert sums == (15.0, 15.0, 55.0, 55.0)
+    got = localization.shares(sums, 5, 100)
+    assert got["core_share_l1"] == got["core_share_l2"] == 1.0 and got["l2_ratio"] == 20.0
+    flat = torch.full((100,), 0.5)  # Δ flat: any core holds what a random set holds
+    got = localization.shares(localization.delta_sums(flat, core), 5, 100)
+    assert got["core_share_l1"] == pytest.approx(0.05) and got["l2_ratio"] == pytest.approx(1.0)
+    g = torch.Generator().manual_seed(0)
+    d = torch.rand(1000, generator=g)
+    m = torch.rand(1000, generator=g) < 0.1
+    c1, t1, c2, t2 = localization.delta_sums(d, m)
+    dd = d.double()
+    assert (c1, t1) == (pytest.approx(float(dd[m].sum())), pytest.approx(float(dd.sum())))
+    assert (c2, t2) == (pytest.approx(float((dd[m] ** 2).sum())), pytest.approx(float((dd**2).sum())))
+    assert localization.add_sums([(1, 2, 3, 4), (1, 1, 1, 1)]) == (2.0, 3.0, 4.0, 5.0)
+    assert localization.shares((0.0, 0.0, 0.0, 0.0), 0, 0)["l2_ratio"] == 0.0

@@ -202,6 +202,43 @@ def test_global_without_regions_matches_precomputed(tiny_models, tmp_path):
         assert torch.equal(w1[n], w2[n])
     stats = json.load(open(os.path.join(o1, "cpi_stats.json")))
     assert stats["scope"] == "global" and sum(stats["k"].values()) == rs.k("a") + rs.k("b")
+    # the cores' shares of ‖Δ‖: found in the merge (o1) as in the region file (o2)
+    found = stats["localization"]
+    copied = json.load(open(os.path.join(o2, "cpi_stats.json")))["localization"]
+    assert copied == {t: rs.localization(t) for t in "ab"}
+    for t in "ab":
+        for key, value in rs.localization(t).items():
+            assert found[tiny_models[t]][key] == pytest.approx(value, rel=1e-9), key
+
+
+def test_region_localization_matches_a_direct_computation(tiny_models, tmp_path):
+    """core_share_l1/l2 in regions.json against |Δ| summed over the whole model in
+    float64, with the masks read back; per-layer sums add up to the totals."""
+    base = Checkpoint(tiny_models["base"])
+    rs = compute_from_paths(
+        tiny_models["base"],
+        {"a": tiny_models["a"], "b": tiny_models["b"]},
+        str(tmp_path / "r"),
+        density=0.03,
+        progress=False,
+    )
+    for t in "ab":
+        ck = Checkpoint(tiny_models[t])
+        c1 = t1 = c2 = t2 = 0.0
+        for name in rs.tensor_names:
+            d = (ck.get(name).double() - base.get(name).double()).abs().float().double()
+            m = rs.mask(t, name)
+            c1, t1 = c1 + float(d[m].sum()), t1 + float(d.sum())
+            c2, t2 = c2 + float((d[m] ** 2).sum()), t2 + float((d**2).sum())
+        loc = rs.localization(t)
+        assert loc["core_share_l1"] == pytest.approx(c1 / t1, rel=1e-9)
+        assert loc["core_share_l2"] == pytest.approx(c2 / t2, rel=1e-9)
+        assert loc["random_share"] == rs.k(t) / rs.meta["D"] and loc["l2_ratio"] == pytest.approx(
+            c2 / t2 / loc["random_share"]
+        )
+        assert 0 < loc["core_share_l1"] < loc["core_share_l2"] < 1  # the top of |Δ| weighs more in ‖Δ‖²
+        per = rs.meta["delta_sums"][t]
+        assert sum(v[3] for v in per.values()) == pytest.approx(t2, rel=1e-12)
 
 
 def test_stock_run_merge_computes_global_prepass_in_kernel(tiny_models, tmp_path):
@@ -489,3 +526,33 @@ def test_real_cli_forks_the_prepass_with_the_same_result(tiny_models, tmp_path, 
     w1, w2 = weights(str(tmp_path / "fork")), weights(inproc)
     for n in w2:
         assert torch.equal(w1[n], w2[n]), n
+
+
+def test_region_report_shows_shares_and_warns_when_cores_do_not_concentrate(tiny_models, tmp_path):
+    from safetensors.torch import save_file
+
+    from cpift_merge.pipeline.report import region_report
+
+    base = weights(tiny_models["base"])
+    g = torch.Generator().manual_seed(1)
+    for name, edit in (
+        ("flat", lambda t: t + 0.01),  # the same |Δ| everywhere: a core is a random subset
+        ("peaked", lambda t: t + (torch.rand(t.shape, generator=g) < 0.01) * 1.0 + 1e-6),
+    ):
+        folder = tmp_path / name
+        folder.mkdir()
+        (folder / "config.json").write_text(open(os.path.join(tiny_models["base"], "config.json")).read())
+        save_file({k: edit(v) for k, v in base.items()}, str(folder / "model.safetensors"), metadata={"format": "pt"})
+    rs = compute_from_paths(
+        tiny_models["base"],
+        {"flat": str(tmp_path / "flat"), "peaked": str(tmp_path / "peaked")},
+        str(tmp_path / "r"),
+        density=0.01,
+        progress=False,
+    )
+    assert rs.localization("flat")["l2_ratio"] == pytest.approx(1.0, rel=1e-3)
+    assert rs.localization("peaked")["l2_ratio"] > 50
+    text = region_report(rs)
+    assert "core |Δ|₂²" in text and "x random" in text
+    warnings = [line for line in text.splitlines() if line.startswith("warning:")]
+    assert len(warnings) == 1 and "task flat's core holds 1.0% of its |Δ|₂²" in warnings[0], text

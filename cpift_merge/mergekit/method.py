@@ -40,7 +40,7 @@ from mergekit.merge_methods import (
 from pydantic import Field
 from typing_extensions import Annotated, Literal
 
-from cpift_merge.core import topk
+from cpift_merge.core import localization, topk
 from cpift_merge.core.fusion import DEFAULT_EPSILON, cpi_fuse
 from cpift_merge.errors import CpiftError
 from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
@@ -165,7 +165,7 @@ def check_region_settings(regions: RegionSet, density: Optional[float], scope: O
         )
 
 
-def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.Tensor]:
+def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[torch.Tensor], List[list]]:
     """Cores of one tensor from a global cut. Keys must be computed from exactly the
     values the pre-pass saw: when mergekit converted the inputs' dtype, the tensors are
     re-read from disk for the keys (the merge itself still uses mergekit's inputs)."""
@@ -182,10 +182,12 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> List[torch.
     # one buffer for every task's keys (each mask is cut before the next keys overwrite
     # them); no finiteness check: the pre-pass passed these exact values
     buf = torch.empty(theta0.numel(), dtype=torch.float32, device=theta0.device)
-    return [
-        cut.mask(f"t{i}", name, topk.magnitude_keys(original(e), theta0, out=buf, check=False)).reshape(shape)
-        for i, e in enumerate(entries)
-    ]
+    cores, sums = [], []
+    for i, e in enumerate(entries):
+        mask = cut.mask(f"t{i}", name, topk.magnitude_keys(original(e), theta0, out=buf, check=False))
+        sums.append(list(localization.delta_sums(buf, mask)))  # buf holds |Δ| as float32
+        cores.append(mask.reshape(shape))
+    return cores, sums
 
 
 # ---------------------------------------------------------------- the kernel
@@ -226,6 +228,7 @@ def cpi_merge(
     excluded = bool(exclude) and re.search(exclude, name) is not None
     theta0: Optional[torch.Tensor] = None
     names: List[str] = [_label(e.id) for e in entries]
+    sums: Optional[List[list]] = None  # per task: core/total ‖Δ‖₁, ‖Δ‖₂² (cores found here, from theta_0)
 
     if excluded or (density == 0.0 and not regions):
         cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
@@ -246,12 +249,17 @@ def cpi_merge(
             cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
     elif (scope or DEFAULT_SCOPE) == "tensor":
         d = DEFAULT_DENSITY if density is None else density
-        cores = [topk.core_mask(t, base, d) for t in thetas]
+        cores, sums = [], []
+        for t in thetas:
+            keys = topk.magnitude_keys(t, base)
+            mask = topk.exact_top_k(keys, topk.budget(d, keys.numel()))
+            sums.append(list(localization.delta_sums(keys.view(torch.float32), mask)))
+            cores.append(mask.reshape(base.shape))
     else:
         d = DEFAULT_DENSITY if density is None else density
         cut = global_prepass(_model_path(base_entry.id), [_model_path(e.id) for e in entries], d, exclude)
         if name in cut.dtypes:
-            cores = _global_cores(cut, name, base_entry, entries)
+            cores, sums = _global_cores(cut, name, base_entry, entries)
         else:
             cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
 
@@ -270,6 +278,9 @@ def cpi_merge(
             "transplanted": dict(zip(names, stats.transplanted)),
             "omega": omega,
         }
+        if sums is not None:
+            STATS[name]["core_sizes"] = {n: int(c.sum()) for n, c in zip(names, cores)}
+            STATS[name]["delta_sums"] = dict(zip(names, sums))
     return out
 
 

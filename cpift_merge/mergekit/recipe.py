@@ -242,7 +242,13 @@ def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
             if task in owner:
                 raise CpiftError(f"models {owner[task]} and {path} are both task {task}; merge each task once")
             owner[task] = path
-        return {"regions": rs.path, "density": rs.density, "scope": rs.scope, "k": {t: rs.k(t) for t in rs.tasks}}
+        return {
+            "regions": rs.path,
+            "density": rs.density,
+            "scope": rs.scope,
+            "k": {t: rs.k(t) for t in rs.tasks},
+            "localization": {t: rs.localization(t) for t in rs.tasks},  # the cores' shares of ‖Δ‖ (see regions)
+        }
     density = DEFAULT_DENSITY if density is None else density
     if (scope or DEFAULT_SCOPE) == "global" and density > 0:
         cut = global_prepass(base, tasks, density, exclude, progress=progress)
@@ -306,6 +312,20 @@ def write_stats(path: str, facts: Dict[str, Any], per_tensor: Dict[str, Dict[str
     for st in per_tensor.values():
         for task, n in st["transplanted"].items():
             totals[task] = totals.get(task, 0) + n
+    found = [s for s in per_tensor.values() if "delta_sums" in s]
+    if found and "localization" not in facts:  # cores found in the merge: their shares of ‖Δ‖, exact
+        from cpift_merge.core.localization import add_sums, shares
+
+        total = sum(s["numel"] for s in found)
+        facts = {
+            **facts,
+            "localization": {
+                task: shares(
+                    add_sums(s["delta_sums"][task] for s in found), sum(s["core_sizes"][task] for s in found), total
+                )
+                for task in found[0]["delta_sums"]
+            },
+        }
     summary = {
         **facts,
         "transplanted": totals,

@@ -68,17 +68,42 @@ def format_table(header: Sequence[str], rows: Sequence[Sequence[object]]) -> str
 
 
 def region_report(rs) -> str:
-    """Jaccard table, core sizes and stage order of a region set, as printed by
-    ``cpift regions`` and ``cpift run``."""
+    """Jaccard table, core sizes, how much of each task's update its core holds, and the
+    stage order of a region set, as printed by ``cpift regions`` and ``cpift run``; a
+    warning line per task whose core barely concentrates its update."""
+    from cpift_merge.core.localization import WEAK_L2_RATIO
+
     tasks = rs.tasks
+    local = {a: rs.localization(a) for a in tasks}
+    header = ["Jaccard", *tasks, "k"]
     rows = [[a, *[rs.jaccard(a, b) for b in tasks], rs.k(a)] for a in tasks]
+    if all(local.values()):
+        header += ["core |Δ|₁", "core |Δ|₂²", "x random"]
+        for row, a in zip(rows, tasks):
+            loc = local[a]
+            row += [
+                f"{100 * loc['core_share_l1']:.1f}%",
+                f"{100 * loc['core_share_l2']:.1f}%",
+                f"{loc['l2_ratio']:.1f}",
+            ]
     out = [
         f"core regions: density {rs.density:g}, scope {rs.scope}, D = {rs.meta['D']:,}",
         "",
-        format_table(["Jaccard", *tasks, "k"], rows),
+        format_table(header, rows),
         "",
-        f"groups (tau {rs.meta['tau']:g}, order {rs.meta['order']}, seed {rs.meta['seed']}), in stage order:",
     ]
+    for a in tasks:
+        loc = local[a]
+        if loc and loc["l2_ratio"] < WEAK_L2_RATIO:
+            out.append(
+                f"warning: cores barely concentrate the update: task {a}'s core holds"
+                f" {100 * loc['core_share_l2']:.1f}% of its |Δ|₂², a random set of its size"
+                f" {100 * loc['random_share']:.1f}% ({loc['l2_ratio']:.1f}x, below {WEAK_L2_RATIO:g}x): freezing"
+                " or transplanting it is close to freezing or transplanting a random subset"
+            )
+    if any(line.startswith("warning") for line in out):
+        out.append("")
+    out.append(f"groups (tau {rs.meta['tau']:g}, order {rs.meta['order']}, seed {rs.meta['seed']}), in stage order:")
     out += [f"  stage {i + 1}: {', '.join(g)}" for i, g in enumerate(rs.groups)]
     return "\n".join(out)
 

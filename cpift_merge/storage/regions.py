@@ -28,7 +28,7 @@ import torch
 from safetensors import safe_open
 from tqdm.auto import tqdm
 
-from cpift_merge.core import groups, masks, topk
+from cpift_merge.core import groups, localization, masks, topk
 from cpift_merge.errors import CpiftError
 from cpift_merge.storage.checkpoint import (
     Checkpoint,
@@ -334,6 +334,7 @@ def compute_regions(
         os.makedirs(os.path.join(tmp, MASK_DIR))
         writers = {n: MaskFileWriter(os.path.join(tmp, MASK_DIR, f"{n}.safetensors")) for n in names}
         counts: Dict[str, Dict[str, int]] = {n: {} for n in names}
+        sums: Dict[str, Dict[str, List[float]]] = {n: {} for n in names}  # core/total ‖Δ‖₁, ‖Δ‖₂²
         inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
         desc = "regions: masks" if scope == "global" else "regions"
         for info, keys in _stream(base, tasks, tensors, desc, progress, samples):
@@ -344,6 +345,7 @@ def compute_regions(
                 else:
                     m = topk.exact_top_k(keys[n], topk.budget(density, info.numel))
                 counts[n][info.name] = int(torch.count_nonzero(m))
+                sums[n][info.name] = list(localization.delta_sums(keys[n].view(torch.float32), m))
                 writers[n].add(info.name, masks.encode(m))
                 cores.append(m)
             inter += groups.pairwise_intersections(cores)
@@ -362,6 +364,7 @@ def compute_regions(
                 "fingerprint": fingerprint_from_samples(tasks[n].infos, samples[n]),
                 "mask_file": f"{MASK_DIR}/{n}.safetensors",
                 "mask_sha256": sha,
+                **localization.shares(localization.add_sums(sums[n].values()), sizes[i], total),
             }
         meta = {
             "format": FORMAT,
@@ -383,6 +386,7 @@ def compute_regions(
             "groups": stages,
             "tensors": [{"name": t.name, "shape": list(t.shape)} for t in tensors],
             "counts": counts,
+            "delta_sums": sums,  # per task and tensor: [core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²]
             "samples": samples,
         }
         with open(os.path.join(tmp, META_NAME), "w", encoding="utf-8") as fh:
@@ -430,6 +434,13 @@ class RegionSet:
 
     def k(self, task: str) -> int:
         return int(self.meta["tasks"][task]["k"])
+
+    def localization(self, task: str) -> Optional[Dict[str, float]]:
+        """The core's share of ‖Δ‖₁ and ‖Δ‖₂², a random set's (k / D), and their ratios
+        (see :mod:`cpift_merge.core.localization`); None for files made before them."""
+        info = self.meta["tasks"][task]
+        keys = ("core_share_l1", "core_share_l2", "random_share", "l1_ratio", "l2_ratio")
+        return {key: float(info[key]) for key in keys} if all(key in info for key in keys) else None
 
     def jaccard(self, a: str, b: str) -> float:
         return float(self.meta["jaccard"][a][b])
@@ -513,6 +524,8 @@ def _schema():
         k: int = Field(ge=0)
         mask_file: str
         mask_sha256: str
+        core_share_l1: Optional[float] = Field(None, ge=0.0, le=1.0)
+        core_share_l2: Optional[float] = Field(None, ge=0.0, le=1.0)
 
     class _TensorMeta(_Strict):
         name: str

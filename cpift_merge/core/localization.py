@@ -1,0 +1,55 @@
+"""How much of a task's update its core holds: the core's share of ‖Δ‖₁ and ‖Δ‖₂².
+
+A random set of the same size holds, in expectation, ``k / D`` of either norm, so the
+ratio share / (k / D) says how strongly the core concentrates the update (1: no more
+than chance). Sums are accumulated in float64 a chunk at a time, so memory stays at
+the tensor itself (no float64 copy of it).
+"""
+
+from __future__ import annotations
+
+from typing import Dict, Iterable, Sequence
+
+import torch
+
+CHUNK = 1 << 20
+# below this L2 ratio a core barely concentrates the update: freezing or transplanting
+# it is close to freezing or transplanting a random subset
+WEAK_L2_RATIO = 2.0
+
+
+def delta_sums(abs_delta: torch.Tensor, core: torch.Tensor) -> tuple[float, float, float, float]:
+    """``(core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²)`` of one tensor from its ``|Δ|`` and its
+    core mask (same number of entries)."""
+    flat = abs_delta.reshape(-1)
+    l1 = l2 = 0.0
+    for i in range(0, flat.numel(), CHUNK):
+        c = flat[i : i + CHUNK].to(torch.float64)
+        l1 += float(c.sum())
+        l2 += float(torch.dot(c, c))
+    sel = flat[core.reshape(-1)].to(torch.float64)
+    return float(sel.sum()), l1, float(torch.dot(sel, sel)), l2
+
+
+def add_sums(parts: Iterable[Sequence[float]]) -> tuple[float, float, float, float]:
+    totals = [0.0, 0.0, 0.0, 0.0]
+    for p in parts:
+        for i in range(4):
+            totals[i] += float(p[i])
+    return totals[0], totals[1], totals[2], totals[3]
+
+
+def shares(sums: Sequence[float], k: int, total: int) -> Dict[str, float]:
+    """``core_share_l1``/``core_share_l2`` (fractions in [0, 1]), the share a random set
+    of ``k`` of ``total`` entries would hold (``random_share``), and the ratios."""
+    c1, t1, c2, t2 = sums
+    s1 = min(1.0, c1 / t1) if t1 > 0 else 0.0
+    s2 = min(1.0, c2 / t2) if t2 > 0 else 0.0
+    rnd = k / total if total else 0.0
+    return {
+        "core_share_l1": s1,
+        "core_share_l2": s2,
+        "random_share": rnd,
+        "l1_ratio": s1 / rnd if rnd else 0.0,
+        "l2_ratio": s2 / rnd if rnd else 0.0,
+    }
