@@ -658,7 +658,7 @@ def test_merge_ctrl_c_leaves_nothing(tiny_models, tmp_path, monkeypatch):
 def test_regions_interrupted_leaves_nothing(tiny_models, tmp_path, monkeypatch):
     from cpift_merge.storage import regions
 
-    real = regions.MaskFileWriter.add
+    real = regions.SafetensorsWriter.add
     calls: List[int] = []
 
     def add(self, name, data):
@@ -667,7 +667,7 @@ def test_regions_interrupted_leaves_nothing(tiny_models, tmp_path, monkeypatch):
             raise KeyboardInterrupt()
         return real(self, name, data)
 
-    monkeypatch.setattr(regions.MaskFileWriter, "add", add)
+    monkeypatch.setattr(regions.SafetensorsWriter, "add", add)
     out = str(tmp_path / "reg")
     res = regions_cli(tiny_models["base"], {"a": tiny_models["a"], "b": tiny_models["b"]}, out)
     assert_refused(res, out, "interrupted", code=130)

@@ -89,3 +89,24 @@ def test_a_raising_user_metric_is_one_line_naming_it(tiny_lm, tmp_path):
     import sys
 
     assert str(tmp_path) not in sys.path  # the search folder is not left on the path
+
+
+def test_heldout_loss_is_the_mean_response_token_loss(tiny_lm):
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpift_merge.evaluation.scoring import heldout_loss
+    from cpift_merge.training.data import Collator, encode_all
+
+    rows = [{"prompt": f"{i}+{i}=", "response": str(2 * i)} for i in range(7)]
+    got = heldout_loss(tiny_lm, rows, max_length=64, batch_size=3)
+    whole = heldout_loss(tiny_lm, rows, max_length=64, batch_size=100)  # batching changes nothing but rounding
+    assert whole["loss"] == pytest.approx(got["loss"], rel=1e-6) and whole["tokens"] == got["tokens"]
+    tok = AutoTokenizer.from_pretrained(tiny_lm)
+    enc, _ = encode_all(tok, rows, 64)
+    batch = Collator(tok.pad_token_id)(enc)
+    model = AutoModelForCausalLM.from_pretrained(tiny_lm, dtype=torch.float32).eval()
+    with torch.no_grad():
+        ref = model(**batch).loss  # HF's own mean over the labelled tokens
+    assert got["loss"] == pytest.approx(float(ref), rel=1e-5)
+    assert got["examples"] == 7 and got["tokens"] == int((batch["labels"][:, 1:] != -100).sum())

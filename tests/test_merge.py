@@ -556,3 +556,33 @@ def test_region_report_shows_shares_and_warns_when_cores_do_not_concentrate(tiny
     assert "core |Δ|₂²" in text and "x random" in text
     warnings = [line for line in text.splitlines() if line.startswith("warning:")]
     assert len(warnings) == 1 and "task flat's core holds 1.0% of its |Δ|₂²" in warnings[0], text
+
+
+def test_graft_models_bits_and_random_control(tiny_models, tmp_path):
+    """core only: theta_0 outside the core, the fine-tune on it; core removed: the
+    reverse; the random control has the core's count in every tensor, seeded."""
+    from cpift_merge.errors import CpiftError
+    from cpift_merge.mergekit.graft import graft, random_mask
+
+    base, a = tiny_models["base"], tiny_models["a"]
+    rs = compute_from_paths(base, {"a": a, "b": tiny_models["b"]}, str(tmp_path / "r"), density=0.05, progress=False)
+    w0, wa = weights(base), weights(a)
+    only = weights(graft(base, a, rs, "a", str(tmp_path / "only")))
+    rest = weights(graft(base, a, rs, "a", str(tmp_path / "rest"), keep="rest"))
+    rnd = weights(graft(base, a, rs, "a", str(tmp_path / "rnd"), mask="random", seed=3))
+    moved = 0
+    for name in w0:
+        m = rs.mask("a", name) if rs.has_tensor(name) else torch.zeros(w0[name].shape, dtype=torch.bool)
+        assert torch.equal(only[name][m], wa[name][m]) and torch.equal(only[name][~m], w0[name][~m]), name
+        assert torch.equal(rest[name][m], w0[name][m]) and torch.equal(rest[name][~m], wa[name][~m]), name
+        if rs.has_tensor(name):
+            r = random_mask(rs, "a", name, 3)
+            assert int(r.sum()) == rs.meta["counts"]["a"][name] and torch.equal(r, random_mask(rs, "a", name, 3))
+            assert torch.equal(rnd[name][r], wa[name][r]) and torch.equal(rnd[name][~r], w0[name][~r])
+            moved += int((r & ~m).sum())
+    assert moved > 0  # the control is not the core
+    assert AutoModelForCausalLM.from_pretrained(str(tmp_path / "only")) is not None
+    with pytest.raises(CpiftError, match="is not task a"):
+        graft(base, tiny_models["b"], rs, "a", str(tmp_path / "wrong"))
+    with pytest.raises(CpiftError, match="overlaps the input"):
+        graft(base, a, rs, "a", a, overwrite=True)

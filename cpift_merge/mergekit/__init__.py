@@ -5,4 +5,5 @@ pre-pass, and validated, atomic recipe runs (``cpift merge``).
 * ``config``   where ``cpi`` parameters may stand in a recipe
 * ``prepass``  the global-scope pre-pass, cached, run in a child process (import-light)
 * ``recipe``   ``cpift merge``: validate a recipe, run it atomically
+* ``graft``    the graft test's models: a core grafted onto theta_0, or removed from its fine-tune
 """

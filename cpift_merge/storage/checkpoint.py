@@ -14,7 +14,7 @@ import os
 import re
 import struct
 from dataclasses import dataclass
-from typing import Dict, Iterator, List, Optional, Sequence, Tuple
+from typing import Dict, Iterator, List, Mapping, Optional, Sequence, Tuple
 
 import torch
 
@@ -299,6 +299,48 @@ class Checkpoint:
 
     def __iter__(self) -> Iterator[str]:
         return iter(self.infos)
+
+
+class SafetensorsWriter:
+    """Write a safetensors file one tensor at a time (the library needs all at once).
+
+    Data goes to a scratch file as it comes; :meth:`close` writes the header and
+    appends the data, so memory holds one tensor at a time.
+    """
+
+    def __init__(self, path: str):
+        self.path = path
+        self._scratch = open(path + ".data", "w+b")
+        self._entries: Dict[str, Dict] = {}
+        self._offset = 0
+
+    def add(self, name: str, data: torch.Tensor, shape: Optional[Sequence[int]] = None) -> None:
+        """Append one tensor (stored flat unless ``shape`` is given)."""
+        raw = data.detach().contiguous().cpu().reshape(-1).view(torch.uint8).numpy().tobytes()
+        self._scratch.write(raw)
+        self._entries[name] = {
+            "dtype": DTYPE_NAMES[data.dtype],
+            "shape": [data.numel()] if shape is None else list(shape),
+            "data_offsets": [self._offset, self._offset + len(raw)],
+        }
+        self._offset += len(raw)
+
+    def close(self, metadata: Optional[Mapping[str, str]] = None) -> str:
+        header = dict(self._entries)
+        header["__metadata__"] = dict(metadata or {})
+        blob = json.dumps(header, separators=(",", ":")).encode()
+        blob += b" " * ((-len(blob)) % 8)
+        head = struct.pack("<Q", len(blob)) + blob
+        digest = hashlib.sha256(head)  # the whole file (region format version 2)
+        with open(self.path, "wb") as out:
+            out.write(head)
+            self._scratch.seek(0)
+            while chunk := self._scratch.read(1 << 22):
+                out.write(chunk)
+                digest.update(chunk)
+        self._scratch.close()
+        os.remove(self.path + ".data")
+        return digest.hexdigest()
 
 
 def fingerprint_from_samples(infos: Dict[str, TensorInfo], samples: Dict[str, List[float]]) -> str:

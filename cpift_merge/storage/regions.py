@@ -32,6 +32,7 @@ from cpift_merge.core import groups, localization, masks, topk
 from cpift_merge.errors import CpiftError
 from cpift_merge.storage.checkpoint import (
     Checkpoint,
+    SafetensorsWriter,
     Scratch,
     TensorInfo,
     fingerprint_from_samples,
@@ -46,7 +47,6 @@ META_NAME = "regions.json"
 MASK_DIR = "masks"
 SCOPES = ("global", "tensor")
 ORDERS = ("random", "given")
-_ST_DTYPES = {torch.uint8: "U8", torch.int32: "I32", torch.int64: "I64"}
 
 
 class TensorSource(Protocol):
@@ -60,47 +60,6 @@ class TensorSource(Protocol):
 
 
 # ----------------------------------------------------------------- file writing
-
-
-class MaskFileWriter:
-    """Write a safetensors file one tensor at a time (the library needs all at once).
-
-    Data goes to a scratch file as it comes; :meth:`close` writes the header and
-    appends the data, so memory holds one tensor at a time.
-    """
-
-    def __init__(self, path: str):
-        self.path = path
-        self._scratch = open(path + ".data", "w+b")
-        self._entries: Dict[str, Dict] = {}
-        self._offset = 0
-
-    def add(self, name: str, data: torch.Tensor) -> None:
-        raw = data.contiguous().cpu().numpy().tobytes()
-        self._scratch.write(raw)
-        self._entries[name] = {
-            "dtype": _ST_DTYPES[data.dtype],
-            "shape": [data.numel()],
-            "data_offsets": [self._offset, self._offset + len(raw)],
-        }
-        self._offset += len(raw)
-
-    def close(self, metadata: Optional[Mapping[str, str]] = None) -> str:
-        header = dict(self._entries)
-        header["__metadata__"] = dict(metadata or {})
-        blob = json.dumps(header, separators=(",", ":")).encode()
-        blob += b" " * ((-len(blob)) % 8)
-        head = struct.pack("<Q", len(blob)) + blob
-        digest = hashlib.sha256(head)  # the whole file (region format version 2)
-        with open(self.path, "wb") as out:
-            out.write(head)
-            self._scratch.seek(0)
-            while chunk := self._scratch.read(1 << 22):
-                out.write(chunk)
-                digest.update(chunk)
-        self._scratch.close()
-        os.remove(self.path + ".data")
-        return digest.hexdigest()
 
 
 # ------------------------------------------------------------------ computation
@@ -332,7 +291,7 @@ def compute_regions(
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
         os.makedirs(os.path.join(tmp, MASK_DIR))
-        writers = {n: MaskFileWriter(os.path.join(tmp, MASK_DIR, f"{n}.safetensors")) for n in names}
+        writers = {n: SafetensorsWriter(os.path.join(tmp, MASK_DIR, f"{n}.safetensors")) for n in names}
         counts: Dict[str, Dict[str, int]] = {n: {} for n in names}
         sums: Dict[str, Dict[str, List[float]]] = {n: {} for n in names}  # core/total ‖Δ‖₁, ‖Δ‖₂²
         inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
