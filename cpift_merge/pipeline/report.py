@@ -114,12 +114,43 @@ def md_table(header: Sequence[str], rows: Sequence[Sequence[str]]) -> str:
     return "\n".join(lines)
 
 
+GRAFT_TITLE = "Table 3: graft test, share of each probe's gain kept (held-out loss / metric)"
+GRAFT_COLUMNS = (
+    ("core-core", "core only"),
+    ("core-random", "random only"),
+    ("rest-core", "core removed"),
+    ("rest-random", "random removed"),
+)
+
+
+def table3_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
+    """The graft test: per task, the share of its probe's held-out-loss gain that each
+    graft keeps (and of its metric gain, after the slash)."""
+    graft = results.get("graft") or {}
+    if not graft:
+        return [], []
+
+    def pct(x) -> str:
+        return "-" if x is None else f"{100 * x:.0f}%"
+
+    header = ["task", "probe: loss gain", *[label for _key, label in GRAFT_COLUMNS]]
+    rows = []
+    for task, rec in graft.items():
+        gain = rec["base"]["loss"] - rec["probe"]["loss"]
+        cells = [f"{pct(rec[key]['kept_loss'])} / {pct(rec[key]['kept_score'])}" for key, _label in GRAFT_COLUMNS]
+        rows.append([task, f"{gain:+.3f}", *cells])
+    return header, rows
+
+
 def summary_text(results: Dict[str, Any]) -> str:
     h, r = table1_rows(results)
     out = ["Table 1: test accuracy (%) per task; average normalized score on a 0-10 scale", "", format_table(h, r)]
     h2, r2 = table2_rows(results)
     if h2:
         out += ["", "Table 2: sequential fine-tuning, change in test accuracy (points)", "", format_table(h2, r2)]
+    h3, r3 = table3_rows(results)
+    if h3:
+        out += ["", GRAFT_TITLE, "", format_table(h3, r3)]
     return "\n".join(out)
 
 
@@ -189,6 +220,17 @@ def write_report(out: str, results: Dict[str, Any]) -> str:
             " trained on the first task only.",
             "",
             md_table(h2, r2),
+            "",
+        ]
+    h3, r3 = table3_rows(results)
+    if h3:
+        lines += [
+            "## Table 3: graft test",
+            "",
+            GRAFT_TITLE + ". The papers' premise predicts core only near 100% and core removed near 0%;"
+            " the random columns use a mask with the core's entry count in every tensor.",
+            "",
+            md_table(h3, r3),
             "",
         ]
     lines += ["## Plots", "", "![scores](plots/scores.png)", ""]

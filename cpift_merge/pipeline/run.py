@@ -293,7 +293,7 @@ class Run:
         self.evaluate("base")
         names = pipe.task_names
         methods = pipe.methods
-        needs_probes = {"cpift", "dpi", "sequential", "task_arithmetic", "ties", "localize_stitch"}
+        needs_probes = {"cpift", "dpi", "sequential", "task_arithmetic", "ties", "localize_stitch", "graft"}
         rs = None
         if needs_probes & set(methods):
             probes = self.probes()
@@ -336,6 +336,8 @@ class Run:
             if m in methods:
                 self._merge_baseline(m, probes, rs)
                 self.evaluate(m)
+        if "graft" in methods:
+            self._graft(rs, probes)
         results = self.results(time.time() - t0)
         from cpift_merge.pipeline.report import write_report
 
@@ -478,6 +480,70 @@ class Run:
                 }
         self.extra["forgetting"] = table
 
+    def heldout(self, key: str, task: str) -> float:
+        """Held-out loss of a model on one task's test responses (a fingerprinted step)."""
+        from cpift_merge.evaluation.scoring import heldout_loss
+        from cpift_merge.training.data import load_examples
+
+        model = self.models[key]
+        max_length = self.cfg(self.pipe.stage).max_length
+        batch = self.pipe.eval.batch_size
+        fp = fingerprint("heldout", model["fp"], self.data_fp[task], max_length)
+        name = key.replace(":", "_").replace("/", "_")
+        out = self.path("eval", f"loss_{name}_{task}.json")
+
+        def go():
+            examples = load_examples(self.data[task]["test"], role="test")
+            res = heldout_loss(model["path"], examples, max_length, batch, self.pipe.device)
+            os.makedirs(os.path.dirname(out), exist_ok=True)
+            with open(out + ".tmp", "w", encoding="utf-8") as fh:
+                json.dump({"model": model["path"], "task": task, **res}, fh, indent=1)
+            os.replace(out + ".tmp", out)
+            return res["loss"]
+
+        return self.steps.run(f"loss/{key}/{task}", fp, [out], go, f"held-out loss on {task}")
+
+    def _graft(self, rs, probes: Dict[str, str]) -> None:
+        """The graft test (``graft``): per task, does its core carry what its probe
+        learned? theta_0, the probe, the core grafted onto theta_0 (``core-*``) and the
+        probe with its core reset (``rest-*``), with a random mask of the same counts as
+        control, scored by held-out loss and by the task's metric."""
+        from cpift_merge.mergekit.graft import graft
+
+        table: Dict[str, Any] = {}
+        for t in self.pipe.task_names:
+            probe = f"probe:{t}"
+            ref = {
+                "base": {"loss": self.heldout("base", t), "score": self.scores["base"][t]["score"]},
+                "probe": {"loss": self.heldout(probe, t), "score": self.evaluate(probe, [t])[t]["score"]},
+            }
+            rows: Dict[str, Any] = {}
+            for keep in ("core", "rest"):
+                for mask in ("core", "random"):
+                    key = f"graft/{t}/{keep}-{mask}"
+                    out = self.path("methods", "graft", t, f"{keep}-{mask}")
+                    fp = fingerprint(
+                        "graft",
+                        self.base_fp,
+                        self.models[probe]["fp"],
+                        self.models["regions"]["fp"],
+                        keep,
+                        mask,
+                        self.pipe.seed,
+                    )
+
+                    def go(t=t, out=out, keep=keep, mask=mask):
+                        return graft(
+                            self.base, probes[t], rs, t, out, keep=keep, mask=mask, seed=self.pipe.seed, overwrite=True
+                        )
+
+                    self.steps.run(f"merge/{key}", fp, [out], go, f"graft: {keep} of {t}'s probe ({mask} mask)")
+                    self.models[key] = {"path": out, "fp": fp}
+                    row = {"loss": self.heldout(key, t), "score": self.evaluate(key, [t])[t]["score"]}
+                    rows[f"{keep}-{mask}"] = {**row, **kept_gain(row, ref["base"], ref["probe"])}
+            table[t] = {**ref, **rows}
+        self.extra["graft"] = table
+
     # ------------------------------------------------------------ results
 
     def results(self, seconds: float) -> Record:
@@ -526,6 +592,7 @@ class Run:
             "order": self.extra.get("order"),
             "jaccard": self.extra.get("jaccard"),
             "forgetting": self.extra.get("forgetting"),
+            "graft": self.extra.get("graft"),
             "sequential_scores": {k: v for k, v in self.scores.items() if k.startswith("sequential/")},
             "timings": dict(self.steps.timings),
             "seconds": round(seconds, 1),
@@ -542,6 +609,18 @@ def prune_stages(out: str, final: str) -> None:
             for f in os.listdir(stage):
                 if f.endswith(".safetensors") or f == "model.safetensors.index.json":
                     os.remove(os.path.join(stage, f))
+
+
+def kept_gain(row: Record, base: Record, probe: Record) -> Record:
+    """Share of the probe's gain over theta_0 that a graft keeps: by held-out loss
+    ``(L0 - L) / (L0 - Lprobe)`` and by the metric ``(s - s0) / (sprobe - s0)``; None
+    where the probe gained nothing to keep."""
+    dl = base["loss"] - probe["loss"]
+    ds = probe["score"] - base["score"]
+    return {
+        "kept_loss": (base["loss"] - row["loss"]) / dl if dl > 0 else None,
+        "kept_score": (row["score"] - base["score"]) / ds if ds > 0 else None,
+    }
 
 
 def normalized_average(scores: Dict[str, Record]) -> float:
