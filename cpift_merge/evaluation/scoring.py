@@ -97,6 +97,26 @@ def generate(model, tok, prompts: Sequence[str], max_new_tokens: int, batch_size
     return outs
 
 
+def check_device(device: str) -> None:
+    if device == "cuda" and not torch.cuda.is_available():
+        raise CpiftError("--device cuda asked for, but no CUDA device is available")
+
+
+def load_model(model_path: str, device: str = "auto"):
+    """(tokenizer, model in eval mode on its device, device name); one line when either
+    cannot be loaded."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
+    try:
+        tok = AutoTokenizer.from_pretrained(model_path)
+        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev).eval()
+    except (OSError, ValueError, TypeError) as err:
+        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+        raise CpiftError(f"cannot load model {model_path}: {first[:300]}") from None
+    return tok, model, dev
+
+
 def evaluate(
     model_path: str,
     tasks: Dict[str, tuple[str, str]],
@@ -108,10 +128,7 @@ def evaluate(
 ) -> Dict[str, Dict[str, Any]]:
     """Score ``model_path`` on ``{name: (test file, metric)}``; returns per-task results.
     ``metric_search``: folders to import ``py:`` metrics from first (see :func:`metric_fn`)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CpiftError("--device cuda asked for, but no CUDA device is available")
+    check_device(device)
     checks = {name: metric_fn(metric, metric_search) for name, (_path, metric) in tasks.items()}
     data = {}
     for name, (path, _metric) in tasks.items():
@@ -124,13 +141,7 @@ def evaluate(
         if limit:
             examples, raws = examples[:limit], raws[:limit]
         data[name] = (examples, raws)
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev).eval()
-    except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CpiftError(f"cannot load model {model_path}: {first[:300]}") from None
+    tok, model, dev = load_model(model_path, device)
     results = {}
     for name, (examples, raws) in data.items():
         prompts = [_prompt_text(tok, ex) for ex in examples]
@@ -157,19 +168,10 @@ def heldout_loss(
     training would learn, encoded as for training): cheap and continuous, it separates
     variants of a model on test sets too small for their metric. Returns ``loss``
     (nats per response token), ``tokens`` and ``examples`` (after truncation)."""
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     from cpift_merge.training.data import IGNORE, Collator, encode_all
 
-    if device == "cuda" and not torch.cuda.is_available():
-        raise CpiftError("--device cuda asked for, but no CUDA device is available")
-    dev = "cuda" if device == "auto" and torch.cuda.is_available() else ("cpu" if device == "auto" else device)
-    try:
-        tok = AutoTokenizer.from_pretrained(model_path)
-        model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev).eval()
-    except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CpiftError(f"cannot load model {model_path}: {first[:300]}") from None
+    check_device(device)
+    tok, model, dev = load_model(model_path, device)
     if tok.pad_token_id is None:
         tok.pad_token = tok.eos_token
     rows, report = encode_all(tok, examples, max_length)
