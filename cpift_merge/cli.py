@@ -315,7 +315,6 @@ def _eval_specs(values: Sequence[str]) -> Dict[str, Tuple[str, str]]:
 @_friendly
 def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_json):
     """Greedy generation on each task's test set, scored by an exact metric."""
-    import json
 
     from cpift_merge.evaluation.scoring import evaluate
 
@@ -330,9 +329,9 @@ def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_
         )
     )
     if out_json:
-        with open(out_json + ".tmp", "w", encoding="utf-8") as fh:
-            json.dump({"model": os.path.abspath(model_path), "tasks": res}, fh, indent=1)
-        os.replace(out_json + ".tmp", out_json)
+        from cpift_merge.storage.files import write_json
+
+        write_json(out_json, {"model": os.path.abspath(model_path), "tasks": res})
         click.echo(f"wrote {out_json}")
 
 

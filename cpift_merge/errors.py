@@ -8,6 +8,13 @@ class CpiftError(Exception):
         super().__init__(" ".join(str(message).split()))
 
 
+def first_line(err: BaseException, limit: int = 300) -> str:
+    """The first line of an exception's message (its type's name when empty), cut to
+    ``limit`` characters: what a one-line error quotes from a library's error."""
+    text = str(err).strip()
+    return (text.splitlines()[0] if text else type(err).__name__)[:limit]
+
+
 def load_yaml_mapping(path: str, what: str, hint: str) -> dict:
     """Read a YAML file that must hold a mapping (a recipe, a pipeline file); every
     problem is a one-line CpiftError naming ``what`` and ``path``."""

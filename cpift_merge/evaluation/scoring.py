@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, List, Sequence
 
 import torch
 
-from cpift_merge.errors import CpiftError
+from cpift_merge.errors import CpiftError, first_line
 from cpift_merge.evaluation.tasks import check
 from cpift_merge.training.data import as_messages, load_examples
 
@@ -112,8 +112,7 @@ def load_model(model_path: str, device: str = "auto"):
         tok = AutoTokenizer.from_pretrained(model_path)
         model = AutoModelForCausalLM.from_pretrained(model_path, dtype=torch.float32).to(dev).eval()
     except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
-        raise CpiftError(f"cannot load model {model_path}: {first[:300]}") from None
+        raise CpiftError(f"cannot load model {model_path}: {first_line(err)}") from None
     return tok, model, dev
 
 

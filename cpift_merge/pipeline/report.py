@@ -237,9 +237,7 @@ def write_report(out: str, results: Dict[str, Any]) -> str:
     if os.path.isfile(os.path.join(plots, "jaccard.png")):
         lines += ["![jaccard](plots/jaccard.png)", "", "![core share by layer](plots/core_share_by_layer.png)", ""]
     lines += ["## Settings", "", "```json", json.dumps(results["settings"], indent=1), "```", ""]
-    for name, text in (("report.md", "\n".join(lines)), ("results.json", json.dumps(results, indent=1))):
-        tmp = os.path.join(out, f".{name}.tmp")
-        with open(tmp, "w", encoding="utf-8") as fh:
-            fh.write(text)
-        os.replace(tmp, os.path.join(out, name))
-    return os.path.join(out, "report.md")
+    from cpift_merge.storage.files import write_json, write_text
+
+    write_json(os.path.join(out, "results.json"), results)
+    return write_text(os.path.join(out, "report.md"), "\n".join(lines))

@@ -28,6 +28,7 @@ import click
 from cpift_merge.errors import CpiftError
 from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, train_config
 from cpift_merge.pipeline.steps import Record, Steps, data_sha, fingerprint
+from cpift_merge.storage.files import write_json, write_text
 
 
 class Run:
@@ -128,9 +129,7 @@ class Run:
                     target = os.path.join(folder, f"{split}.jsonl")
                     text = "".join(json.dumps(r) + "\n" for r in rows)
                     if not os.path.isfile(target) or open(target, encoding="utf-8").read() != text:
-                        with open(target + ".tmp", "w", encoding="utf-8") as fh:
-                            fh.write(text)
-                        os.replace(target + ".tmp", target)
+                        write_text(target, text)
                 self.data[t.name] = {
                     "train": os.path.join(folder, "train.jsonl"),
                     "test": os.path.join(folder, "test.jsonl"),
@@ -269,10 +268,7 @@ class Run:
                 self.pipe.device,
                 metric_search=[self.pipe._folder] if self.pipe._folder else [],
             )
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump({"model": model["path"], "tasks": res}, fh, indent=1)
-            os.replace(out + ".tmp", out)
+            write_json(out, {"model": model["path"], "tasks": res})
             return {t: {"score": r["score"], "n": r["n"], "metric": r["metric"]} for t, r in res.items()}
 
         res = self.steps.run(f"eval/{key}", fp, [out], go, f"evaluate on {', '.join(tasks)}")
@@ -495,10 +491,7 @@ class Run:
         def go():
             examples = load_examples(self.data[task]["test"], role="test")
             res = heldout_loss(model["path"], examples, max_length, batch, self.pipe.device)
-            os.makedirs(os.path.dirname(out), exist_ok=True)
-            with open(out + ".tmp", "w", encoding="utf-8") as fh:
-                json.dump({"model": model["path"], "task": task, **res}, fh, indent=1)
-            os.replace(out + ".tmp", out)
+            write_json(out, {"model": model["path"], "task": task, **res})
             return res["loss"]
 
         return self.steps.run(f"loss/{key}/{task}", fp, [out], go, f"held-out loss on {task}")

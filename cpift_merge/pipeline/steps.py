@@ -16,7 +16,7 @@ from typing import Any, Callable, Dict, Optional, Sequence
 
 import click
 
-from cpift_merge.storage.files import read_json
+from cpift_merge.storage.files import read_json, write_json
 
 Record = Dict[str, Any]
 
@@ -62,10 +62,7 @@ class Steps:
         return os.path.join(self.dir, key.replace("/", "__") + ".json")
 
     def _write(self, key: str, rec: Record) -> None:
-        tmp = self._marker(key) + ".tmp"
-        with open(tmp, "w", encoding="utf-8") as fh:
-            json.dump(rec, fh, indent=1)
-        os.replace(tmp, self._marker(key))
+        write_json(self._marker(key), rec)
 
     def read(self, key: str) -> Optional[Record]:
         return read_json(self._marker(key))

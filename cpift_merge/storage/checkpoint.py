@@ -343,6 +343,14 @@ class SafetensorsWriter:
         return digest.hexdigest()
 
 
+def has_safetensors(path: str) -> bool:
+    """Whether ``path`` is a ``.safetensors`` file or a folder holding one (what
+    :class:`Checkpoint` reads; a ``.bin`` model is not)."""
+    if path.endswith(".safetensors"):
+        return True
+    return os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path))
+
+
 def fingerprint_from_samples(infos: Dict[str, TensorInfo], samples: Dict[str, List[float]]) -> str:
     """Same digest as :meth:`Checkpoint.fingerprint`, from precomputed samples."""
     h = hashlib.sha256()

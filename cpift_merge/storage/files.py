@@ -46,6 +46,21 @@ def read_json(path: str) -> Any:
         return None
 
 
+def write_text(path: str, text: str) -> str:
+    """Write ``text`` to ``path`` through a ``.tmp`` sibling renamed at the end, so a
+    reader never sees half a file (its folder is made if missing)."""
+    os.makedirs(os.path.dirname(os.path.abspath(path)), exist_ok=True)
+    with open(path + ".tmp", "w", encoding="utf-8") as fh:
+        fh.write(text)
+    os.replace(path + ".tmp", path)
+    return path
+
+
+def write_json(path: str, data: Any) -> str:
+    """:func:`write_text` of ``data`` as indented JSON (what :func:`read_json` reads)."""
+    return write_text(path, json.dumps(data, indent=1))
+
+
 def ensure_free(out: str, overwrite: bool = False) -> None:
     """Refuse an existing output early, before any expensive work."""
     if os.path.exists(out) and not overwrite:

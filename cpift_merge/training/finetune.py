@@ -23,7 +23,7 @@ from transformers import TrainerCallback
 from transformers.trainer_callback import PrinterCallback, ProgressCallback
 
 from cpift_merge.core.topk import all_finite
-from cpift_merge.errors import CpiftError
+from cpift_merge.errors import CpiftError, first_line
 from cpift_merge.storage.files import atomic_dir, ensure_apart, file_stamps, read_json
 from cpift_merge.training.data import Collator, encode_all
 from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
@@ -236,21 +236,17 @@ def load_tokenizer(path: str):
     try:
         return AutoTokenizer.from_pretrained(path)
     except (OSError, ValueError, TypeError) as err:
-        first = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
         raise CpiftError(
-            f"cannot load a tokenizer from {path} ({first[:200]}); save the base's tokenizer beside it"
+            f"cannot load a tokenizer from {path} ({first_line(err, 200)}); save the base's tokenizer beside it"
         ) from None
 
 
 def refuse_non_finite(path: str) -> bool:
     """Refuse a model with NaN or Inf in a tensor, streamed before anything is loaded.
     False when the folder is not safetensors (then the loaded model is checked)."""
-    from cpift_merge.storage.checkpoint import Checkpoint
+    from cpift_merge.storage.checkpoint import Checkpoint, has_safetensors
 
-    if not (
-        path.endswith(".safetensors")
-        or (os.path.isdir(path) and any(f.endswith(".safetensors") for f in os.listdir(path)))
-    ):
+    if not has_safetensors(path):
         return False
     bad = Checkpoint(path, label=path).first_non_finite()  # a truncated file: one line here
     if bad is not None:
@@ -670,13 +666,13 @@ def train_from_files(
     the stages from ``groups`` (see :func:`plan_groups`), then :func:`staged_train`.
     Regions computed on another base than ``base`` are refused unless
     ``allow_other_base`` (CPI-FT's calibration freezes θ0's cores in a merged model)."""
-    from cpift_merge.storage.checkpoint import Checkpoint
+    from cpift_merge.storage.checkpoint import Checkpoint, has_safetensors
     from cpift_merge.storage.regions import load_regions
     from cpift_merge.training.data import load_tasks
 
     data = load_tasks(task_files)
     rs = load_regions(regions_dir) if regions_dir else None
-    if rs is not None and not allow_other_base and refuse_non_finite(base):
+    if rs is not None and not allow_other_base and has_safetensors(base):
         other = rs.other_base_tensor(Checkpoint(base, label=base))
         if other is not None:
             raise CpiftError(
