@@ -16,7 +16,7 @@ from transformers import LlamaForCausalLM
 from cpift_merge.cli import main
 from cpift_merge.errors import CpiftError
 from cpift_merge.pipeline.config import METHODS, load_pipeline
-from cpift_merge.pipeline.report import table1_rows, table2_rows
+from cpift_merge.pipeline.report import GAP_LABEL, table1_rows, table2_rows
 from cpift_merge.pipeline.run import normalized_average, run_pipeline
 from cpift_merge.storage.regions import load_regions
 
@@ -88,7 +88,8 @@ def test_every_method_and_artifact(full_run):
         for t in tasks:
             assert rec["scores"][t]["n"] == 3 and 0.0 <= rec["scores"][t]["score"] <= 100.0
         assert rec["avg_normalized"] == normalized_average(rec["scores"])
-        assert os.path.isfile(os.path.join(rec["path"], "config.json")), m
+        for path in rec.get("paths", {"": rec["path"]}).values():  # the experts: one model per task
+            assert os.path.isfile(os.path.join(path, "config.json")), m
     # shared work: probes and regions, groups covering every task once
     for t in tasks:
         assert os.path.isfile(os.path.join(out, "probes", t, "model.safetensors"))
@@ -124,11 +125,56 @@ def test_every_method_and_artifact(full_run):
     report = open(os.path.join(out, "report.md")).read()
     assert "Table 1" in report and "Table 2" in report
     h, rows = table1_rows(results)
-    assert h[-1].startswith("avg") and len(rows) == len(expected)
+    assert h[-1].startswith("avg") and len(rows) == len(expected) + 1  # and the seesaw gap row
     h2, rows2 = table2_rows(results)
     assert len(rows2) == 2 and len(h2) == 5
     for png in ("scores.png", "jaccard.png", "core_share_by_layer.png"):
         assert os.path.getsize(os.path.join(out, "plots", png)) > 0
+
+
+def test_experts_seesaw_gap_and_matched_full_sft(full_run):
+    """`expert`: one SFT per task from theta_0 with the stage budget, scored on every task;
+    the seesaw gap is expert minus full SFT; `full_sft_matched` trains all tasks together
+    for as many examples as CPI-FT's DPI stages and calibration saw."""
+    results, out = full_run
+    tasks = ["math", "code", "logic"]
+    ex = results["experts"]
+    assert ex["same_as_probes"] is False  # probe: 2 steps, stage: 1 epoch
+    assert list(ex["scores"]) == tasks and all(list(row) == tasks for row in ex["scores"].values())
+    own = results["methods"]["expert"]["scores"]
+    for t in tasks:
+        assert own[t]["score"] == ex["scores"][t][t]
+        path = results["methods"]["expert"]["paths"][t]
+        assert path == os.path.join(out, "methods", "expert", t)
+        stage = json.load(open(os.path.join(path, "stage.json")))
+        assert stage["tasks"] == [t] and stage["steps"] == 3  # 12 examples, batch 4, one epoch
+        full = results["methods"]["full_sft"]["scores"][t]["score"]
+        assert results["seesaw_gap"][t] == own[t]["score"] - full
+    seen = 0
+    for key in ("dpi", "cpift"):
+        for st in json.load(open(os.path.join(out, "methods", key, "train.json")))["stages"]:
+            seen += st["steps"] * 4  # batch 4 in every budget
+    matched = results["full_sft_matched"]
+    assert matched["cpift_examples"] == seen and matched["examples"] == seen and matched["steps"] == seen // 4
+    rec = json.load(open(os.path.join(out, "methods", "full_sft_matched", "train.json")))
+    assert rec["groups"] == [tasks] and [st["steps"] for st in rec["stages"]] == [matched["steps"]]
+    h, rows = table1_rows(results)
+    gap = rows[-1]
+    assert gap[0] == GAP_LABEL and gap[1:4] == [f"{results['seesaw_gap'][t]:+.1f}" for t in tasks]
+    report = open(os.path.join(out, "report.md")).read()
+    assert "## Table 4: single-task experts" in report and "CPI-FT's step count" in report
+
+
+def test_experts_are_the_probes_when_the_budgets_match(lm, tmp_path):
+    doc = spec(lm, str(tmp_path / "out"), methods=["expert"], probe={"steps": 2}, stage={"steps": 2})
+    doc["tasks"] = doc["tasks"][:2]
+    res = run_pipeline(load_pipeline(write(tmp_path, doc)), quiet=True)
+    assert res["experts"]["same_as_probes"] is True
+    assert res["methods"]["expert"]["paths"] == {t: str(tmp_path / "out" / "probes" / t) for t in ("math", "code")}
+    assert not os.path.exists(tmp_path / "out" / "methods" / "expert")
+    assert res["seesaw_gap"] is None  # no full_sft to compare with
+    with pytest.raises(CpiftError, match="full_sft_matched matches CPI-FT's training steps: list cpift"):
+        load_pipeline(write(tmp_path, {**doc, "methods": ["full_sft_matched", "dpi"]}, "m.yml"))
 
 
 def test_localize_stitch_keeps_theta0_outside_the_cores(full_run, lm):

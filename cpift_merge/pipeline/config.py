@@ -29,6 +29,8 @@ METHODS = (
     "cpift",
     "dpi",
     "full_sft",
+    "full_sft_matched",
+    "expert",
     "multistage_random",
     "multistage_heuristic",
     "sequential",
@@ -217,6 +219,8 @@ class Pipeline(_Strict):
             a, b = self.sequential.pair
             if a == b or a not in names or b not in names:
                 raise ValueError(f"sequential.pair must name two different tasks of this pipeline, got {[a, b]}")
+        if "full_sft_matched" in self.methods and "cpift" not in self.methods:
+            raise ValueError("method full_sft_matched matches CPI-FT's training steps: list cpift in methods too")
         if "multistage_heuristic" in self.methods:
             missing = [t.name for t in self.tasks if not t.domain]
             if missing:

@@ -10,6 +10,8 @@ from typing import Any, Dict, List, Sequence
 LABELS = {
     "base": "base model",
     "full_sft": "Full SFT (multi-task)",
+    "full_sft_matched": "Full SFT, CPI-FT's step count",
+    "expert": "Expert (own task, one SFT per task)",
     "multistage_random": "Multi-stage (random)",
     "multistage_heuristic": "Multi-stage (heuristic)",
     "dpi": "DPI (staged, frozen cores)",
@@ -34,7 +36,26 @@ def table1_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
         if m == "multistage_random" and rec.get("groups"):
             label += f", K={len(rec['groups'])}"
         rows.append([label, *[_fmt(rec["scores"][t]["score"]) for t in tasks], f"{rec['avg_normalized']:.2f}"])
+    gap = results.get("seesaw_gap")
+    if gap:
+        mean = sum(gap.values()) / len(gap)
+        rows.append([GAP_LABEL, *[_fmt(gap[t], True) for t in tasks], f"{mean / 10:+.2f}"])
     return header, rows
+
+
+GAP_LABEL = "seesaw gap (expert - full SFT)"
+EXPERT_TITLE = "Table 4: single-task experts (rows) scored on every task (columns), test accuracy (%)"
+
+
+def experts_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
+    """The expert matrix: the diagonal is each expert on its own task, the rest what
+    training on one task does to the others."""
+    ex = results.get("experts") or {}
+    if not ex:
+        return [], []
+    tasks = list(results["tasks"])
+    rows = [[f"expert {a}", *[_fmt(ex["scores"][a][b]) for b in tasks]] for a in ex["scores"]]
+    return ["", *tasks], rows
 
 
 def table2_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
@@ -151,6 +172,9 @@ def summary_text(results: Dict[str, Any]) -> str:
     h3, r3 = table3_rows(results)
     if h3:
         out += ["", GRAFT_TITLE, "", format_table(h3, r3)]
+    h4, r4 = experts_rows(results)
+    if h4:
+        out += ["", EXPERT_TITLE, "", format_table(h4, r4)]
     return "\n".join(out)
 
 
@@ -231,6 +255,17 @@ def write_report(out: str, results: Dict[str, Any]) -> str:
             " the random columns use a mask with the core's entry count in every tensor.",
             "",
             md_table(h3, r3),
+            "",
+        ]
+    h4, r4 = experts_rows(results)
+    if h4:
+        lines += ["## Table 4: single-task experts", "", EXPERT_TITLE + ".", "", md_table(h4, r4), ""]
+    matched = results.get("full_sft_matched")
+    if matched:
+        lines += [
+            f"Full SFT at CPI-FT's step count: {matched['steps']} optimizer steps, {matched['examples']} examples"
+            f" (CPI-FT: {matched['cpift_steps']} steps, {matched['cpift_examples']} examples over its stages and"
+            " calibration).",
             "",
         ]
     lines += ["## Plots", "", "![scores](plots/scores.png)", ""]

@@ -141,32 +141,33 @@ class Run:
             )
 
     def probes(self) -> Dict[str, str]:
+        return {t: self.probe(t) for t in self.pipe.task_names}
+
+    def probe(self, t: str) -> str:
+        """Task ``t``'s probe: a short fine-tune of the base on ``t`` alone (a step)."""
         from cpift_merge.training.finetune import finetune
 
         cfg = self.cfg(self.pipe.probe)
-        paths = {}
-        for t in self.pipe.task_names:
-            out = self.path("probes", t)
-            fp = fingerprint("probe", self.base_fp, self.data_fp[t], asdict(cfg))
-            self.steps.run(
-                f"probe/{t}",
-                fp,
-                [out],
-                lambda t=t, out=out: finetune(
-                    self.base,
-                    self.examples(t),
-                    out,
-                    cfg,
-                    record="probe.json",
-                    extra={"task": t},
-                    progress=not self.quiet,
-                    desc=f"probe {t}",
-                )["steps"],
-                "probe fine-tune",
-            )
-            paths[t] = out
-            self.models[f"probe:{t}"] = {"path": out, "fp": fp}
-        return paths
+        out = self.path("probes", t)
+        fp = fingerprint("probe", self.base_fp, self.data_fp[t], asdict(cfg))
+        self.steps.run(
+            f"probe/{t}",
+            fp,
+            [out],
+            lambda: finetune(
+                self.base,
+                self.examples(t),
+                out,
+                cfg,
+                record="probe.json",
+                extra={"task": t},
+                progress=not self.quiet,
+                desc=f"probe {t}",
+            )["steps"],
+            "probe fine-tune",
+        )
+        self.models[f"probe:{t}"] = {"path": out, "fp": fp}
+        return out
 
     def regions(self, probes: Dict[str, str]):
         from cpift_merge.pipeline.plots import plot_regions
@@ -310,6 +311,11 @@ class Run:
         if "full_sft" in methods:
             self.staged("full_sft", self.base, self.base_fp, [list(names)], pipe.stage)
             self.evaluate("full_sft")
+        if "full_sft_matched" in methods:
+            self._full_sft_matched()
+            self.evaluate("full_sft_matched")
+        if "expert" in methods:
+            self._experts()
         if "multistage_random" in methods:
             k = pipe.baselines.multistage_k
             self.staged(
@@ -367,6 +373,80 @@ class Run:
         self.models["cpift_merged"] = {"path": merged, "fp": fp}
         cal = pipe.calibration
         self.staged("cpift", merged, fp, groups, cal, rs, self.models["regions"]["fp"], sample=cal.sample)
+
+    def _experts(self) -> None:
+        """``expert``: one single-task SFT from theta_0 per task with the ``stage`` budget,
+        scored on every task (its own: the ``expert`` row of Table 1; the others: the
+        off-diagonal of the expert table). When the probe and stage budgets are the same
+        the expert is the probe (same training, same step)."""
+        from cpift_merge.training.finetune import finetune
+
+        cfg = self.cfg(self.pipe.stage)
+        same = asdict(cfg) == asdict(self.cfg(self.pipe.probe))
+        matrix: Dict[str, Dict[str, float]] = {}
+        own: Dict[str, Record] = {}
+        for t in self.pipe.task_names:
+            key = f"expert:{t}"
+            if same:
+                self.probe(t)
+                self.models[key] = dict(self.models[f"probe:{t}"])
+            else:
+                out = self.path("methods", "expert", t)
+                fp = fingerprint("expert", self.base_fp, self.data_fp[t], asdict(cfg))
+                self.steps.run(
+                    f"train/{key}",
+                    fp,
+                    [out],
+                    lambda t=t, out=out: finetune(
+                        self.base,
+                        self.examples(t),
+                        out,
+                        cfg,
+                        record="stage.json",
+                        extra={"tasks": [t]},
+                        progress=not self.quiet,
+                        desc=f"expert {t}",
+                    )["steps"],
+                    f"expert: {t} alone",
+                )
+                self.models[key] = {"path": out, "fp": fp}
+            res = self.evaluate(key)
+            matrix[t] = {u: r["score"] for u, r in res.items()}
+            own[t] = res[t]
+        self.scores["expert"] = own
+        self.models["expert"] = {
+            "path": self.path("probes" if same else os.path.join("methods", "expert")),
+            "paths": {t: self.models[f"expert:{t}"]["path"] for t in own},
+            "fp": fingerprint([self.models[f"expert:{t}"]["fp"] for t in own]),
+        }
+        self.extra["experts"] = {"same_as_probes": same, "scores": matrix}
+
+    def _full_sft_matched(self) -> None:
+        """``full_sft_matched``: multi-task SFT from theta_0 on every task's data with as
+        many training examples as CPI-FT saw (its DPI stages plus the calibration), in
+        optimizer steps of the ``stage`` budget's batch."""
+        import math
+
+        from cpift_merge.storage.files import read_json
+
+        pipe = self.pipe
+        seen = 0
+        cpift_steps = 0
+        for key, budget in (("dpi", pipe.stage), ("cpift", pipe.calibration)):
+            cfg = self.cfg(budget)
+            for st in read_json(self.path("methods", key, "train.json"))["stages"]:
+                cpift_steps += st["steps"]
+                seen += st["steps"] * cfg.batch_size * cfg.grad_accum
+        stage = self.cfg(pipe.stage)
+        steps = math.ceil(seen / (stage.batch_size * stage.grad_accum))
+        budget = pipe.stage.model_copy(update={"steps": steps})
+        self.staged("full_sft_matched", self.base, self.base_fp, [list(pipe.task_names)], budget)
+        self.extra["full_sft_matched"] = {
+            "steps": steps,
+            "examples": steps * stage.batch_size * stage.grad_accum,
+            "cpift_steps": cpift_steps,
+            "cpift_examples": seen,
+        }
 
     def _merge_baseline(self, method: str, probes: Dict[str, str], rs) -> None:
         pipe = self.pipe
@@ -554,8 +634,9 @@ class Run:
                 "scores": s,
                 "avg_normalized": normalized_average(s),
             }
-            if "groups" in self.models[m]:
-                methods[m]["groups"] = self.models[m]["groups"]
+            for extra in ("groups", "paths"):
+                if extra in self.models[m]:
+                    methods[m][extra] = self.models[m][extra]
         return {
             "base": self.base,
             "out": self.out,
@@ -586,6 +667,9 @@ class Run:
             "jaccard": self.extra.get("jaccard"),
             "forgetting": self.extra.get("forgetting"),
             "graft": self.extra.get("graft"),
+            "experts": self.extra.get("experts"),
+            "seesaw_gap": seesaw_gap(methods),
+            "full_sft_matched": self.extra.get("full_sft_matched"),
             "sequential_scores": {k: v for k, v in self.scores.items() if k.startswith("sequential/")},
             "timings": dict(self.steps.timings),
             "seconds": round(seconds, 1),
@@ -614,6 +698,15 @@ def kept_gain(row: Record, base: Record, probe: Record) -> Record:
         "kept_loss": (base["loss"] - row["loss"]) / dl if dl > 0 else None,
         "kept_score": (row["score"] - base["score"]) / ds if ds > 0 else None,
     }
+
+
+def seesaw_gap(methods: Dict[str, Record]) -> Optional[Dict[str, float]]:
+    """Per task, the expert's score on its own task minus full SFT's (points): what
+    training the tasks together costs each one; None without both methods."""
+    if "expert" not in methods or "full_sft" not in methods:
+        return None
+    ex, full = methods["expert"]["scores"], methods["full_sft"]["scores"]
+    return {t: ex[t]["score"] - full[t]["score"] for t in ex}
 
 
 def normalized_average(scores: Dict[str, Record]) -> float:
