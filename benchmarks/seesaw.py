@@ -6,7 +6,11 @@ fixed), then prints:
 
 * Table 1: test accuracy per task and method, mean ± std over seeds, and the average
   normalized score (0-10);
-* Table 2: forgetting in sequential fine-tuning (ΔA, ΔB for A→B and B→A), mean ± std.
+* Table 2: forgetting in sequential fine-tuning (ΔA, ΔB for A→B and B→A), mean ± std;
+* Table 3: the graft test (share of each probe's held-out-loss gain its core keeps
+  alone, and that remains when it is removed, beside random masks), mean ± std;
+* with ``expert`` and ``full_sft`` in the methods, the seesaw gap row of Table 1
+  (expert on its own task minus full SFT, per seed, then mean ± std).
 
 Finished seeds are reused (``cpift run`` reuses finished steps), so an interrupted
 benchmark continues where it stopped.
@@ -53,13 +57,29 @@ def aggregate(runs):
                 "delta_first": mean_std([r["forgetting"][d][v]["delta_first"] for r in runs]),
                 "delta_second": mean_std([r["forgetting"][d][v]["delta_second"] for r in runs]),
             }
-    return tasks, table1, table2
+    if all(r.get("seesaw_gap") for r in runs):
+        gaps = [r["seesaw_gap"] for r in runs]
+        table1["seesaw_gap"] = {t: mean_std([g[t] for g in gaps]) for t in tasks}
+        table1["seesaw_gap"]["mean"] = mean_std([sum(g.values()) / len(g) for g in gaps])
+    table3 = {}
+    if all(r.get("graft") for r in runs):
+        from cpift_merge.pipeline.report import GRAFT_COLUMNS
+
+        for t in first["graft"]:
+            row = {"gain": mean_std([r["graft"][t]["base"]["loss"] - r["graft"][t]["probe"]["loss"] for r in runs])}
+            for key, _label in GRAFT_COLUMNS:
+                vals = [r["graft"][t][key]["kept_loss"] for r in runs]
+                row[key] = mean_std(vals) if None not in vals else None
+            table3[t] = row
+    return tasks, table1, table2, table3
 
 
-def render(tasks, table1, table2, seeds, n_test):
+def render(tasks, table1, table2, seeds, n_test, table3=None):
     from cpift_merge.pipeline.report import LABELS, format_table
 
     pm = lambda ms, signed=False: (f"{ms[0]:+.1f}" if signed else f"{ms[0]:.1f}") + f" ± {ms[1]:.1f}"  # noqa: E731
+    from cpift_merge.pipeline.report import GAP_LABEL, GRAFT_COLUMNS
+
     rows = [
         [
             LABELS.get(m, m),
@@ -67,7 +87,12 @@ def render(tasks, table1, table2, seeds, n_test):
             f"{row['avg_normalized'][0]:.2f} ± {row['avg_normalized'][1]:.2f}",
         ]
         for m, row in table1.items()
+        if m != "seesaw_gap"
     ]
+    if "seesaw_gap" in table1:
+        gap = table1["seesaw_gap"]
+        mean = gap["mean"]
+        rows.append([GAP_LABEL, *[pm(gap[t], True) for t in tasks], f"{mean[0] / 10:+.2f} ± {mean[1] / 10:.2f}"])
     out = [
         f"Table 1: test accuracy (%), mean ± std over seeds {seeds} ({n_test} test examples per task)",
         "",
@@ -88,6 +113,18 @@ def render(tasks, table1, table2, seeds, n_test):
             "Table 2: sequential fine-tuning, change in test accuracy (points), mean ± std",
             "",
             format_table(header, rows2),
+        ]
+    if table3:
+        pct = lambda ms: "-" if ms is None else f"{100 * ms[0]:.0f} ± {100 * ms[1]:.0f}%"  # noqa: E731
+        rows3 = [
+            [t, f"{row['gain'][0]:+.3f} ± {row['gain'][1]:.3f}", *[pct(row[key]) for key, _ in GRAFT_COLUMNS]]
+            for t, row in table3.items()
+        ]
+        out += [
+            "",
+            "Table 3: graft test, share of each probe's held-out-loss gain kept, mean ± std",
+            "",
+            format_table(["task", "probe: loss gain", *[label for _k, label in GRAFT_COLUMNS]], rows3),
         ]
     return "\n".join(out)
 
@@ -177,9 +214,9 @@ def main(argv=None) -> int:
         print(f"== seed {s}: {pipeline} -> {pipe.out}", flush=True)
         runs.append(run_pipeline(pipe, quiet=args.quiet))
         print(f"== seed {s} done ({runs[-1]['seconds']:.0f} s this run)", flush=True)
-    tasks, table1, table2 = aggregate(runs)
+    tasks, table1, table2, table3 = aggregate(runs)
     n_test = runs[0]["methods"]["base"]["scores"][tasks[0]]["n"]
-    text = render(tasks, table1, table2, seeds, n_test)
+    text = render(tasks, table1, table2, seeds, n_test, table3)
     compute = sum(sum(r["timings"].values()) for r in runs)
     print()
     print(
@@ -195,6 +232,9 @@ def main(argv=None) -> int:
                     "seeds": seeds,
                     "table1": table1,
                     "table2": table2,
+                    "table3": table3,
+                    "experts": [r.get("experts") for r in runs],
+                    "full_sft_matched": [r.get("full_sft_matched") for r in runs],
                     "runs": [r["out"] for r in runs],
                 },
                 fh,
