@@ -35,6 +35,18 @@ def test_math_and_code_answers_are_right():
         assert out[-1] == ex["answer"]
 
 
+def test_the_pick_pair_conflicts_by_construction():
+    """Same prompts, opposite answers: no single answer serves both tasks."""
+    import random
+
+    first, last = GENERATORS["pick_first"][0], GENERATORS["pick_last"][0]
+    for i in range(50):
+        a, b = first(random.Random(i)), last(random.Random(i))
+        assert a["prompt"] == b["prompt"] and a["answer"] != b["answer"]
+        words = a["prompt"].split(": ", 1)[1].split()
+        assert (a["answer"], b["answer"]) == (words[0], words[-1])
+
+
 def test_checkers_on_hand_made_outputs():
     assert check("exact", "  Hello   World ", "hello world")
     assert not check("exact", "hello world!", "hello world")

@@ -8,6 +8,11 @@ in different directions (a number, a program's output, a letter, a formatted str
 * ``code``    "what does this Python snippet print?"; metric ``exact``
 * ``logic``   ordering puzzles as multiple choice; metric ``choice`` (the letter)
 * ``format``  instruction following (case, reversal, joining, counting); metric ``exact``
+* ``pick_first`` / ``pick_last``  a pair that conflicts by construction: the same
+  prompt ("Pick one word from this list: ...") with opposite answer conventions (the
+  first word, the last word); metric ``exact``. One model cannot serve both on the
+  same prompt, so multi-task training must trade one against the other: a seesaw
+  that the benchmark can see (the single-task experts learn either convention).
 
 Each generator draws examples from a seeded RNG; train and test splits never share a
 prompt (test prompts are drawn first, train skips them). ``cpift tasks export DIR``
@@ -103,11 +108,25 @@ def _format(rng: random.Random) -> Example:
     return {"prompt": q, "response": ans, "answer": ans}
 
 
+PICK_PROMPT = "Pick one word from this list: "
+
+
+def _pick(first: bool) -> Callable[[random.Random], Example]:
+    def gen(rng: random.Random) -> Example:
+        words = rng.sample(_WORDS, rng.randint(3, 5))
+        ans = words[0] if first else words[-1]
+        return {"prompt": PICK_PROMPT + " ".join(words), "response": ans, "answer": ans}
+
+    return gen
+
+
 GENERATORS: Dict[str, Tuple[Callable[[random.Random], Example], str, str]] = {
     "math": (_math, "numeric", "reasoning"),
     "code": (_code, "exact", "reasoning"),
     "logic": (_logic, "choice", "reasoning"),
     "format": (_format, "exact", "instruction"),
+    "pick_first": (_pick(True), "exact", "convention"),
+    "pick_last": (_pick(False), "exact", "convention"),
 }
 
 
