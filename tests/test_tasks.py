@@ -35,6 +35,16 @@ def test_math_and_code_answers_are_right():
         assert out[-1] == ex["answer"]
 
 
+def test_logic_answers_follow_from_the_facts():
+    import re
+
+    for ex in generate("logic", 0, 40, seed=0)[1]:
+        pairs = re.findall(r"(\w+) is taller than (\w+)\.", ex["prompt"])
+        taller, shorter = {a for a, _ in pairs}, {b for _, b in pairs}
+        want = (taller - shorter) if "tallest" in ex["prompt"] else (shorter - taller)
+        assert len(pairs) == 2 and want == {ex["answer"]} and GENERATORS["logic"][1] == "exact"
+
+
 def test_the_pick_pair_conflicts_by_construction():
     """Same prompts, opposite answers: no single answer serves both tasks."""
     import random

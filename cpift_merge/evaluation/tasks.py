@@ -2,11 +2,12 @@
 
 In the spirit of the papers' suite (math word problems, code, logical reasoning,
 instruction following), small enough for SmolLM2-135M on a CPU, and pulling the model
-in different directions (a number, a program's output, a letter, a formatted string):
+in different directions (a number, a program's output, a name, a formatted string):
 
 * ``math``    word problems with one or two operations; metric ``numeric`` (last number)
 * ``code``    "what does this Python snippet print?"; metric ``exact``
-* ``logic``   ordering puzzles as multiple choice; metric ``choice`` (the letter)
+* ``logic``   ordering puzzles (two facts, three people: who is tallest or shortest?),
+  answered with the name; metric ``exact`` (a guess among the three names: 33%)
 * ``format``  instruction following (case, reversal, joining, counting); metric ``exact``
 * ``pick_first`` / ``pick_last``  a pair that conflicts by construction: the same
   prompt ("Pick one word from this list: ...") with opposite answer conventions (the
@@ -79,17 +80,8 @@ def _logic(rng: random.Random) -> Example:
     facts = [f"{order[0]} is taller than {order[1]}.", f"{order[1]} is taller than {order[2]}."]
     rng.shuffle(facts)
     ask_tallest = rng.random() < 0.5
-    target = order[0] if ask_tallest else order[2]
-    options = people[:]
-    rng.shuffle(options)
-    letters = "ABC"
-    ans = letters[options.index(target)]
-    q = (
-        " ".join(facts)
-        + f" Who is the {'tallest' if ask_tallest else 'shortest'}?\n"
-        + "\n".join(f"{letters[i]}. {p}" for i, p in enumerate(options))
-        + "\nAnswer with the letter."
-    )
+    ans = order[0] if ask_tallest else order[2]
+    q = " ".join(facts) + f" Who is the {'tallest' if ask_tallest else 'shortest'}?"
     return {"prompt": q, "response": ans, "answer": ans}
 
 
@@ -123,7 +115,7 @@ def _pick(first: bool) -> Callable[[random.Random], Example]:
 GENERATORS: Dict[str, Tuple[Callable[[random.Random], Example], str, str]] = {
     "math": (_math, "numeric", "reasoning"),
     "code": (_code, "exact", "reasoning"),
-    "logic": (_logic, "choice", "reasoning"),
+    "logic": (_logic, "exact", "reasoning"),
     "format": (_format, "exact", "instruction"),
     "pick_first": (_pick(True), "exact", "convention"),
     "pick_last": (_pick(False), "exact", "convention"),
