@@ -140,17 +140,21 @@ def run_parallel(args, pipeline, seeds) -> None:
     env.setdefault("OMP_NUM_THREADS", str(max(1, (os.cpu_count() or 1) // args.jobs)))
 
     def one(seed):
-        cmd = [
-            sys.executable,
-            os.path.abspath(__file__),
-            "--pipeline",
-            pipeline,
-            "--seeds",
-            str(seed),
-            "--out",
-            args.out,
-            "--quiet",
-        ] + (["--device", args.device] if args.device else [])
+        cmd = (
+            [
+                sys.executable,
+                os.path.abspath(__file__),
+                "--pipeline",
+                pipeline,
+                "--seeds",
+                str(seed),
+                "--out",
+                args.out,
+                "--quiet",
+            ]
+            + (["--device", args.device] if args.device else [])
+            + (["--methods", args.methods] if args.methods else [])
+        )
         log = os.path.join(args.out, f"seed-{seed}.log")
         with open(log, "w", encoding="utf-8") as fh:
             rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT, env=env).returncode
@@ -175,6 +179,7 @@ def main(argv=None) -> int:
     ap.add_argument("--seeds", default="0,1,2")
     ap.add_argument("--out", default="runs/seesaw", help="OUT/seed-S per seed")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
+    ap.add_argument("--methods", default=None, help="comma-separated methods (overrides the file's methods:)")
     ap.add_argument("--json", default=None, help="also write the aggregate here")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -210,7 +215,10 @@ def main(argv=None) -> int:
         run_parallel(args, pipeline, seeds)
     runs = []
     for s in seeds:
-        pipe = load_pipeline(pipeline, {"seed": s, "out": os.path.join(args.out, f"seed-{s}"), "device": args.device})
+        over = {"seed": s, "out": os.path.join(args.out, f"seed-{s}"), "device": args.device}
+        if args.methods:
+            over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
+        pipe = load_pipeline(pipeline, over)
         print(f"== seed {s}: {pipeline} -> {pipe.out}", flush=True)
         runs.append(run_pipeline(pipe, quiet=args.quiet))
         print(f"== seed {s} done ({runs[-1]['seconds']:.0f} s this run)", flush=True)
