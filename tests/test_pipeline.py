@@ -430,7 +430,7 @@ def test_same_data_as_train_and_test_is_refused_and_dataset_splits_are_picked(lm
 def test_graft_method_reports_the_kept_gain(full_run):
     """`graft` in the full run: for every task, theta_0, its probe and the four grafts,
     by held-out loss and metric, the kept shares by their formula, and Table 3."""
-    from cpift_merge.pipeline.run import kept_gain
+    from cpift_merge.pipeline.graft_test import kept_gain
 
     res, out = full_run
     graft = res["graft"]
@@ -448,7 +448,7 @@ def test_graft_method_reports_the_kept_gain(full_run):
 
 
 def test_kept_gain():
-    from cpift_merge.pipeline.run import kept_gain
+    from cpift_merge.pipeline.graft_test import kept_gain
 
     base, probe = {"loss": 3.0, "score": 10.0}, {"loss": 2.0, "score": 30.0}
     assert kept_gain({"loss": 2.5, "score": 20.0}, base, probe) == {"kept_loss": 0.5, "kept_score": 0.5}

@@ -27,6 +27,7 @@ import click
 
 from cpift_merge.errors import CpiftError
 from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, train_config
+from cpift_merge.pipeline.graft_test import kept_gain
 from cpift_merge.pipeline.steps import Record, Steps, data_sha, fingerprint
 from cpift_merge.storage.files import write_json, write_text
 
@@ -123,8 +124,13 @@ class Run:
         for t in self.pipe.tasks:
             folder = self.path("data", t.name)
             os.makedirs(folder, exist_ok=True)
-            if t.builtin:
-                train, test = builtin.generate(t.builtin, bd.n_train, bd.n_test, bd.seed)
+            if t.builtin or t.bigbench:
+                if t.builtin:
+                    train, test = builtin.generate(t.builtin, bd.n_train, bd.n_test, bd.seed)
+                else:
+                    from cpift_merge.evaluation import bigbench
+
+                    train, test = bigbench.split(bigbench.read_task(t.bigbench), t.test_fraction, bd.seed)
                 for split, rows in (("train", train), ("test", test)):
                     target = os.path.join(folder, f"{split}.jsonl")
                     text = "".join(json.dumps(r) + "\n" for r in rows)
@@ -647,6 +653,7 @@ class Run:
                     "metric": t.metric,
                     "domain": t.domain,
                     "builtin": t.builtin,
+                    "bigbench": t.bigbench,
                     "train": self.data[t.name]["train"],
                     "test": self.data[t.name]["test"],
                 }
@@ -686,18 +693,6 @@ def prune_stages(out: str, final: str) -> None:
             for f in os.listdir(stage):
                 if f.endswith(".safetensors") or f == "model.safetensors.index.json":
                     os.remove(os.path.join(stage, f))
-
-
-def kept_gain(row: Record, base: Record, probe: Record) -> Record:
-    """Share of the probe's gain over theta_0 that a graft keeps: by held-out loss
-    ``(L0 - L) / (L0 - Lprobe)`` and by the metric ``(s - s0) / (sprobe - s0)``; None
-    where the probe gained nothing to keep."""
-    dl = base["loss"] - probe["loss"]
-    ds = probe["score"] - base["score"]
-    return {
-        "kept_loss": (base["loss"] - row["loss"]) / dl if dl > 0 else None,
-        "kept_score": (row["score"] - base["score"]) / ds if ds > 0 else None,
-    }
 
 
 def seesaw_gap(methods: Dict[str, Record]) -> Optional[Dict[str, float]]:
