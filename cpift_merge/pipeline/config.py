@@ -51,10 +51,13 @@ class _Strict(BaseModel):
 
 
 class TaskSpec(_Strict):
-    """One task: a built-in generator, or the user's own train/test JSONL files."""
+    """One task: a built-in generator, a BIG-bench ``task.json`` (split here into train
+    and test, seeded by ``builtin_data.seed``), or the user's own train/test files."""
 
     name: str
     builtin: Optional[str] = None
+    bigbench: Optional[str] = None
+    test_fraction: float = Field(0.2, gt=0, lt=1)  # of a bigbench task's examples
     train: Optional[str] = None
     test: Optional[str] = None
     metric: Optional[str] = None
@@ -64,7 +67,13 @@ class TaskSpec(_Strict):
     def _complete(self) -> TaskSpec:
         from cpift_merge.evaluation.tasks import GENERATORS
 
-        if self.builtin is not None:
+        if "test_fraction" in self.model_fields_set and self.bigbench is None:
+            raise ValueError("test_fraction splits a bigbench task; the others have their own test sets")
+        if self.bigbench is not None:
+            if self.builtin or self.train or self.test:
+                raise ValueError("give one of builtin, bigbench or train/test files")
+            self.domain = self.domain or "bigbench"  # the metric comes from the task file
+        elif self.builtin is not None:
             if self.builtin not in GENERATORS:
                 raise ValueError(f"unknown builtin {self.builtin!r}; choose from {', '.join(GENERATORS)}")
             if self.train or self.test:
@@ -304,6 +313,14 @@ def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) 
     from cpift_merge.training.data import split_of
 
     for t in pipe.tasks:
+        if t.bigbench is not None:
+            from cpift_merge.evaluation.bigbench import read_task
+
+            t.bigbench = resolve(t.bigbench)
+            try:
+                t.metric = t.metric or read_task(t.bigbench).metric
+            except CpiftError as err:
+                raise CpiftError(f"pipeline {path}: task {t.name}: bigbench: {err}") from None
         check_metric_name(t.metric)  # the name only: a py: metric's code runs when scoring starts
         picked = {}
         for role in ("train", "test"):
