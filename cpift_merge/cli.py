@@ -337,7 +337,7 @@ def eval_cmd(model_path, tasks_, max_new_tokens, batch_size, limit, device, out_
 
 @main.group()
 def tasks() -> None:
-    """The built-in tasks (math, code, logic, format)."""
+    """The built-in tasks, and BIG-bench JSON tasks as task files."""
 
 
 @tasks.command("export")
@@ -358,6 +358,27 @@ def tasks_export(out_dir, n_train, n_test, seed, overwrite):
         for name, info in export(out_dir, n_train, n_test, seed, overwrite).items()
     ]
     click.echo(format_table(["task", "metric", "domain", "train", "test"], rows))
+
+
+@tasks.command("import-bigbench")
+@click.argument("task_json")
+@click.argument("out_dir")
+@click.option("--test-fraction", type=float, default=0.2, show_default=True, help="Share of prompts held out.")
+@click.option("--seed", type=int, default=0, show_default=True, help="Seed of the train/test split.")
+@click.option("--overwrite", is_flag=True, help="Replace OUT_DIR if it exists and is not empty.")
+@_friendly
+def tasks_import_bigbench(task_json, out_dir, test_fraction, seed, overwrite):
+    """Convert a BIG-bench JSON task (TASK_JSON: a task.json or its folder) into
+    OUT_DIR/train.jsonl, test.jsonl and task.yml (the metric to score it with):
+    exact_str_match tasks are scored `exact` (any listed target counts), and
+    multiple_choice_grade tasks `choice` (the choices listed as lettered lines). Get
+    the files with `pip download --no-deps bigbench==1.0.0` (the sdist holds
+    bigbench/benchmark_tasks/*/task.json) or a clone of google/BIG-bench."""
+    from cpift_merge.evaluation.bigbench import import_bigbench
+
+    info = import_bigbench(task_json, out_dir, test_fraction, seed, overwrite)
+    row = [info["name"], info["metric"], info["n_train"], info["n_test"], os.path.abspath(out_dir)]
+    click.echo(format_table(["task", "metric", "train", "test", "folder"], [row]))
 
 
 def _merge_command() -> click.Command:

@@ -3,7 +3,8 @@
 Metrics: ``exact`` (whitespace/case-normalised), ``numeric`` (last number in the
 output), ``choice`` (the option letter), or ``py:module.function`` for a user's own
 ``function(output: str, answer: str) -> bool``. The reference answer of an example is
-its ``answer`` field, else its ``response`` (or the last assistant message).
+its ``answer`` field, else its ``response`` (or the last assistant message); an example
+with a list ``answers`` counts as correct on any of them.
 """
 
 from __future__ import annotations
@@ -70,6 +71,15 @@ def reference(ex: Dict[str, Any], raw: Dict[str, Any]) -> str:
         return str(raw["answer"])
     msgs = as_messages(ex)
     return msgs[-1]["content"] if msgs[-1]["role"] == "assistant" else ""
+
+
+def is_correct(check: Callable[[str, str], bool], output: str, raw: Dict[str, Any], ref: str) -> bool:
+    """``check`` against the reference, or against any of the example's ``answers`` (a
+    list of acceptable strings, as BIG-bench tasks give) when it has them."""
+    answers = raw.get("answers") if isinstance(raw, dict) else None
+    if isinstance(answers, list) and answers and all(isinstance(a, str) for a in answers):
+        return any(check(output, a) for a in answers)
+    return check(output, ref)
 
 
 def _prompt_text(tok, ex: Dict[str, Any]) -> str:
@@ -146,7 +156,7 @@ def evaluate(
         prompts = [_prompt_text(tok, ex) for ex in examples]
         outputs = generate(model, tok, prompts, max_new_tokens, batch_size, dev)
         refs = [reference(ex, raw) for ex, raw in zip(examples, raws)]
-        hits = [checks[name](o, r) for o, r in zip(outputs, refs)]
+        hits = [is_correct(checks[name], o, raw, r) for o, raw, r in zip(outputs, raws, refs)]
         results[name] = {
             "metric": tasks[name][1],
             "n": len(hits),
