@@ -67,7 +67,8 @@ class _Cli(click.Group):
 @click.version_option(package_name="cpift-merge")
 def main() -> None:
     """Core Parameter Isolation (CPI-FT) for mergekit: core regions, the `cpi`
-    merge method, and (soon) staged fine-tuning."""
+    merge method, probes and staged fine-tuning with frozen cores, the graft test,
+    and the whole pipeline with its baselines (`cpift run`)."""
 
 
 @main.command()
@@ -199,7 +200,7 @@ def _config(lora=False, lora_rank=8, **kw):
 )
 @click.option("--out", required=True, help="Folder for the probes: OUT/NAME/ per task.")
 @click.option("--lora", is_flag=True, help="Train a LoRA adapter and save the merged model.")
-@click.option("--lora-rank", type=int, default=8, show_default=True)
+@click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r (alpha is 2r).")
 @click.option(
     "--regions",
     "regions_density",
