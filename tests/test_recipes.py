@@ -179,6 +179,8 @@ def test_community_finetunes(tiny_models, tmp_path):
     out = str(tmp_path / "out")
     run_cpift_merge(write_yaml(str(tmp_path / "recipe.yml"), [local]), out)
 
+    card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
+    assert "# out\n" in card and ".tmp-" not in card  # titled after the final folder, as mergekit-yaml does
     sd = load_output(out)
     base = state(tiny_models["base"])
     differs_from_all(sd, {n: state(tiny_models[n]) for n in ("base", "a", "b", "c")})

@@ -304,7 +304,19 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
             raise CpiftError(f"merge failed: {type(err).__name__}: {' '.join(str(err).split())[:400]}") from None
         if config.merge_method == method.METHOD_NAME:
             write_stats(os.path.join(tmp, "cpi_stats.json"), facts, dict(method.STATS))
+        name_card(tmp, os.path.basename(os.path.abspath(out)))
     return os.path.abspath(out)
+
+
+def name_card(folder: str, name: str) -> None:
+    """mergekit titles its model card after the folder it wrote into: here the temporary
+    sibling; give the card the final folder's name, as ``mergekit-yaml`` would."""
+    card = os.path.join(folder, "README.md")
+    if os.path.isfile(card):
+        with open(card, encoding="utf-8") as fh:
+            text = fh.read()
+        with open(card, "w", encoding="utf-8") as fh:
+            fh.write(text.replace(os.path.basename(folder), name))
 
 
 def write_stats(path: str, facts: Dict[str, Any], per_tensor: Dict[str, Dict[str, Any]]) -> None:
