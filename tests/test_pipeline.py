@@ -441,7 +441,7 @@ def test_graft_method_reports_the_kept_gain(full_run):
             row = rec[key]
             assert row["loss"] > 0 and 0 <= row["score"] <= 100
             assert {k: row[k] for k in ("kept_loss", "kept_score")} == kept_gain(row, rec["base"], rec["probe"])
-            assert os.path.isfile(os.path.join(out, "methods", "graft", task, key, "model.safetensors"))
+            assert not os.path.exists(os.path.join(out, "methods", "graft", task, key))  # scored, then deleted
         assert rec["base"]["loss"] == json.load(open(os.path.join(out, "eval", f"loss_base_{task}.json")))["loss"]
     report = open(os.path.join(out, "report.md")).read()
     assert "## Table 3: graft test" in report and "core removed" in report

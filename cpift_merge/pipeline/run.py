@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 import time
 from dataclasses import asdict
 from typing import Any, Dict, List, Optional, Sequence
@@ -620,6 +621,8 @@ class Run:
                     self.models[key] = {"path": out, "fp": fp}
                     row = {"loss": self.heldout(key, t), "score": self.evaluate(key, [t])[t]["score"]}
                     rows[f"{keep}-{mask}"] = {**row, **kept_gain(row, ref["base"], ref["probe"])}
+                    if not self.pipe.keep_stages:  # one model per task and graft: scored, then gone
+                        shutil.rmtree(out, ignore_errors=True)  # (a rerun rebuilds it in seconds if needed)
             table[t] = {**ref, **rows}
         self.extra["graft"] = table
 
