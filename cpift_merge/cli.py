@@ -138,7 +138,7 @@ def _train_options(fn):
     opts = [
         click.option("--steps", type=int, default=None, help="Optimizer steps (overrides --epochs)."),
         click.option("--epochs", type=float, default=1.0, show_default=True),
-        click.option("--lr", type=float, default=1e-4, show_default=True),
+        click.option("--lr", type=float, default=None, help="Learning rate [default: 1e-4 with adamw, 0.1 with sgd]."),
         click.option("--weight-decay", type=float, default=0.0, show_default=True),
         click.option("--max-grad-norm", type=float, default=1.0, show_default=True),
         click.option("--batch-size", type=int, default=8, show_default=True),
@@ -146,6 +146,14 @@ def _train_options(fn):
         click.option("--max-length", type=int, default=256, show_default=True),
         click.option("--seed", type=int, default=0, show_default=True),
         click.option("--bf16", is_flag=True, help="bf16 autocast."),
+        click.option(
+            "--optimizer",
+            type=click.Choice(["adamw", "sgd"]),
+            default="adamw",
+            show_default=True,
+            help="adamw: the Trainer's AdamW (the papers' recipe); sgd: plain SGD (see --momentum).",
+        ),
+        click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (sgd only)."),
         click.option(
             "--save-steps",
             type=int,
@@ -182,6 +190,8 @@ def _config(lora=False, lora_rank=8, **kw):
         "bf16",
         "save_steps",
         "device",
+        "optimizer",
+        "momentum",
     )
     cfg = TrainConfig(**{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank)
     cfg.check()

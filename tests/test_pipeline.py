@@ -349,6 +349,21 @@ def test_cli_overrides_and_shipped_pipelines(lm, tmp_path):
     assert set(full.methods) == set(METHODS)
 
 
+def test_probe_optimizer_from_the_pipeline_file(lm, tmp_path):
+    from cpift_merge.pipeline.config import train_config
+
+    doc = spec(lm, str(tmp_path / "o"), probe={"steps": 2, "optimizer": "sgd", "momentum": 0.5, "lr": 0.1})
+    pipe = load_pipeline(write(tmp_path, doc))
+    probe, stage = train_config(pipe, pipe.probe), train_config(pipe, pipe.stage)
+    assert (probe.optimizer, probe.momentum, probe.lr) == ("sgd", 0.5, 0.1) and stage.optimizer == "adamw"
+    with pytest.raises(CpiftError, match="momentum applies to --optimizer sgd only"):
+        load_pipeline(write(tmp_path, spec(lm, "o", stage={"momentum": 0.5}), "m.yml"))
+    # an lr set for AdamW above does not carry over to a budget that switches to SGD without one
+    doc = spec(lm, str(tmp_path / "o"), train={"lr": 2e-4}, probe={"steps": 2, "optimizer": "sgd"})
+    pipe = load_pipeline(write(tmp_path, doc, "lr.yml"))
+    assert train_config(pipe, pipe.probe).lr == 0.1 and train_config(pipe, pipe.stage).lr == 2e-4
+
+
 def test_normalized_average_and_tables():
     scores = {"a": {"score": 50.0, "n": 2}, "b": {"score": 100.0, "n": 2}}
     assert normalized_average(scores) == 7.5

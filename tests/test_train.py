@@ -664,10 +664,100 @@ def test_train_config_checks():
         ({"lr": 0}, "--lr"),
         ({"weight_decay": -1}, "--weight-decay"),
         ({"device": "tpu"}, "--device"),
+        ({"optimizer": "adam"}, "--optimizer must be adamw or sgd"),
+        ({"optimizer": "sgd", "momentum": 1.0}, "--momentum must be a number in"),
+        ({"momentum": 0.9}, "--momentum applies to --optimizer sgd only"),
     ]:
         with pytest.raises(CpiftError, match=match):
             TrainConfig(**bad).check()
     assert TrainConfig(lr=1e-3).fingerprint() != TrainConfig().fingerprint()
+
+
+def test_optimizer_options_leave_default_identities_unchanged():
+    """Runs recorded before --optimizer existed keep their identity while it is adamw."""
+    from dataclasses import asdict
+
+    ident = TrainConfig().identity()
+    assert "optimizer" not in ident and "momentum" not in ident
+    assert ident == {k: v for k, v in asdict(TrainConfig()).items() if k not in ("optimizer", "momentum")}
+    sgd = TrainConfig(optimizer="sgd", momentum=0.5)
+    assert sgd.identity()["optimizer"] == "sgd" and sgd.identity()["momentum"] == 0.5
+    assert sgd.fingerprint() != TrainConfig().fingerprint()
+
+
+def test_sgd_probe_uses_plain_sgd_and_records_it(tiny_lm, tasks, tmp_path, monkeypatch):
+    import torch
+
+    made = []
+    real = torch.optim.SGD.__init__
+
+    def spy(self, params, **kw):
+        made.append(kw)
+        real(self, params, **kw)
+
+    monkeypatch.setattr(torch.optim.SGD, "__init__", spy)
+    out = tmp_path / "p"
+    res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", out, "--steps", 2,
+              "--optimizer", "sgd", "--momentum", 0.5, "--quiet")  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert len(made) == 1 and made[0]["momentum"] == 0.5 and made[0]["lr"] == TrainConfig.DEFAULT_LR["sgd"] == 0.1
+    rec = json.load(open(out / "a" / "probe.json"))
+    assert rec["config"]["optimizer"] == "sgd" and rec["run"]["config"]["optimizer"] == "sgd"
+    assert rec["steps"] == 2 and rec["final_loss"] is not None
+
+
+def test_region_files_record_the_probes_optimizer(tiny_lm, probes, regions, tmp_path):
+    """regions.json says how each task model was trained; `cpift regions` prints it."""
+    from cpift_merge.storage.regions import load_regions, trained_with
+
+    for rs in (regions, load_regions(os.path.join(probes["out"], "regions"))):
+        for t in ("a", "b"):
+            got = rs.meta["tasks"][t]["trained_with"]
+            assert got["optimizer"] == "adamw" and got["lr"] == 1e-2 and got["steps"] == 6
+    assert trained_with(tiny_lm) is None  # a model trained elsewhere: unknown, not guessed
+    res = cli("regions", "--base", tiny_lm, "--model", f"a={probes['a']}", "--model", f"b={probes['b']}",
+              "--density", 0.05, "--out", tmp_path / "r", "--quiet")  # fmt: skip
+    assert "probe" in res.output and "adamw lr 0.01" in res.output
+
+
+def test_sgd_step_is_theta0_minus_lr_times_clipped_gradient(tiny_lm, tasks, tmp_path, monkeypatch):
+    """One SGD probe step from θ0 writes θ0 − lr·clip(g), bit for bit with torch's own SGD."""
+    from transformers import AutoModelForCausalLM
+
+    from cpift_merge.training.data import load_examples
+    from cpift_merge.training.finetune import finetune
+
+    seen = {}
+    real = torch.optim.SGD.step
+
+    def spy(self, closure=None):
+        params = [p for g in self.param_groups for p in g["params"] if p.grad is not None]
+        seen["lr"] = self.param_groups[0]["lr"]
+        seen["before"] = [p.detach().clone() for p in params]
+        seen["grads"] = [p.grad.detach().clone() for p in params]
+        out = real(self, closure)
+        seen["after"] = [p.detach().clone() for p in params]
+        return out
+
+    monkeypatch.setattr(torch.optim.SGD, "step", spy)
+    cfg = TrainConfig(steps=1, batch_size=4, optimizer="sgd", max_grad_norm=1e-3, save_steps=5, device="cpu")
+    finetune(tiny_lm, load_examples(tasks["a"]), str(tmp_path / "p"), cfg, progress=False)
+    base = dict(AutoModelForCausalLM.from_pretrained(tiny_lm).named_parameters())
+    # the step starts at θ0, with the clipped gradient and the full learning rate (no warmup)
+    assert seen["lr"] == 0.1
+    assert torch.linalg.vector_norm(torch.stack([g.norm() for g in seen["grads"]])) <= 1e-3 * (1 + 1e-5)
+    assert sum(any(torch.equal(b, p.detach()) for p in base.values()) for b in seen["before"]) == len(seen["before"])
+    # torch's reference SGD on copies of θ0 with the same gradient gives the same bits
+    ref = [b.clone().requires_grad_(True) for b in seen["before"]]
+    for r, g in zip(ref, seen["grads"]):
+        r.grad = g.clone()
+    real(torch.optim.SGD(ref, lr=0.1, momentum=0.0))
+    assert all(torch.equal(r.detach(), a) for r, a in zip(ref, seen["after"]))
+    assert any(not torch.equal(b, a) for b, a in zip(seen["before"], seen["after"]))
+    # and that is what the probe wrote
+    saved = dict(AutoModelForCausalLM.from_pretrained(str(tmp_path / "p")).named_parameters())
+    after = {n: p.detach() for n, p in saved.items()}
+    assert sum(any(torch.equal(a, v) for v in after.values()) for a in seen["after"]) == len(seen["after"])
 
 
 # ------------------------------------------------------------ resume after kill

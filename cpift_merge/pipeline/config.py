@@ -111,6 +111,8 @@ class Budget(_Strict):
     bf16: Optional[bool] = None
     lora: Optional[bool] = None
     lora_rank: Optional[Int] = Field(None, ge=1)
+    optimizer: Optional[Literal["adamw", "sgd"]] = None  # adamw: the papers' recipe; sgd: plain SGD
+    momentum: Optional[float] = Field(None, ge=0, lt=1)  # sgd only
 
     @field_validator("scheduler")
     @classmethod
@@ -255,7 +257,10 @@ def train_config(pipe: Pipeline, budget: Budget, device: Optional[str] = None):
     names = {f.name for f in fields(TrainConfig)}
     values: Dict[str, object] = {}
     for b in (pipe.train, budget):
-        values.update({k: v for k, v in b.model_dump().items() if v is not None and k in names})
+        given = {k: v for k, v in b.model_dump().items() if v is not None and k in names}
+        if "optimizer" in given and "lr" not in given:
+            values.pop("lr", None)  # a learning rate set for another optimizer: use this one's default
+        values.update(given)
     cfg = TrainConfig(**values, seed=pipe.seed, device=device or pipe.device)
     cfg.check()
     return cfg

@@ -107,6 +107,12 @@ def region_report(rs) -> str:
                 f"{100 * loc['core_share_l2']:.1f}%",
                 f"{loc['l2_ratio']:.1f}",
             ]
+    trained = {a: rs.meta["tasks"][a].get("trained_with") for a in tasks}
+    if any(trained.values()):
+        header.append("probe")
+        for row, a in zip(rows, tasks):
+            t = trained[a]
+            row.append(f"{t['optimizer']} lr {t['lr']:g}" if t and t.get("lr") is not None else "?")
     out = [
         f"core regions: density {rs.density:g}, scope {rs.scope}, D = {rs.meta['D']:,}",
         "",
@@ -121,6 +127,11 @@ def region_report(rs) -> str:
                 f" {100 * loc['core_share_l2']:.1f}% of its |Δ|₂², a random set of its size"
                 f" {100 * loc['random_share']:.1f}% ({loc['l2_ratio']:.1f}x, below {WEAK_L2_RATIO:g}x): freezing"
                 " or transplanting it is close to freezing or transplanting a random subset"
+                + (
+                    " (an SGD probe, --optimizer sgd, concentrates it: README, 'Probe optimizer')"
+                    if (trained[a] or {}).get("optimizer") == "adamw"
+                    else ""
+                )
             )
     if any(line.startswith("warning") for line in out):
         out.append("")

@@ -156,7 +156,7 @@ class Run:
 
         cfg = self.cfg(self.pipe.probe)
         out = self.path("probes", t)
-        fp = fingerprint("probe", self.base_fp, self.data_fp[t], asdict(cfg))
+        fp = fingerprint("probe", self.base_fp, self.data_fp[t], cfg.identity())
         self.steps.run(
             f"probe/{t}",
             fp,
@@ -233,7 +233,7 @@ class Run:
         cfg = self.cfg(budget)
         out = self.path("methods", key)
         fp = fingerprint(
-            "staged", base_fp, groups, asdict(cfg), regions_fp, sample, [self.data_fp[t] for g in groups for t in g]
+            "staged", base_fp, groups, cfg.identity(), regions_fp, sample, [self.data_fp[t] for g in groups for t in g]
         )
 
         def go():
@@ -389,7 +389,7 @@ class Run:
         from cpift_merge.training.finetune import finetune
 
         cfg = self.cfg(self.pipe.stage)
-        same = asdict(cfg) == asdict(self.cfg(self.pipe.probe))
+        same = cfg.identity() == self.cfg(self.pipe.probe).identity()
         matrix: Dict[str, Dict[str, float]] = {}
         own: Dict[str, Record] = {}
         for t in self.pipe.task_names:
@@ -399,7 +399,7 @@ class Run:
                 self.models[key] = dict(self.models[f"probe:{t}"])
             else:
                 out = self.path("methods", "expert", t)
-                fp = fingerprint("expert", self.base_fp, self.data_fp[t], asdict(cfg))
+                fp = fingerprint("expert", self.base_fp, self.data_fp[t], cfg.identity())
                 self.steps.run(
                     f"train/{key}",
                     fp,
@@ -501,7 +501,7 @@ class Run:
         for x in (a, b):
             key = f"sequential/{x}"
             out = self.path("methods", "sequential", x)
-            fp = fingerprint("seq1", self.base_fp, self.data_fp[x], asdict(cfg))
+            fp = fingerprint("seq1", self.base_fp, self.data_fp[x], cfg.identity())
             self.steps.run(
                 f"train/{key}",
                 fp,
@@ -528,7 +528,7 @@ class Run:
                 out = self.path("methods", "sequential", name)
                 src = self.models[first[x]]
                 fp = fingerprint(
-                    "seq2", src["fp"], self.data_fp[y], asdict(cfg), self.models["regions"]["fp"] if frozen else None
+                    "seq2", src["fp"], self.data_fp[y], cfg.identity(), self.models["regions"]["fp"] if frozen else None
                 )
 
                 def go(src=src, y=y, x=x, out=out, frozen=frozen):

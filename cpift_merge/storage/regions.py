@@ -82,6 +82,29 @@ def _finite_keys(
         ) from None
 
 
+RUN_RECORDS = ("probe.json", "run.json", "stage.json")  # what our trainer writes beside a model
+
+
+def trained_with(path: str) -> Optional[Dict[str, object]]:
+    """How a task model was trained, from the run record our trainer leaves beside it:
+    optimizer, learning rate, momentum and steps; None for a model trained elsewhere."""
+    for name in RUN_RECORDS:
+        try:
+            with open(os.path.join(path, name), encoding="utf-8") as fh:
+                cfg = json.load(fh).get("config")
+        except (OSError, ValueError, AttributeError):
+            continue
+        if isinstance(cfg, dict):
+            return {
+                "optimizer": cfg.get("optimizer", "adamw"),  # records from before the option: AdamW
+                "lr": cfg.get("lr"),
+                "momentum": cfg.get("momentum", 0.0),
+                "steps": cfg.get("steps"),
+                "epochs": cfg.get("epochs"),
+            }
+    return None
+
+
 def _check_args(density: float, scope: str, tau: float, order: str) -> None:
     if not (0.0 <= density <= 1.0):
         raise CpiftError(f"density must be in [0, 1] (0 means no cores), got {density}")
@@ -323,6 +346,7 @@ def compute_regions(
                 "fingerprint": fingerprint_from_samples(tasks[n].infos, samples[n]),
                 "mask_file": f"{MASK_DIR}/{n}.safetensors",
                 "mask_sha256": sha,
+                "trained_with": trained_with(tasks[n].path),
                 **localization.shares(localization.add_sums(sums[n].values()), sizes[i], total),
             }
         meta = {

@@ -40,7 +40,7 @@ class TrainConfig:
 
     steps: Optional[int] = None  # optimizer steps (wins over epochs)
     epochs: float = 1.0
-    lr: float = 1e-4
+    lr: Optional[float] = None  # None: the optimizer's default (DEFAULT_LR)
     weight_decay: float = 0.0
     max_grad_norm: float = 1.0
     batch_size: int = 8
@@ -54,8 +54,28 @@ class TrainConfig:
     lora: bool = False
     lora_rank: int = 8
     device: str = "auto"  # auto | cpu | cuda
+    optimizer: str = "adamw"  # adamw (the Trainer's AdamW, the papers' recipe) | sgd (plain SGD)
+    momentum: float = 0.0  # sgd only
+
+    # Options added after runs were recorded: left out of a run's identity while at their
+    # defaults, so finished runs made before them are still recognised as the same run.
+    LATER_DEFAULTS = {"optimizer": "adamw", "momentum": 0.0}
+    # Learning rate when none is given. SGD's is measured on SmolLM2-135M probes (README,
+    # "Probe optimizer"): with clipping at 1.0 its loss drop matches the AdamW probe's.
+    DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.1}
+
+    def __post_init__(self):
+        if self.lr is None and self.optimizer in self.DEFAULT_LR:
+            self.lr = self.DEFAULT_LR[self.optimizer]
+
+    def identity(self) -> Dict[str, Any]:
+        """The options as recorded in a run's identity and in pipeline fingerprints."""
+        values = asdict(self)
+        return {k: v for k, v in values.items() if k not in self.LATER_DEFAULTS or v != self.LATER_DEFAULTS[k]}
 
     def check(self) -> None:
+        if self.optimizer not in ("adamw", "sgd"):
+            raise CpiftError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "seed", "warmup_steps"):
             value = getattr(self, name)
             if value is not None and (isinstance(value, bool) or not isinstance(value, int)):
@@ -73,7 +93,7 @@ class TrainConfig:
                 raise CpiftError(f"--{name.replace('_', '-')} must be at least 1, got {getattr(self, name)}")
         if self.seed < 0 or self.warmup_steps < 0:
             raise CpiftError(f"--seed and warmup steps must be non-negative, got {self.seed} and {self.warmup_steps}")
-        if self.lr <= 0:
+        if self.lr is None or self.lr <= 0:
             raise CpiftError(f"--lr must be positive, got {self.lr}")
         if self.weight_decay < 0 or self.max_grad_norm < 0:
             raise CpiftError("--weight-decay and --max-grad-norm must be non-negative")
@@ -82,13 +102,17 @@ class TrainConfig:
         schedulers = [s.value for s in SchedulerType]
         if self.scheduler not in schedulers:
             raise CpiftError(f"scheduler must be one of {', '.join(schedulers)}, got {self.scheduler!r}")
+        if isinstance(self.momentum, bool) or not isinstance(self.momentum, (int, float)) or not 0 <= self.momentum < 1:
+            raise CpiftError(f"--momentum must be a number in [0, 1), got {self.momentum!r}")
+        if self.momentum and self.optimizer != "sgd":
+            raise CpiftError("--momentum applies to --optimizer sgd only")
         if self.device not in ("auto", "cpu", "cuda"):
             raise CpiftError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise CpiftError("--device cuda asked for, but no CUDA device is available")
 
     def fingerprint(self) -> str:
-        return hashlib.sha256(json.dumps(asdict(self), sort_keys=True).encode()).hexdigest()[:16]
+        return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
 
 
 class FreezeCallback(TrainerCallback):
@@ -263,7 +287,7 @@ def run_identity(
 
     masks = sorted((frozen or {}).items())
     return {
-        "config": asdict(cfg),
+        "config": cfg.identity(),
         "base": model_fingerprint(base),
         "data": _digest(json.dumps(list(examples), sort_keys=True, default=str).encode()),
         "frozen": {
@@ -420,6 +444,7 @@ def _train_and_save(
         dataloader_num_workers=0,
         remove_unused_columns=False,
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (FiniteTraining stops there)
+        **({"optim": "sgd", "optim_args": f"momentum={cfg.momentum}"} if cfg.optimizer == "sgd" else {}),
     )
     resume = _last_checkpoint(work)
     resume_step = 0
