@@ -57,6 +57,9 @@ def aggregate(runs):
                 "delta_first": mean_std([r["forgetting"][d][v]["delta_first"] for r in runs]),
                 "delta_second": mean_std([r["forgetting"][d][v]["delta_second"] for r in runs]),
             }
+            for k in ("delta_first_loss", "delta_second_loss"):
+                if all(k in r["forgetting"][d][v] for r in runs):
+                    table2[d][v][k] = mean_std([r["forgetting"][d][v][k] for r in runs])
     if all(r.get("seesaw_gap") for r in runs):
         gaps = [r["seesaw_gap"] for r in runs]
         table1["seesaw_gap"] = {t: mean_std([g[t] for g in gaps]) for t in tasks}
@@ -99,14 +102,22 @@ def render(tasks, table1, table2, seeds, n_test, table3=None):
         format_table(["method", *tasks, "avg norm. (0-10)"], rows),
     ]
     if table2:
+        from cpift_merge.pipeline.report import SEQ_VARIANTS
+
+        losses = all("delta_first_loss" in rec for v in table2.values() for rec in v.values())
+        pm3 = lambda ms: f"{ms[0]:+.3f} ± {ms[1]:.3f}"  # noqa: E731
         header = ["sequential"]
         for d, v in table2.items():
             header += [f"{d}: Δ{v['plain']['first']} (forgetting)", f"{d}: Δ{v['plain']['second']} (learning)"]
+            header += [f"Δloss {v['plain']['first']}", f"Δloss {v['plain']['second']}"] if losses else []
         rows2 = []
-        for variant, label in (("plain", "plain SFT"), ("frozen", "first task's core frozen (DPI)")):
+        for variant, label in SEQ_VARIANTS:
+            if not all(variant in v for v in table2.values()):
+                continue
             row = [label]
             for v in table2.values():
                 row += [pm(v[variant]["delta_first"], True), pm(v[variant]["delta_second"], True)]
+                row += [pm3(v[variant]["delta_first_loss"]), pm3(v[variant]["delta_second_loss"])] if losses else []
             rows2.append(row)
         out += [
             "",

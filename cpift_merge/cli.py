@@ -99,17 +99,37 @@ def main() -> None:
     help="Stage order of the groups: seeded shuffle, or the order of --model flags.",
 )
 @click.option("--seed", type=int, default=0, show_default=True)
+@click.option(
+    "--score",
+    type=click.Choice(["delta", "relative", "fisher"]),
+    default="delta",
+    show_default=True,
+    help="Rank entries by |delta| (the papers'), |delta| / |theta_0|, or delta^2 x diagonal Fisher.",
+)
+@click.option(
+    "--fisher",
+    "fishers",
+    multiple=True,
+    metavar="NAME=FILE",
+    help="A task's Fisher file for --score fisher (default MODEL/fisher/fisher.safetensors).",
+)
 @click.option("--out", required=True, help="Region directory to write.")
 @click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
 @click.option("--plot", is_flag=True, help="Also write jaccard.png and core_share_by_layer.png into --out.")
 @click.option("--quiet", is_flag=True, help="No progress bars.")
 @_friendly
-def regions(base, models, density, scope, exclude, tau, order, seed, out, overwrite, plot, quiet):
-    """Find each task's core region (top-p |theta_i - theta_0|), their Jaccard
-    overlaps and the task groups; write a region directory."""
+def regions(base, models, density, scope, exclude, tau, order, seed, score, fishers, out, overwrite, plot, quiet):
+    """Find each task's core region (top-p entries by --score, |theta_i - theta_0| by
+    default), their Jaccard overlaps and the task groups; write a region directory."""
     from cpift_merge.storage.regions import compute_from_paths
 
     pairs = _pairs(models, "--model")
+    fisher = _pairs(fishers, "--fisher") if fishers else None
+    if fisher and score != "fisher":
+        raise CpiftError("--fisher is read with --score fisher only")
+    unknown = [n for n in fisher or {} if n not in pairs]
+    if unknown:
+        raise CpiftError(f"--fisher {unknown[0]}=...: no --model named {unknown[0]}")
     rs = compute_from_paths(
         base,
         pairs,
@@ -123,6 +143,8 @@ def regions(base, models, density, scope, exclude, tau, order, seed, out, overwr
         given_order=list(pairs),
         overwrite=overwrite,
         progress=not quiet,
+        score=score,
+        fisher=fisher,
     )
     click.echo(region_report(rs))
     if plot:
@@ -219,9 +241,16 @@ def _config(lora=False, lora_rank=8, **kw):
     metavar="DENSITY",
     help="Then compute OUT/regions at this density (global scope).",
 )
+@click.option(
+    "--score",
+    type=click.Choice(["delta", "relative", "fisher"]),
+    default="delta",
+    show_default=True,
+    help="Core score of --regions; fisher also writes each probe's diagonal Fisher to OUT/NAME/fisher/.",
+)
 @_train_options
 @_friendly
-def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, overwrite, **kw):
+def probe(base, tasks, out, lora, lora_rank, regions_density, score, quiet, overwrite, **kw):
     """Short fine-tune of BASE on each task alone (the probes that give the cores)."""
     from cpift_merge.training.data import load_tasks
     from cpift_merge.training.finetune import run_probes
@@ -234,6 +263,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, quiet, overwrite, 
         out,
         cfg,
         regions_density=regions_density,
+        score=score,
         progress=not quiet,
         overwrite=overwrite,
         say=click.echo,
@@ -426,9 +456,17 @@ def _merge_command() -> click.Command:
 @click.option(
     "--methods", default=None, metavar="LIST", help="Comma-separated methods to run (overrides the file's methods:)."
 )
+@click.option(
+    "--set",
+    "sets",
+    multiple=True,
+    metavar="KEY=VALUE",
+    help="Override one setting of the pipeline file by its dotted key, e.g. --set merge.omega=0.25"
+    " --set probe.optimizer=sgd (VALUE is YAML; repeatable; applied after the other options).",
+)
 @click.option("--quiet", is_flag=True, help="No progress output; print only the result tables.")
 @_friendly
-def run_cmd(pipeline_file, out, device, seed, methods, quiet):
+def run_cmd(pipeline_file, out, device, seed, methods, sets, quiet):
     """Run a CPI-FT pipeline file: probes, regions, staged SFT, the cpi merge,
     calibration, the baselines and the evaluation; writes OUT/results.json and
     OUT/report.md. With no PIPELINE_FILE, runs the shipped default (SmolLM2-135M-Instruct
@@ -443,7 +481,7 @@ def run_cmd(pipeline_file, out, device, seed, methods, quiet):
         "seed": seed,
         "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
     }
-    pipe = load_pipeline(pipeline_file, overrides)
+    pipe = load_pipeline(pipeline_file, overrides, sets)
     import transformers
 
     transformers.logging.set_verbosity_error()

@@ -219,3 +219,29 @@ def test_localization_on_hand_made_deltas(monkeypatch):
     assert (c2, t2) == (pytest.approx(float((dd[m] ** 2).sum())), pytest.approx(float((dd**2).sum())))
     assert localization.add_sums([(1, 2, 3, 4), (1, 1, 1, 1)]) == (2.0, 3.0, 4.0, 5.0)
     assert localization.shares((0.0, 0.0, 0.0, 0.0), 0, 0)["l2_ratio"] == 0.0
+
+
+def test_core_scores_on_hand_made_deltas():
+    """relative and fisher keys rank entries by |Δ|/(|θ0|+1e-8) and Δ²·F; delta is |Δ|."""
+    theta0 = torch.tensor([1.0, 0.01, -2.0, 0.5, 0.0, 4.0])
+    delta = torch.tensor([0.5, 0.02, 0.3, 0.1, 0.0, 1.0])  # |Δ|, as magnitude_keys leaves it
+    fisher = torch.tensor([0.1, 10.0, 1.0, 0.0, 5.0, -0.0])
+    k2 = lambda keys: set(torch.nonzero(topk.exact_top_k(keys, 2)).reshape(-1).tolist())  # noqa: E731
+    assert k2(topk.score_keys(delta.clone(), "delta")) == {0, 5}  # by |Δ|: 1.0, 0.5
+    assert k2(topk.score_keys(delta.clone(), "relative", theta0=theta0)) == {0, 1}  # 0.5, 2.0
+    # Δ²·F: 0.025, 0.004, 0.09, 0, 0, -0 -> entries 2 and 0; the -0.0 Fisher entry is a zero key
+    keys = topk.score_keys(delta.clone(), "fisher", fisher=fisher)
+    assert k2(keys) == {0, 2} and bool((keys >= 0).all())
+    assert torch.equal(keys.view(torch.float32), (delta * delta * fisher).abs())
+    d = delta.clone()
+    topk.score_keys(d, "relative", theta0=theta0)
+    assert torch.equal(d, delta)  # |Δ| is left for the localization figures
+    for bad, match in [
+        ({"score": "fisher", "fisher": -fisher - 1}, "non-negative"),
+        ({"score": "fisher", "fisher": torch.full((6,), float("nan"))}, "finite"),
+        ({"score": "fisher"}, "needs the Fisher tensor"),
+        ({"score": "relative", "theta0": theta0[:3]}, "3 entries for a tensor of 6"),
+        ({"score": "magnitude"}, "score must be one of"),
+    ]:
+        with pytest.raises(ValueError, match=match):
+            topk.score_keys(delta.clone(), **bad)

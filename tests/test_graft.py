@@ -6,6 +6,7 @@ import json
 import os
 
 import pytest
+import torch
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -88,3 +89,28 @@ def test_unknown_task_in_region_dir_is_refused_before_work(pair, tmp_path):
     with pytest.raises(CpiftError, match="has no task 'add'"):
         graft_test(base, tuned, "add", test, "exact", str(tmp_path / "g"), regions=rs_dir, progress=False)
     assert not os.path.exists(tmp_path / "g")
+
+
+def test_transplant_copies_the_core_back_bit_for_bit(pair, tmp_path):
+    """Sequential fine-tuning's transplant: the A->B model outside A's core, the model
+    after A on it, both bit for bit."""
+    from cpift_merge.mergekit.graft import transplant
+
+    base, after_a, _ = pair
+    rs = compute_from_paths(base, {"a": after_a}, str(tmp_path / "r"), density=0.05, progress=False)
+    after_ab = str(tmp_path / "ab")
+    other = [{"prompt": f"say {i}", "response": f"word{i}"} for i in range(8)]
+    cfg = TrainConfig(steps=2, lr=1e-2, batch_size=4, max_length=48, save_steps=100, device="cpu")
+    finetune(after_a, other, after_ab, cfg, progress=False)
+    out = transplant(after_ab, after_a, rs, "a", str(tmp_path / "t"))
+    got, ab, a = (load_file(os.path.join(p, "model.safetensors")) for p in (out, after_ab, after_a))
+    moved = 0
+    for name, t in got.items():
+        core = rs.mask("a", name) if rs.has_tensor(name) else torch.zeros(t.shape, dtype=torch.bool)
+        assert torch.equal(t[~core], ab[name][~core]) and torch.equal(t[core], a[name][core]), name
+        moved += int((ab[name][core] != a[name][core]).sum())
+    assert moved > 0  # B's training had moved A's core, and the transplant undid it
+    assert os.path.isfile(os.path.join(out, "config.json"))
+    with pytest.raises(CpiftError, match="has no task 'b'"):
+        transplant(after_ab, after_a, rs, "b", str(tmp_path / "t2"))
+    assert not os.path.exists(tmp_path / "t2")

@@ -6,10 +6,12 @@ import os
 import pytest
 import torch
 import yaml
+from click.testing import CliRunner
 from mergekit.options import MergeOptions
 from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
+from cpift_merge.cli import main
 from cpift_merge.mergekit import method
 from cpift_merge.mergekit import recipe as cmerge
 from cpift_merge.storage.checkpoint import Checkpoint
@@ -402,9 +404,6 @@ def test_works_with_slices_out_dtype_tokenizer_and_shards(tiny_lm, tmp_path):
 
 
 def cli_merge(config, out, *extra):
-    from click.testing import CliRunner
-
-    from cpift_merge.cli import main
 
     return CliRunner().invoke(main, ["merge", "--quiet", "--no-copy-tokenizer", *extra, config, out])
 
@@ -586,3 +585,81 @@ def test_graft_models_bits_and_random_control(tiny_models, tmp_path):
         graft(base, tiny_models["b"], rs, "a", str(tmp_path / "wrong"))
     with pytest.raises(CpiftError, match="overlaps the input"):
         graft(base, a, rs, "a", a, overwrite=True)
+
+
+@pytest.mark.parametrize("score", ["relative", "fisher"])
+def test_region_scores_are_exact_top_k_of_the_score(tiny_models, tmp_path, score):
+    """`cpift regions --score`: the masks are the global top-k of the score, the
+    localization figures stay on |Δ|, the file records the score, and a recipe that
+    asks for another score than its file is refused."""
+    from safetensors.torch import save_file
+
+    base = Checkpoint(tiny_models["base"])
+    models = {t: tiny_models[t] for t in "ab"}
+    fisher = None
+    if score == "fisher":  # hand-made Fisher files: a seeded positive tensor per model tensor
+        fisher = {}
+        for i, t in enumerate(models):
+            g = torch.Generator().manual_seed(i)
+            f = {n: torch.rand(base.infos[n].shape, generator=g) for n in base.infos}
+            fisher[t] = str(tmp_path / f"fisher_{t}.safetensors")
+            save_file(f, fisher[t])
+    out = str(tmp_path / "reg")
+    res = CliRunner().invoke(
+        main,
+        ["regions", "--base", tiny_models["base"], *[f"--model={t}={p}" for t, p in models.items()],
+         "--density", "0.02", "--score", score, *[f"--fisher={t}={p}" for t, p in (fisher or {}).items()],
+         "--out", out, "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 0, res.output
+    assert f"score {score}" in res.output
+    rs = load_regions(out)
+    assert rs.score == score and rs.meta["score"] == score
+    delta_rs = compute_from_paths(tiny_models["base"], models, str(tmp_path / "d"), density=0.02, progress=False)
+    for t, path in models.items():
+        ck = Checkpoint(path)
+        names = rs.tensor_names
+        d = torch.cat([(ck.get(n) - base.get(n)).abs().reshape(-1) for n in names])
+        if score == "relative":
+            s = d / (torch.cat([base.get(n).abs().reshape(-1) for n in names]) + 1e-8)
+        else:
+            f = Checkpoint(fisher[t])
+            s = d * d * torch.cat([f.get(n).reshape(-1) for n in names])
+        got = torch.cat([rs.mask(t, n).reshape(-1) for n in names])
+        assert int(got.sum()) == rs.k(t) == delta_rs.k(t)
+        assert float(s[got].min()) >= float(s[~got].max())  # exact top-k of the score
+        # |Δ|-based localization of these cores, not of the score
+        c2 = float((d[got].double() ** 2).sum() / (d.double() ** 2).sum())
+        assert rs.localization(t)["core_share_l2"] == pytest.approx(c2, rel=1e-6)
+        assert rs.meta["tasks"][t]["fisher" if score == "fisher" else "k"]
+    # the cores differ from the |Δ| cores
+    assert any(not torch.equal(rs.mask("a", n), delta_rs.mask("a", n)) for n in rs.tensor_names)
+    # a recipe asking for another score is refused; a score without a region file too
+    cfg = {"merge_method": "cpi", "base_model": tiny_models["base"], "models": [{"model": p} for p in models.values()]}
+    for params, match in [
+        ({"regions": out, "score": "delta"}, f"was cut by score {score} but the recipe asks for delta"),
+        ({"score": score}, f"score {score} needs a region file"),
+        ({"regions": out, "score": "l2"}, "score in parameters must be"),
+    ]:
+        r = CliRunner().invoke(main, ["merge", recipe(tmp_path, **cfg, parameters=params), str(tmp_path / "m")])
+        assert r.exit_code == 2 and match in r.output, r.output
+    ok = CliRunner().invoke(
+        main, ["merge", recipe(tmp_path, **cfg, parameters={"regions": out, "score": score}), str(tmp_path / "m")]
+    )
+    assert ok.exit_code == 0, ok.output
+
+
+def test_fisher_score_needs_fisher_files(tiny_models, tmp_path):
+    res = CliRunner().invoke(
+        main,
+        ["regions", "--base", tiny_models["base"], f"--model=a={tiny_models['a']}", "--density", "0.02",
+         "--score", "fisher", "--out", str(tmp_path / "r"), "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "no Fisher file" in res.output and "cpift probe --score fisher" in res.output
+    assert not os.path.exists(tmp_path / "r")
+    res = CliRunner().invoke(
+        main,
+        ["regions", "--base", tiny_models["base"], f"--model=a={tiny_models['a']}", "--density", "0.02",
+         f"--fisher=a={tiny_models['a']}", "--out", str(tmp_path / "r"), "--quiet"],
+    )  # fmt: skip
+    assert res.exit_code == 2 and "--fisher is read with --score fisher only" in res.output

@@ -54,7 +54,7 @@ def spec(lm: str, out: str, **over) -> dict:
         "calibration": {"sample": 4},
         "regions": {"density": 0.05},
         "methods": ALL,
-        "sequential": {"pair": ["math", "code"]},
+        "sequential": {"pair": ["math", "code"], "transplant": True},
         "eval": {"max_new_tokens": 3, "intermediate": True},
     }
     doc.update(over)
@@ -118,7 +118,13 @@ def test_every_method_and_artifact(full_run):
     fg = results["forgetting"]
     assert set(fg) == {"math->code", "code->math"}
     for d in fg.values():
-        assert set(d) == {"plain", "frozen"}
+        assert set(d) == {"plain", "frozen", "plain_transplant"}
+        for rec in d.values():
+            assert {"delta_first", "delta_second", "delta_first_loss", "delta_second_loss"} <= set(rec)
+    # sequential.transplant: A's core copied back changes A's held-out loss from the A->B model's
+    plain = fg["math->code"]["plain"]["delta_first_loss"]
+    assert fg["math->code"]["plain_transplant"]["delta_first_loss"] != plain
+    assert not os.path.exists(os.path.join(out, "methods", "sequential", "math-code-transplant"))  # scored, removed
     frozen_stage = json.load(open(os.path.join(out, "methods", "sequential", "math-code-frozen", "stage.json")))
     assert frozen_stage["frozen_entries"] == rs.k("math") and frozen_stage["frozen_bit_identical"] is True
     # report: Table 1 has a row per method, Table 2 two rows; plots exist
@@ -127,7 +133,7 @@ def test_every_method_and_artifact(full_run):
     h, rows = table1_rows(results)
     assert h[-1].startswith("avg") and len(rows) == len(expected) + 1  # and the seesaw gap row
     h2, rows2 = table2_rows(results)
-    assert len(rows2) == 2 and len(h2) == 5
+    assert len(rows2) == 3 and len(h2) == 9
     for png in ("scores.png", "jaccard.png", "core_share_by_layer.png"):
         assert os.path.getsize(os.path.join(out, "plots", png)) > 0
 
@@ -347,6 +353,43 @@ def test_cli_overrides_and_shipped_pipelines(lm, tmp_path):
     repo = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
     full = load_pipeline(os.path.join(repo, "merge_configs", "pipeline_full.yml"))
     assert set(full.methods) == set(METHODS)
+
+
+def test_set_overrides_dotted_keys(lm, tmp_path):
+    """`cpift run --set KEY=VALUE` sweeps a setting without copying the file."""
+    path = write(tmp_path, spec(lm, "x"))
+    sets = ["merge.omega=0.25", "probe.optimizer=sgd", "regions={density: 0.02, tau: 0.3}", "seed=4"]
+    pipe = load_pipeline(path, {"out": str(tmp_path / "o")}, sets)
+    assert pipe.merge.omega == 0.25 and pipe.probe.optimizer == "sgd" and pipe.seed == 4
+    assert (pipe.regions.density, pipe.regions.tau) == (0.02, 0.3) and pipe.probe.steps == 2  # its siblings stay
+    assert load_pipeline(path, None, ["probe.steps=3"]).probe.steps == 3
+    for item, expected in [
+        ("merge.omega", "expected KEY=VALUE"),
+        ("merge..omega=1", "expected KEY=VALUE"),
+        ("merge.omega=[1", "VALUE is not valid YAML"),
+        ("methods.x=1", "methods is not a mapping"),
+        ("merge.omgea=0.3", "unknown key 'omgea' in merge"),
+        ("merge.omega=2", "merge.omega"),
+    ]:
+        line = _cli_error(tmp_path, path, "--set", item, "--out", str(tmp_path / "e"))
+        assert expected in line, line
+    assert not os.path.exists(tmp_path / "e")
+
+
+def test_fisher_score_in_the_pipeline(lm, tmp_path):
+    """regions.score fisher: a Fisher step per probe, then regions cut by Δ²·F; the
+    default score leaves the regions' fingerprint as it was before the option."""
+    from cpift_merge.pipeline.config import RegionSpec
+
+    assert "score" not in RegionSpec().identity() and RegionSpec(score="relative").identity()["score"] == "relative"
+    doc = spec(lm, str(tmp_path / "o"), methods=["dpi"], regions={"density": 0.05, "score": "fisher"})
+    run_pipeline(load_pipeline(write(tmp_path, doc)), quiet=True)
+    rs = load_regions(str(tmp_path / "o" / "regions"))
+    assert rs.score == "fisher"
+    for t in ("math", "code", "logic"):
+        assert os.path.isfile(tmp_path / "o" / "probes" / t / "fisher" / "fisher.safetensors")
+        marker = json.load(open(tmp_path / "o" / ".steps" / f"fisher__{t}.json"))
+        assert marker["state"] == "done" and marker["result"] == 12  # n_train examples
 
 
 def test_probe_optimizer_from_the_pipeline_file(lm, tmp_path):

@@ -760,6 +760,45 @@ def test_sgd_step_is_theta0_minus_lr_times_clipped_gradient(tiny_lm, tasks, tmp_
     assert sum(any(torch.equal(a, v) for v in after.values()) for a in seen["after"]) == len(seen["after"])
 
 
+def test_probe_score_fisher_writes_the_fisher_and_cuts_by_it(tiny_lm, tasks, tmp_path):
+    """`cpift probe --score fisher --regions D`: each probe's diagonal empirical Fisher
+    (mean over examples of the squared per-example gradient) beside it, and regions by Δ²·F."""
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from cpift_merge.storage.checkpoint import Checkpoint
+    from cpift_merge.storage.regions import FISHER_NAME, load_regions
+    from cpift_merge.training.data import Collator, encode_all, load_examples
+
+    out = tmp_path / "p"
+    res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--out", out,
+              "--steps", 2, "--regions", 0.05, "--score", "fisher", *FAST)  # fmt: skip
+    assert "Fisher on" in res.output and "score fisher" in res.output
+    rs = load_regions(str(out / "regions"))
+    assert rs.score == "fisher" and rs.meta["tasks"]["a"]["fisher"].endswith(FISHER_NAME)
+    fisher = Checkpoint(str(out / "a" / FISHER_NAME))
+    # a direct computation on the first two examples' gradients, for one tensor
+    model = AutoModelForCausalLM.from_pretrained(str(out / "a"))
+    tok = AutoTokenizer.from_pretrained(str(out / "a"))
+    tok.pad_token = tok.pad_token or tok.eos_token
+    rows, _ = encode_all(tok, load_examples(tasks["a"]), 64)
+    name = "model.layers.0.mlp.down_proj.weight"
+    acc = torch.zeros_like(dict(model.named_parameters())[name])
+    for row in rows:
+        model.zero_grad()
+        batch = Collator(tok.pad_token_id)([row])
+        model(**batch).loss.backward()
+        acc += dict(model.named_parameters())[name].grad ** 2
+    assert torch.allclose(fisher.get(name), acc / len(rows), rtol=1e-4, atol=1e-12)
+    assert set(fisher.infos) == set(Checkpoint(str(out / "a")).infos)
+    # the probe folder still loads as the model (the Fisher is no weight shard)
+    assert "fisher" not in " ".join(Checkpoint(str(out / "a")).infos)
+    # a rerun reuses the probes and their Fisher files
+    before = os.path.getmtime(out / "a" / FISHER_NAME)
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--out", out,
+        "--steps", 2, "--regions", 0.05, "--score", "fisher", *FAST)  # fmt: skip
+    assert os.path.getmtime(out / "a" / FISHER_NAME) == before
+
+
 # ------------------------------------------------------------ resume after kill
 
 

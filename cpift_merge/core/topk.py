@@ -46,6 +46,53 @@ def magnitude_keys(
     return delta.view(torch.int32)
 
 
+SCORES = ("delta", "relative", "fisher")  # delta: the papers' |Δ| (the default)
+RELATIVE_EPS = 1e-8
+
+
+def score_keys(
+    delta: torch.Tensor,
+    score: str,
+    theta0: Optional[torch.Tensor] = None,
+    fisher: Optional[torch.Tensor] = None,
+    out: Optional[torch.Tensor] = None,
+) -> torch.Tensor:
+    """Flat int32 keys that sort like a core score, from ``delta`` = ``|theta - theta0|``
+    (flat float32, as :func:`magnitude_keys` leaves it, and left unchanged):
+
+    * ``delta``: ``|Δ|`` itself (the keys are a view of ``delta``);
+    * ``relative``: ``|Δ| / (|theta0| + 1e-8)`` (needs ``theta0``);
+    * ``fisher``: ``Δ² · F`` with ``F`` the diagonal empirical Fisher (needs ``fisher``,
+      non-negative).
+
+    Computed in float32 into ``out`` (a flat float32 buffer) when given. Exact top-k and
+    the tie rule act on these keys as on ``|Δ|``. Raises ValueError on a non-finite
+    score or a negative Fisher entry."""
+    if score == "delta":
+        return delta.view(torch.int32)
+    if score not in SCORES:
+        raise ValueError(f"score must be one of {', '.join(SCORES)}, got {score!r}")
+    other = theta0 if score == "relative" else fisher
+    if other is None:
+        raise ValueError(f"score {score} needs {'theta0' if score == 'relative' else 'the Fisher tensor'}")
+    if other.numel() != delta.numel():
+        raise ValueError(f"score {score}: {other.numel()} entries for a tensor of {delta.numel()}")
+    res = torch.empty_like(delta) if out is None else out
+    if score == "relative":
+        torch.abs(other.detach().reshape(-1).to(torch.float32), out=res)
+        res.add_(RELATIVE_EPS)
+        torch.div(delta, res, out=res)
+    else:
+        f = other.detach().reshape(-1).to(torch.float32)
+        if not all_finite(f) or bool((f < 0).any()):
+            raise ValueError("Fisher values must be finite and non-negative")
+        torch.mul(delta, delta, out=res)
+        res.mul_(f).abs_()  # a -0.0 Fisher entry gives -0.0, whose bits sort below every key
+    if not all_finite(res):
+        raise ValueError("non-finite score")
+    return res.view(torch.int32)
+
+
 def all_finite(t: torch.Tensor) -> bool:
     """Whether every entry is finite. A NaN or Inf makes the sum non-finite, so the fast
     sum decides; only a non-finite sum (or an overflow) pays the full check."""

@@ -1,4 +1,5 @@
-"""The graft test's models: does a task's core carry the task?
+"""The graft test's models (does a task's core carry the task?) and the core transplant
+of sequential fine-tuning.
 
 ``core only`` is theta_0 with the task's core taken from its fine-tune; ``core removed``
 is the fine-tune with its core reset to theta_0. Both are the ``cpi`` fusion of one
@@ -38,6 +39,44 @@ def random_mask(rs: RegionSet, task: str, tensor: str, seed: int) -> torch.Tenso
     mask = torch.zeros(numel, dtype=torch.bool)
     mask[torch.randperm(numel, generator=g)[:count]] = True
     return mask.reshape(rs.shape(tensor))
+
+
+def transplant(backbone: str, donor: str, rs: RegionSet, task: str, out: str, *, overwrite: bool = False) -> str:
+    """Write ``backbone`` with ``task``'s core values copied from ``donor`` into ``out``: the
+    ``cpi`` fusion at ``omega = 0`` (backbone bit for bit outside the core). Both models
+    descend from the region file's base (sequential fine-tuning: the model after A is
+    the donor of A's core, the model after A then B the backbone)."""
+    if task not in rs.tasks:
+        raise CpiftError(f"region file {rs.path} has no task {task!r} (has {rs.tasks})")
+    ensure_apart(out, [backbone, donor])
+    into, src = Checkpoint(backbone, label=backbone), Checkpoint(donor, label=donor)
+    with atomic_dir(out, overwrite=overwrite) as tmp:
+        writer = SafetensorsWriter(os.path.join(tmp, "model.safetensors"))
+        for name, info in into.infos.items():
+            t = into.get(name)
+            if name not in src.infos or list(src.infos[name].shape) != list(info.shape):
+                raise CpiftError(f"model {donor} has no tensor {name} shaped like {backbone}'s")
+            if rs.has_tensor(name):
+                if rs.shape(name) != list(info.shape):
+                    raise CpiftError(
+                        f"region file {rs.path} has {name} shaped {rs.shape(name)}, not {list(info.shape)}"
+                    )
+                fused, _ = cpi_fuse(t, [src.get(name).to(t.dtype)], [rs.mask(task, name)], omega=0.0)
+            else:
+                fused = t
+            writer.add(name, fused, shape=info.shape)
+        writer.close({"format": "pt"})
+        _copy_side_files(backbone, tmp)
+    return os.path.abspath(out)
+
+
+def _copy_side_files(model: str, tmp: str) -> None:
+    """Config, tokenizer, generation config: the source model's, not its weights or run records."""
+    for f in os.listdir(model):
+        src = os.path.join(model, f)
+        ours = f.endswith((".safetensors", ".jsonl")) or f in ("model.safetensors.index.json", *RECORDS)
+        if os.path.isfile(src) and not ours:
+            shutil.copy(src, os.path.join(tmp, f))
 
 
 def graft(
@@ -82,9 +121,5 @@ def graft(
             fused, _ = cpi_fuse(t0, [ti], [m], omega=0.0) if keep == "core" else cpi_fuse(ti, [t0], [m], omega=0.0)
             writer.add(name, fused, shape=info.shape)
         writer.close({"format": "pt"})
-        for f in os.listdir(model):  # config, tokenizer, generation config: the fine-tune's
-            src = os.path.join(model, f)
-            ours = f.endswith((".safetensors", ".jsonl")) or f in ("model.safetensors.index.json", *RECORDS)
-            if os.path.isfile(src) and not ours:
-                shutil.copy(src, os.path.join(tmp, f))
+        _copy_side_files(model, tmp)  # the fine-tune's
     return os.path.abspath(out)

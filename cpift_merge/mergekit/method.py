@@ -50,7 +50,7 @@ from cpift_merge.storage.regions import GlobalCut, RegionSet, load_regions, samp
 
 LOG = logging.getLogger(__name__)
 METHOD_NAME = "cpi"
-PARAMETER_NAMES = ("omega", "density", "epsilon", "scope", "regions", "overlap", "exclude", "task")
+PARAMETER_NAMES = ("omega", "density", "epsilon", "scope", "regions", "overlap", "exclude", "task", "score")
 PER_MODEL = ("task",)  # the only per-model parameter; the rest are merge-wide
 
 # Per-tensor statistics of the current process's merges (read by `cpift merge`).
@@ -152,7 +152,14 @@ def _check_against(regions: RegionSet, task: str, model_id: Any, name: str, tens
     )
 
 
-def check_region_settings(regions: RegionSet, density: Optional[float], scope: Optional[str]) -> None:
+def check_region_settings(
+    regions: RegionSet, density: Optional[float], scope: Optional[str], score: Optional[str] = None
+) -> None:
+    if score is not None and regions.score != score:
+        raise CpiftError(
+            f"region file {regions.path} was cut by score {regions.score} but the recipe asks"
+            f" for {score}; drop score or recompute the regions with --score {score}"
+        )
     if density is not None and abs(regions.density - density) > 1e-12:
         raise CpiftError(
             f"region file {regions.path} has density {regions.density} but the recipe asks"
@@ -218,8 +225,14 @@ def cpi_merge(
     overlap: Literal["max_delta", "mean"] = "max_delta",
     exclude: str = "",
     task: PerNonBase[str] = "",
+    score: Optional[Literal["delta", "relative", "fisher"]] = None,
 ) -> torch.Tensor:
     name = group.metadata.name or "?"
+    if score not in (None, "delta") and not regions:
+        raise CpiftError(
+            f"cpi: score {score} needs a region file; make one with `cpift regions --score {score}`"
+            " and pass it as `regions:`"
+        )
     base_entry = group.base
     entries = group.non_base
     _check_finite(group, name)
@@ -234,7 +247,7 @@ def cpi_merge(
         cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
     elif regions:
         rs = _regions(os.path.abspath(os.path.expanduser(regions)))
-        check_region_settings(rs, density, scope)
+        check_region_settings(rs, density, scope, score)
         names = [_match_task(rs, e.id, name, e.tensor, task.get(e.id, "")) for e in entries]
         if len(set(names)) != len(names):
             raise CpiftError(f"two merge inputs map to the same region-file task ({names})")

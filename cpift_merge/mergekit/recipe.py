@@ -23,7 +23,7 @@ from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE
 # value ranges of the numeric cpi parameters: (low, high)
 RANGES = {"omega": (0.0, 1.0), "density": (0.0, 1.0), "epsilon": (0.0, 3.2)}
 # parameters that must be one plain value for the whole merge
-PLAIN = ("density", "scope", "regions", "exclude", "overlap")
+PLAIN = ("density", "scope", "regions", "exclude", "overlap", "score")
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
@@ -124,6 +124,8 @@ def check_cpi_values(cfg: Dict[str, Any]) -> None:
                     raise CpiftError(f"scope in {where} must be 'global' or 'tensor', got {v!r}")
                 elif key == "overlap" and v not in ("max_delta", "mean"):
                     raise CpiftError(f"overlap in {where} must be 'max_delta' or 'mean', got {v!r}")
+                elif key == "score" and v not in ("delta", "relative", "fisher"):
+                    raise CpiftError(f"score in {where} must be 'delta', 'relative' or 'fisher', got {v!r}")
 
 
 def _shared(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
@@ -216,9 +218,15 @@ def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
     density = _shared(cfg, "density")
     scope = _shared(cfg, "scope")
     exclude = _shared(cfg, "exclude", "") or ""
+    score = _shared(cfg, "score")
+    if score not in (None, "delta") and not regions:
+        raise CpiftError(
+            f"cpi: score {score} needs a region file; make one with `cpift regions --score {score}`"
+            " and pass it as `regions:`"
+        )
     if regions:
         rs = load_regions(regions)
-        check_region_settings(rs, density, scope)
+        check_region_settings(rs, density, scope, score)
         names = rs.tensor_names
         by_print = {rs.meta["tasks"][t]["fingerprint"]: t for t in rs.tasks}
         explicit = {m["model"]: (m.get("parameters") or {}).get("task") for m in cfg["models"] if isinstance(m, dict)}

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Dict, List, Literal, Optional
+from typing import Annotated, Dict, List, Literal, Optional, Sequence
 
 from pydantic import (
     BaseModel,
@@ -137,6 +137,16 @@ class RegionSpec(_Strict):
     tau: float = Field(0.1, ge=0, le=1)
     order: Literal["random", "given"] = "random"
     exclude: List[str] = []
+    # delta: |Δ| (the papers'); relative: |Δ| / |θ0|; fisher: Δ² × the probe's diagonal Fisher
+    score: Literal["delta", "relative", "fisher"] = "delta"
+
+    def identity(self) -> Dict[str, object]:
+        """The settings as fingerprinted (score left out at its default, so runs made
+        before the option keep their regions)."""
+        values = self.model_dump()
+        if values["score"] == "delta":
+            del values["score"]
+        return values
 
     @field_validator("exclude")
     @classmethod
@@ -174,6 +184,9 @@ class SequentialSpec(_Strict):
     """The forgetting experiment: A then B, and B then A (with and without freezing)."""
 
     pair: List[str] = Field(..., min_length=2, max_length=2)
+    # also copy A's core values from the model after A back into the plain A->B model (the
+    # cpi transplant, omega 0); after the frozen A->B run they are already there
+    transplant: bool = False
 
 
 class EvalSpec(_Strict):
@@ -288,11 +301,40 @@ def _one_line(err: ValidationError, path: str, raw: dict) -> str:
     return f"pipeline {path}: {_where(loc) + ': ' if loc else ''}{msg}"
 
 
-def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None) -> Pipeline:
-    """Read, validate and resolve a pipeline file (the shipped default when ``path`` is None)."""
+def apply_sets(raw: Dict, sets: Sequence[str]) -> Dict:
+    """``raw`` with dotted ``KEY=VALUE`` overrides applied (``merge.omega=0.25``,
+    ``probe={optimizer: sgd}``); each VALUE is read as YAML. Returns a new mapping."""
+    import copy
+
+    import yaml
+
+    raw = copy.deepcopy(raw)
+    for item in sets:
+        key, sep, text = item.partition("=")
+        parts = key.strip().split(".")
+        if not sep or not all(parts):
+            raise CpiftError(f"--set {item!r}: expected KEY=VALUE with a dotted KEY, e.g. merge.omega=0.25")
+        try:
+            value = yaml.safe_load(text)
+        except yaml.YAMLError as err:
+            raise CpiftError(f"--set {item!r}: VALUE is not valid YAML: {' '.join(str(err).split())}") from None
+        node = raw
+        for i, part in enumerate(parts[:-1]):
+            node = node.setdefault(part, {})
+            if not isinstance(node, dict):
+                where = ".".join(parts[: i + 1])
+                raise CpiftError(f"--set {item!r}: {where} is not a mapping in the pipeline file, so it has no keys")
+        node[parts[-1]] = value
+    return raw
+
+
+def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None, sets: Sequence[str] = ()) -> Pipeline:
+    """Read, validate and resolve a pipeline file (the shipped default when ``path`` is None);
+    ``overrides`` replace top-level keys, then ``sets`` apply dotted ``KEY=VALUE`` overrides."""
     path = path or DEFAULT_PIPELINE
     raw = load_yaml_mapping(path, "pipeline", "base, tasks, methods, ...")
     raw = {**raw, **{k: v for k, v in (overrides or {}).items() if v is not None}}
+    raw = apply_sets(raw, sets)
     try:
         pipe = Pipeline.model_validate(raw)
     except ValidationError as err:

@@ -58,21 +58,38 @@ def experts_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
     return ["", *tasks], rows
 
 
+# Table 2's rows: the papers' two, and with `sequential.transplant` plain SFT followed by
+# copying the first task's core values back from the model after it (cpi, omega 0). After
+# the frozen run that copy changes nothing: the core already holds those values, bit for bit.
+SEQ_VARIANTS = (
+    ("plain", "plain SFT (nothing frozen)"),
+    ("frozen", "first task's core frozen (DPI)"),
+    ("plain_transplant", "plain SFT, then first core transplanted back"),
+)
+
+
 def table2_rows(results: Dict[str, Any]) -> tuple[List[str], List[List[str]]]:
+    """Table 2: per direction, the first task's and the second task's change in test
+    accuracy (points) and, where measured, in held-out loss (up = worse)."""
     fg = results.get("forgetting") or {}
     if not fg:
         return [], []
     dirs = list(fg)  # "A->B", "B->A"
+    losses = all("delta_first_loss" in rec for d in dirs for rec in fg[d].values())
     header = ["sequential"]
     for d in dirs:
         first, second = fg[d]["plain"]["first"], fg[d]["plain"]["second"]
         header += [f"{d}: Δ{first} (forgetting)", f"{d}: Δ{second} (learning)"]
+        header += [f"Δloss {first}", f"Δloss {second}"] if losses else []
     rows = []
-    for variant, label in (("plain", "plain SFT (nothing frozen)"), ("frozen", "first task's core frozen (DPI)")):
+    for variant, label in SEQ_VARIANTS:
+        if not all(variant in fg[d] for d in dirs):
+            continue
         row = [label]
         for d in dirs:
             rec = fg[d][variant]
             row += [_fmt(rec["delta_first"], True), _fmt(rec["delta_second"], True)]
+            row += [f"{rec['delta_first_loss']:+.3f}", f"{rec['delta_second_loss']:+.3f}"] if losses else []
         rows.append(row)
     return header, rows
 
@@ -114,7 +131,7 @@ def region_report(rs) -> str:
             t = trained[a]
             row.append(f"{t['optimizer']} lr {t['lr']:g}" if t and t.get("lr") is not None else "?")
     out = [
-        f"core regions: density {rs.density:g}, scope {rs.scope}, D = {rs.meta['D']:,}",
+        f"core regions: density {rs.density:g}, scope {rs.scope}, score {rs.score}, D = {rs.meta['D']:,}",
         "",
         format_table(header, rows),
         "",

@@ -176,18 +176,42 @@ class Run:
         self.models[f"probe:{t}"] = {"path": out, "fp": fp}
         return out
 
+    def fisher(self, t: str) -> str:
+        """The diagonal empirical Fisher of task ``t``'s probe on its data (a step), in the
+        probe's folder, for ``regions.score: fisher``."""
+        from cpift_merge.storage.regions import FISHER_NAME
+        from cpift_merge.training.fisher import compute_fisher
+
+        probe = self.models[f"probe:{t}"]
+        max_length = self.cfg(self.pipe.probe).max_length
+        out = os.path.join(probe["path"], FISHER_NAME)
+        fp = fingerprint("fisher", probe["fp"], self.data_fp[t], max_length)
+        self.steps.run(
+            f"fisher/{t}",
+            fp,
+            [out],
+            lambda: compute_fisher(
+                probe["path"], self.examples(t), out, max_length=max_length, device=self.device, progress=not self.quiet
+            )["examples"],
+            f"diagonal Fisher of {t}'s probe",
+        )
+        self.models[f"fisher:{t}"] = {"path": out, "fp": fp}
+        return out
+
     def regions(self, probes: Dict[str, str]):
         from cpift_merge.pipeline.plots import plot_regions
         from cpift_merge.storage.regions import compute_from_paths, load_regions
 
         spec = self.pipe.regions
         out = self.path("regions")
+        fisher = {t: self.fisher(t) for t in probes} if spec.score == "fisher" else None
         fp = fingerprint(
             "regions",
             self.base_fp,
             [self.models[f"probe:{t}"]["fp"] for t in probes],
-            spec.model_dump(),
+            spec.identity(),
             self.pipe.seed,
+            *([[self.models[f"fisher:{t}"]["fp"] for t in probes]] if fisher else []),
         )
 
         def go():
@@ -204,6 +228,8 @@ class Run:
                 given_order=list(probes),
                 overwrite=True,
                 progress=not self.quiet,
+                score=spec.score,
+                fisher=fisher,
             )
             plot_regions(rs, out)
             return rs.path
@@ -553,15 +579,44 @@ class Run:
                     f"sequential: {x} -> {y}" + (f" (core of {x} frozen)" if frozen else ""),
                 )
                 self.models[key] = {"path": out, "fp": fp}
-                after = self.evaluate(key, [a, b])
-                before = self.scores[first[x]]
-                table.setdefault(f"{x}->{y}", {})["frozen" if frozen else "plain"] = {
-                    "first": x,
-                    "second": y,
-                    "delta_first": after[x]["score"] - before[x]["score"],
-                    "delta_second": after[y]["score"] - before[y]["score"],
-                }
+                variant = "frozen" if frozen else "plain"
+                table.setdefault(f"{x}->{y}", {})[variant] = self._forgetting(key, first[x], x, y)
+                if pipe.sequential.transplant and not frozen:  # frozen: the core is already A's, bit for bit
+                    tkey = f"{key}-transplant"
+                    self._transplant(tkey, key, first[x], rs, x)
+                    table[f"{x}->{y}"][f"{variant}_transplant"] = self._forgetting(tkey, first[x], x, y)
+                    if not pipe.keep_stages:  # scored, then gone (a rerun rebuilds it in seconds)
+                        shutil.rmtree(self.models[tkey]["path"], ignore_errors=True)
         self.extra["forgetting"] = table
+
+    def _forgetting(self, key: str, before_key: str, x: str, y: str) -> Dict[str, Any]:
+        """Change of the first task's and the second task's test accuracy (points) and
+        held-out loss from the model after ``x`` alone to the model ``key``."""
+        after, before = self.evaluate(key, [x, y]), self.scores[before_key]
+        return {
+            "first": x,
+            "second": y,
+            "delta_first": after[x]["score"] - before[x]["score"],
+            "delta_second": after[y]["score"] - before[y]["score"],
+            "delta_first_loss": self.heldout(key, x) - self.heldout(before_key, x),
+            "delta_second_loss": self.heldout(key, y) - self.heldout(before_key, y),
+        }
+
+    def _transplant(self, key: str, backbone_key: str, donor_key: str, rs, task: str) -> None:
+        """``backbone_key``'s model with ``task``'s core values copied back from ``donor_key``'s."""
+        from cpift_merge.mergekit.graft import transplant
+
+        backbone, donor = self.models[backbone_key], self.models[donor_key]
+        out = self.path("methods", *key.split("/"))
+        fp = fingerprint("transplant", backbone["fp"], donor["fp"], self.models["regions"]["fp"], task)
+        self.steps.run(
+            f"merge/{key}",
+            fp,
+            [out],
+            lambda: transplant(backbone["path"], donor["path"], rs, task, out, overwrite=True),
+            f"sequential: {task}'s core transplanted back into {backbone_key.split('/', 1)[1]}",
+        )
+        self.models[key] = {"path": out, "fp": fp}
 
     def heldout(self, key: str, task: str) -> float:
         """Held-out loss of a model on one task's test responses (a fingerprinted step)."""

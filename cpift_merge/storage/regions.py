@@ -82,6 +82,32 @@ def _finite_keys(
         ) from None
 
 
+@dataclass
+class Scorer:
+    """The core score (``topk.SCORES``) and, for ``fisher``, each task's Fisher file
+    (safetensors with the model's tensor names, as ``cpift probe --score fisher`` writes)."""
+
+    score: str = "delta"
+    fisher: Optional[Mapping[str, TensorSource]] = None
+
+    def keys(self, task: str, tensor: str, delta: torch.Tensor, theta0: torch.Tensor, scratch: Scratch):
+        if self.score == "delta":
+            return delta.view(torch.int32)
+        extra = None
+        if self.score == "fisher":
+            src = (self.fisher or {}).get(task)
+            if src is None or tensor not in src.infos:
+                where = src.label if src is not None else f"task {task}"
+                raise CpiftError(f"score fisher: {where} has no Fisher values for tensor {tensor}")
+            extra = src.get(tensor)
+        try:
+            return topk.score_keys(
+                delta, self.score, theta0=theta0, fisher=extra, out=scratch.floats(f"{task}/score", delta.numel())
+            )
+        except ValueError as err:
+            raise CpiftError(f"score {self.score} of task {task}, tensor {tensor}: {err}") from None
+
+
 RUN_RECORDS = ("probe.json", "run.json", "stage.json")  # what our trainer writes beside a model
 
 
@@ -134,13 +160,17 @@ def _stream(
     progress: bool,
     samples: Dict[str, Dict[str, List[float]]],
     wanted=None,
+    scorer: Optional[Scorer] = None,
+    deltas: Optional[Dict[str, torch.Tensor]] = None,
 ):
     """Yield (info, {task: keys}) tensor by tensor, recording value samples.
 
     ``wanted(tensor) -> task names`` limits what is read; a tensor no task wants is
-    not read at all. The keys live in buffers reused for the next tensor: use them (or
-    change them) before asking for the next one."""
+    not read at all. The keys (of ``scorer``'s score, |Δ| by default) live in buffers
+    reused for the next tensor: use them (or change them) before asking for the next
+    one. ``deltas``, when given, receives each task's |Δ| (flat float32) for the tensor."""
     names = list(tasks)
+    scorer = scorer or Scorer()
     scratch = Scratch()
     for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False):
         want = names if wanted is None else wanted(info.name)
@@ -158,7 +188,10 @@ def _stream(
                 if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32
                 else scratch.floats(f"{n}/keys", info.numel)
             )
-            keys[n] = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out)
+            delta = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out).view(torch.float32)
+            keys[n] = scorer.keys(n, info.name, delta, theta0, scratch)
+            if deltas is not None:
+                deltas[n] = delta
             del theta
         del theta0
         yield info, keys
@@ -170,14 +203,14 @@ def _read(source: TensorSource, name: str, scratch: Scratch, slot: str) -> torch
     return source.get(name)
 
 
-def _histogram_cut(base, tasks, tensors, k, progress, samples):
+def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
     """Two-pass exact cut (high-bit histogram, then low bits in the threshold's bucket,
     reading only tensors whose keys reach it). Returns thresholds and, per task, the
     count of keys equal to the threshold in each tensor (stream order)."""
     names = list(tasks)
     spans: Dict[str, Dict[str, tuple[int, int]]] = {n: {} for n in names}
     finders = {n: topk.ThresholdFinder(k) for n in names}
-    for info, keys in _stream(base, tasks, tensors, "regions: histogram", progress, samples):
+    for info, keys in _stream(base, tasks, tensors, "regions: histogram", progress, samples, scorer=scorer):
         for n, kk in keys.items():
             high = finders[n].add_high(kk, in_place=True)  # the keys are spent here
             lo, hi = torch.aminmax(high)
@@ -192,7 +225,7 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples):
 
     lows: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
     if any(f.needs_low for f in finders.values()):
-        for info, keys in _stream(base, tasks, tensors, "regions: threshold", progress, samples, in_bucket):
+        for info, keys in _stream(base, tasks, tensors, "regions: threshold", progress, samples, in_bucket, scorer):
             for n, kk in keys.items():
                 low = finders[n].add_low(kk)
                 if low.numel():
@@ -234,6 +267,7 @@ class GlobalCut:
         tensors: Sequence[TensorInfo],
         density: float,
         progress: bool = True,
+        scorer: Optional[Scorer] = None,
     ) -> GlobalCut:
         """Thresholds and tie quotas, exactly: two histogram passes over the high and
         low 16 bits of the keys (the second reads only tensors that reach the
@@ -241,7 +275,7 @@ class GlobalCut:
         names = list(tasks)
         k = topk.budget(density, sum(t.numel for t in tensors))
         samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
-        thresholds, tied = _histogram_cut(base, tasks, tensors, k, progress, samples)
+        thresholds, tied = _histogram_cut(base, tasks, tensors, k, progress, samples, scorer)
         quotas: Dict[str, Dict[str, int]] = {}
         for n in names:
             th = thresholds[n]
@@ -287,13 +321,23 @@ def compute_regions(
     given_order: Optional[Sequence[str]] = None,
     overwrite: bool = False,
     progress: bool = True,
+    score: str = "delta",
+    fisher: Optional[Mapping[str, TensorSource]] = None,
 ) -> RegionSet:
     """Find every task's core region against ``base`` and write a region directory.
 
-    ``tasks`` maps task names to fine-tuned checkpoints of ``base``. Returns the
-    loaded :class:`RegionSet`. Nothing is left at ``out`` if anything fails.
+    ``tasks`` maps task names to fine-tuned checkpoints of ``base``. ``score`` ranks the
+    entries (``topk.SCORES``; ``fisher`` needs ``fisher``: per task, the diagonal
+    empirical Fisher at the fine-tune). Returns the loaded :class:`RegionSet`. Nothing
+    is left at ``out`` if anything fails.
     """
     _check_args(density, scope, tau, order)
+    if score not in topk.SCORES:
+        raise CpiftError(f"score must be one of {', '.join(topk.SCORES)}, got {score!r}")
+    if score == "fisher" and sorted(fisher or {}) != sorted(tasks):
+        missing = [n for n in tasks if n not in (fisher or {})]
+        raise CpiftError(f"score fisher needs a Fisher file for every task; none for {', '.join(missing)}")
+    scorer = Scorer(score, fisher if score == "fisher" else None)
     ensure_free(out, overwrite)
     ensure_apart(out, [base.path, *(t.path for t in tasks.values())])
     names = list(tasks)
@@ -309,7 +353,7 @@ def compute_regions(
     if total == 0:
         raise CpiftError("no floating-point tensors take part; check --exclude")
 
-    cut = GlobalCut.find(base, tasks, tensors, density, progress) if scope == "global" else None
+    cut = GlobalCut.find(base, tasks, tensors, density, progress, scorer) if scope == "global" else None
     samples = cut.samples if cut else {n: {} for n in ["__base__", *names]}
 
     with atomic_dir(out, overwrite=overwrite) as tmp:
@@ -319,7 +363,8 @@ def compute_regions(
         sums: Dict[str, Dict[str, List[float]]] = {n: {} for n in names}  # core/total ‖Δ‖₁, ‖Δ‖₂²
         inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
         desc = "regions: masks" if scope == "global" else "regions"
-        for info, keys in _stream(base, tasks, tensors, desc, progress, samples):
+        deltas: Dict[str, torch.Tensor] = {}
+        for info, keys in _stream(base, tasks, tensors, desc, progress, samples, scorer=scorer, deltas=deltas):
             cores = []
             for n in names:
                 if cut is not None:
@@ -327,7 +372,7 @@ def compute_regions(
                 else:
                     m = topk.exact_top_k(keys[n], topk.budget(density, info.numel))
                 counts[n][info.name] = int(torch.count_nonzero(m))
-                sums[n][info.name] = list(localization.delta_sums(keys[n].view(torch.float32), m))
+                sums[n][info.name] = list(localization.delta_sums(deltas[n], m))
                 writers[n].add(info.name, masks.encode(m))
                 cores.append(m)
             inter += groups.pairwise_intersections(cores)
@@ -347,6 +392,7 @@ def compute_regions(
                 "mask_file": f"{MASK_DIR}/{n}.safetensors",
                 "mask_sha256": sha,
                 "trained_with": trained_with(tasks[n].path),
+                **({"fisher": fisher[n].path} if score == "fisher" and fisher else {}),
                 **localization.shares(localization.add_sums(sums[n].values()), sizes[i], total),
             }
         meta = {
@@ -354,6 +400,7 @@ def compute_regions(
             "version": VERSION,
             "density": density,
             "scope": scope,
+            "score": score,
             "D": total,
             "exclude": list(exclude),
             "tau": tau,
@@ -402,6 +449,11 @@ class RegionSet:
     @property
     def density(self) -> float:
         return float(self.meta["density"])
+
+    @property
+    def score(self) -> str:
+        """The core score the masks were cut by (``delta`` for files made before scores)."""
+        return str(self.meta.get("score", "delta"))
 
     @property
     def scope(self) -> str:
@@ -521,6 +573,7 @@ def _schema():
         version: Literal[1, 2]
         density: float = Field(ge=0.0, le=1.0)
         scope: Literal["global", "tensor"]
+        score: Literal["delta", "relative", "fisher"] = "delta"  # files before the option: delta
         D: int = Field(ge=0)
         exclude: List[str] = []
         tau: float = Field(ge=0.0, le=1.0)
@@ -649,4 +702,27 @@ def compute_from_paths(
     check_task_names(list(models))
     base_ckpt = Checkpoint(base, label="base")
     tasks = {n: Checkpoint(p, label=n) for n, p in models.items()}
-    return compute_regions(base_ckpt, tasks, out, **kwargs)
+    fisher = kwargs.pop("fisher", None)
+    if kwargs.get("score") == "fisher":
+        fisher = {n: Checkpoint(p, label=f"Fisher file {p}") for n, p in fisher_files(models, fisher).items()}
+    return compute_regions(base_ckpt, tasks, out, fisher=fisher, **kwargs)
+
+
+# in a probe's folder: its diagonal empirical Fisher (in a subfolder, so that no loader
+# mistakes it for a weight shard)
+FISHER_NAME = os.path.join("fisher", "fisher.safetensors")
+
+
+def fisher_files(models: Mapping[str, str], given: Optional[Mapping[str, str]] = None) -> Dict[str, str]:
+    """Each task's Fisher file: given, else ``MODEL/fisher/fisher.safetensors``; one line naming
+    the first task without one."""
+    files = {}
+    for n, p in models.items():
+        f = (given or {}).get(n) or os.path.join(p, FISHER_NAME)
+        if not os.path.isfile(f):
+            raise CpiftError(
+                f"score fisher: no Fisher file {f} for task {n}; make it with"
+                " `cpift probe --score fisher` (or cpift_merge.training.fisher.compute_fisher)"
+            )
+        files[n] = f
+    return files

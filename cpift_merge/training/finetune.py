@@ -511,15 +511,23 @@ def run_probes(
     cfg: TrainConfig,
     *,
     regions_density: Optional[float] = None,
+    score: str = "delta",
     progress: bool = True,
     overwrite: bool = False,
     say: Callable[[str], None] = lambda line: None,
 ):
-    """One probe per task, ``out/NAME`` (``cpift probe``); with ``regions_density``,
-    then their core regions (global scope) in ``out/regions``. Returns the probes'
-    paths and the region set (or None); ``say`` gets one line per probe."""
+    """One probe per task, ``out/NAME`` (``cpift probe``); with ``score`` ``fisher``, each
+    probe's diagonal empirical Fisher on its data (``out/NAME/fisher/``); with
+    ``regions_density``, then their core regions (global scope, by ``score``) in
+    ``out/regions``. Returns the probes' paths and the region set (or None); ``say``
+    gets one line per probe."""
+    from cpift_merge.core.topk import SCORES
+    from cpift_merge.storage.regions import FISHER_NAME
+
     if regions_density is not None and not 0.0 <= regions_density <= 1.0:  # before any training
         raise CpiftError(f"--regions takes a density in [0, 1] (0.01 = 1%), got {regions_density}")
+    if score not in SCORES:
+        raise CpiftError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
     paths = {}
     for name, examples in data.items():
         say(f"probe {name}: {len(examples)} examples")
@@ -536,13 +544,21 @@ def run_probes(
         )
         say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
         paths[name] = os.path.join(out, name)
+        fisher = os.path.join(paths[name], FISHER_NAME)
+        if score == "fisher" and not os.path.isfile(fisher):  # a finished probe's Fisher is reused
+            from cpift_merge.training.fisher import compute_fisher
+
+            res = compute_fisher(paths[name], examples, fisher, max_length=cfg.max_length, device=cfg.device,
+                                 progress=progress)  # fmt: skip
+            say(f"  Fisher on {res['examples']} examples ({res['tokens']} response tokens)")
     if regions_density is None:
         return paths, None
     from cpift_merge.storage.regions import compute_from_paths
 
     rs = compute_from_paths(
-        base, paths, os.path.join(out, "regions"), density=regions_density, overwrite=True, progress=progress
-    )
+        base, paths, os.path.join(out, "regions"), density=regions_density, score=score, overwrite=True,
+        progress=progress,
+    )  # fmt: skip
     return paths, rs
 
 
