@@ -17,6 +17,7 @@ benchmark continues where it stopped.
 
     python benchmarks/seesaw.py                      # benchmarks/seesaw_cpu.yml, seeds 0,1,2
     python benchmarks/seesaw.py --pipeline merge_configs/pipeline_full.yml --device cuda --jobs 3
+    python benchmarks/seesaw.py --methods sequential --set sequential.transplant=true --set probe.optimizer=sgd
 """
 
 from __future__ import annotations
@@ -165,6 +166,7 @@ def run_parallel(args, pipeline, seeds) -> None:
             ]
             + (["--device", args.device] if args.device else [])
             + (["--methods", args.methods] if args.methods else [])
+            + [a for item in args.sets for a in ("--set", item)]
         )
         log = os.path.join(args.out, f"seed-{seed}.log")
         with open(log, "w", encoding="utf-8") as fh:
@@ -191,6 +193,14 @@ def main(argv=None) -> int:
     ap.add_argument("--out", default="runs/seesaw", help="OUT/seed-S per seed")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     ap.add_argument("--methods", default=None, help="comma-separated methods (overrides the file's methods:)")
+    ap.add_argument(
+        "--set",
+        dest="sets",
+        action="append",
+        default=[],
+        metavar="KEY=VALUE",
+        help="override a setting of the pipeline file by its dotted key (as `cpift run --set`); repeatable",
+    )
     ap.add_argument("--json", default=None, help="also write the aggregate here")
     ap.add_argument("--quiet", action="store_true")
     ap.add_argument(
@@ -229,7 +239,7 @@ def main(argv=None) -> int:
         over = {"seed": s, "out": os.path.join(args.out, f"seed-{s}"), "device": args.device}
         if args.methods:
             over["methods"] = [m.strip() for m in args.methods.split(",") if m.strip()]
-        pipe = load_pipeline(pipeline, over)
+        pipe = load_pipeline(pipeline, over, args.sets)
         print(f"== seed {s}: {pipeline} -> {pipe.out}", flush=True)
         runs.append(run_pipeline(pipe, quiet=args.quiet))
         print(f"== seed {s} done ({runs[-1]['seconds']:.0f} s this run)", flush=True)

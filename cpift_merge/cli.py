@@ -286,9 +286,23 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, quiet, over
     is_flag=True,
     help="Freeze cores of --regions computed on another base (e.g. calibrating a merged model).",
 )
+@click.option(
+    "--update",
+    type=click.Choice(["all", "core"]),
+    default="all",
+    show_default=True,
+    help="What a stage trains: all but earlier stages' cores (the papers'), or only its own tasks' cores.",
+)
+@click.option(
+    "--replay",
+    type=int,
+    default=0,
+    show_default=True,
+    help="Mix N examples of each earlier stage's tasks into a stage.",
+)
 @_train_options
 @_friendly
-def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow_other_base, **kw):
+def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow_other_base, update, replay, **kw):
     """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
     from cpift_merge.training.finetune import train_from_files
 
@@ -306,6 +320,8 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow
         progress=not quiet,
         overwrite=overwrite,
         allow_other_base=allow_other_base,
+        update=update,
+        replay=replay,
     )
     rows = [
         [

@@ -322,6 +322,9 @@ def _cli_error(tmp_path, doc, *args) -> str:
         ({"stage": {"scheduler": "sideways"}}, "unknown scheduler 'sideways'"),
         ({"regions": {"exclude": ["lm_head(["]}}, "regions.exclude: 'lm_head([' is not a regular expression"),
         ({"base": "no/such/model"}, "is not a model folder"),
+        ({"stage": {"replay": 13}}, "stage.replay 13 is larger than task math's 12 training examples"),
+        ({"stage": {"update": "cores"}}, "stage.update"),
+        ({"regions": {"score": "magnitude"}}, "regions.score"),
     ],
 )
 def test_malformed_pipeline_is_one_line_error(lm, tmp_path, change, expected):
@@ -390,6 +393,23 @@ def test_fisher_score_in_the_pipeline(lm, tmp_path):
         assert os.path.isfile(tmp_path / "o" / "probes" / t / "fisher" / "fisher.safetensors")
         marker = json.load(open(tmp_path / "o" / ".steps" / f"fisher__{t}.json"))
         assert marker["state"] == "done" and marker["result"] == 12  # n_train examples
+
+
+def test_update_core_and_replay_in_the_pipeline(lm, tmp_path):
+    """stage.update core and stage.replay reach DPI's stages; full SFT (one group, no
+    regions) is unchanged by them; their defaults leave fingerprints as they were."""
+    from cpift_merge.pipeline.config import Stage
+
+    assert Stage().staging() == {} and Stage(update="core", replay=2).staging() == {"update": "core", "replay": 2}
+    doc = spec(lm, str(tmp_path / "o"), methods=["dpi", "full_sft"], stage={"epochs": 1, "update": "core", "replay": 2},
+               regions={"density": 0.05, "order": "given"})  # fmt: skip
+    res = run_pipeline(load_pipeline(write(tmp_path, doc)), quiet=True)
+    dpi = json.load(open(tmp_path / "o" / "methods" / "dpi" / "train.json"))
+    assert dpi["update"] == "core" and dpi["replay"] == 2 and len(res["groups"]) > 1
+    last = json.load(open(os.path.join(dpi["stages"][-1]["path"], "stage.json")))
+    assert last["update"] == "core" and set(last["replayed"].values()) == {2}
+    full = json.load(open(tmp_path / "o" / "methods" / "full_sft" / "train.json"))
+    assert full["update"] == "all" and full["replay"] == 2 and len(full["stages"]) == 1
 
 
 def test_probe_optimizer_from_the_pipeline_file(lm, tmp_path):

@@ -573,6 +573,62 @@ def test_three_stages_freeze_the_union_of_earlier_cores(tiny_lm, tasks, regions,
         assert torch.equal(w3[t][m], w2[t][m]), t
 
 
+def test_update_core_trains_only_the_stage_cores(tiny_lm, tasks, regions, tmp_path):
+    """--update core (AdamW, weight decay 0.1): stage k moves only its own cores (less
+    earlier ones); every other entry stays bit-identical, and the cores do move."""
+    out = tmp_path / "run"
+    cli("train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
+        f"b={tasks['b']}", "--groups", "given:a;b", "--update", "core", "--out", out, "--steps", 3,
+        "--weight-decay", 0.1, *FAST)  # fmt: skip
+    w0, w1, w2 = weights(tiny_lm), weights(str(out / "stage-1")), weights(str(out / "stage-2"))
+    moved = {1: 0, 2: 0}
+    for name in w0:
+        ca = regions.mask("a", name) if regions.has_tensor(name) else torch.zeros(w0[name].shape, dtype=torch.bool)
+        cb = regions.mask("b", name) if regions.has_tensor(name) else torch.zeros(w0[name].shape, dtype=torch.bool)
+        assert torch.equal(w1[name][~ca], w0[name][~ca]), name
+        keep2 = ~cb | ca
+        assert torch.equal(w2[name][keep2], w1[name][keep2]), name
+        moved[1] += int((w1[name][ca] != w0[name][ca]).sum())
+        moved[2] += int((w2[name][cb & ~ca] != w1[name][cb & ~ca]).sum())
+    assert moved[1] > 0 and moved[2] > 0
+    recs = [read_json(str(out / f"stage-{k}" / "stage.json")) for k in (1, 2)]
+    assert all(r["update"] == "core" and r["frozen_bit_identical"] for r in recs)
+    assert read_json(str(out / "train.json"))["update"] == "core"
+
+
+def test_replay_mixes_exactly_the_stated_examples(tiny_lm, tasks, tmp_path, monkeypatch):
+    from cpift_merge.training import finetune as ft
+    from cpift_merge.training.data import load_examples
+
+    seen = []
+    real = ft.finetune
+
+    def spy(base, examples, out, cfg, **kw):
+        seen.append(list(examples))
+        return real(base, examples, out, cfg, **kw)
+
+    monkeypatch.setattr(ft, "finetune", spy)
+    out = tmp_path / "run"
+    cli("train", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--groups",
+        "given:a;b", "--replay", 3, "--out", out, "--steps", 1, "--seed", 5, *FAST)  # fmt: skip
+    a, b = load_examples(tasks["a"]), load_examples(tasks["b"])
+    key = lambda rows: sorted(json.dumps(r, sort_keys=True) for r in rows)  # noqa: E731
+    assert key(seen[0]) == key(a)  # stage 1: nothing to replay
+    assert key(seen[1]) == key(b + ft.replay_examples(a, 3, 5 + 2))  # stage 2: b and 3 seeded a examples
+    assert len(ft.replay_examples(a, 3, 7)) == 3 and ft.replay_examples(a, 3, 7) == ft.replay_examples(a, 3, 7)
+    assert read_json(str(out / "stage-2" / "stage.json"))["replayed"] == {"a": 3}
+    # bad input: one line before any work
+    for args, match in [
+        (["--replay", 99], "replay 99 is larger than task a's 16 examples"),
+        (["--replay", -1], "replay must be a whole number"),
+        (["--update", "core"], "update core trains only the stage's cores: it needs regions"),
+    ]:
+        res = cli("train", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--groups",
+                  "given:a;b", "--out", tmp_path / "bad", "--steps", 1, *args, *FAST, code=2)  # fmt: skip
+        one_line_error(res, match)
+        assert not os.path.exists(tmp_path / "bad")
+
+
 def test_regions_of_another_model_refused(tasks, regions, tmp_path):
     from conftest import tiny_config, tiny_tokenizer
     from transformers import LlamaForCausalLM

@@ -125,6 +125,19 @@ class Budget(_Strict):
         return v
 
 
+class Stage(Budget):
+    """Each stage of DPI/CPI-FT, and every SFT baseline."""
+
+    update: Literal["all", "core"] = "all"  # core: a stage trains only its own tasks' cores
+    replay: Int = Field(0, ge=0)  # examples of each earlier stage's task mixed into a later stage
+
+    def staging(self) -> Dict[str, object]:
+        """update/replay as fingerprinted (left out at their defaults)."""
+        return {
+            k: v for k, v in (("update", self.update), ("replay", self.replay)) if v != ("all" if k == "update" else 0)
+        }
+
+
 class Calibration(Budget):
     """The short staged SFT after the merge, on ``sample`` examples per task."""
 
@@ -212,7 +225,7 @@ class Pipeline(_Strict):
     merge: MergeSpec = MergeSpec()
     train: Budget = Budget()
     probe: Budget = Budget()
-    stage: Budget = Budget()
+    stage: Stage = Stage()
     calibration: Calibration = Calibration()
     baselines: Baselines = Baselines()
     methods: List[Literal[METHODS]] = Field(default_factory=lambda: ["cpift", "dpi", "full_sft"], min_length=1)
@@ -387,4 +400,25 @@ def load_pipeline(path: Optional[str] = None, overrides: Optional[Dict] = None, 
                 f"pipeline {path}: task {t.name}: train and test are the same data ({where}"
                 f"{':' + split if split else ''}); give a held-out test set"
             )
+    if pipe.stage.replay:  # replay draws without replacement: each task must have that many examples
+        for t in pipe.tasks:
+            n = _train_size(pipe, t)
+            if pipe.stage.replay > n:
+                raise CpiftError(
+                    f"pipeline {path}: stage.replay {pipe.stage.replay} is larger than task {t.name}'s"
+                    f" {n} training examples"
+                )
     return pipe
+
+
+def _train_size(pipe: Pipeline, t) -> int:
+    """How many training examples task ``t`` has (built-in, BIG-bench split, or its file)."""
+    if t.builtin:
+        return pipe.builtin_data.n_train
+    if t.bigbench:
+        from cpift_merge.evaluation.bigbench import read_task, split
+
+        return len(split(read_task(t.bigbench), t.test_fraction, pipe.builtin_data.seed)[0])
+    from cpift_merge.training.data import load_examples
+
+    return len(load_examples(t.train))

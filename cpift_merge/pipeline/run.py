@@ -27,7 +27,7 @@ from typing import Any, Dict, List, Optional, Sequence
 import click
 
 from cpift_merge.errors import CpiftError
-from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, train_config
+from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, Stage, train_config
 from cpift_merge.pipeline.graft_test import kept_gain
 from cpift_merge.pipeline.steps import Record, Steps, data_sha, fingerprint
 from cpift_merge.storage.files import write_json, write_text
@@ -258,9 +258,14 @@ class Run:
 
         cfg = self.cfg(budget)
         out = self.path("methods", key)
+        # stage.update applies where there are regions (DPI); stage.replay to every staged run
+        staging = budget.staging() if isinstance(budget, Stage) else {}
+        if regions is None:
+            staging.pop("update", None)
         fp = fingerprint(
-            "staged", base_fp, groups, cfg.identity(), regions_fp, sample, [self.data_fp[t] for g in groups for t in g]
-        )
+            "staged", base_fp, groups, cfg.identity(), regions_fp, sample, [self.data_fp[t] for g in groups for t in g],
+            *([staging] if staging else []),
+        )  # fmt: skip
 
         def go():
             tasks = [t for g in groups for t in g]
@@ -273,6 +278,7 @@ class Run:
                 regions=regions,
                 sample=sample,
                 progress=not self.quiet,
+                **staging,
             )["final"]
 
         desc = " -> ".join("+".join(g) for g in groups)
@@ -516,7 +522,7 @@ class Run:
         self.models[method] = {"path": out, "fp": fp}
 
     def _sequential(self, rs) -> None:
-        from cpift_merge.training.finetune import _skeleton, finetune
+        from cpift_merge.training.finetune import _skeleton, finetune, replay_examples
         from cpift_merge.training.freeze import masks_from_regions
 
         pipe = self.pipe
@@ -553,20 +559,36 @@ class Run:
                 key = f"sequential/{name}"
                 out = self.path("methods", "sequential", name)
                 src = self.models[first[x]]
+                replay = pipe.stage.replay  # N examples of A mixed into B's training
+                regions_fp = self.models["regions"]["fp"] if frozen else None
                 fp = fingerprint(
-                    "seq2", src["fp"], self.data_fp[y], cfg.identity(), self.models["regions"]["fp"] if frozen else None
-                )
+                    "seq2", src["fp"], self.data_fp[y], cfg.identity(), regions_fp,
+                    *([{"replay": replay, "data": self.data_fp[x]}] if replay else []),
+                )  # fmt: skip
 
-                def go(src=src, y=y, x=x, out=out, frozen=frozen):
+                def go(src=src, y=y, x=x, out=out, frozen=frozen, replay=replay):
+                    import random
+
                     masks = masks_from_regions(_skeleton(src["path"]), rs, [x]) if frozen else None
+                    rows = list(self.examples(y))
+                    if replay:
+                        xs = self.examples(x)
+                        if replay > len(xs):
+                            raise CpiftError(f"stage.replay {replay} is larger than task {x}'s {len(xs)} examples")
+                        rows += replay_examples(xs, replay, cfg.seed + 2)
+                        random.Random(cfg.seed + 2).shuffle(rows)
                     return finetune(
                         src["path"],
-                        self.examples(y),
+                        rows,
                         out,
                         cfg,
                         frozen=masks,
                         record="stage.json",
-                        extra={"tasks": [y], "frozen_tasks": [x] if frozen else []},
+                        extra={
+                            "tasks": [y],
+                            "frozen_tasks": [x] if frozen else [],
+                            **({"replayed": {x: replay}} if replay else {}),
+                        },
                         progress=not self.quiet,
                         desc=f"{x} -> {y}",
                     )["steps"]

@@ -609,6 +609,35 @@ def _skeleton(path: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+UPDATES = ("all", "core")  # what a stage trains: all but earlier cores (the papers'), or its own cores only
+
+
+def replay_examples(examples: Sequence[Dict[str, Any]], n: int, seed: int) -> List[Dict[str, Any]]:
+    """``n`` of ``examples``, drawn without replacement with ``seed`` (a stage's replay)."""
+    import random
+
+    idx = sorted(random.Random(seed).sample(range(len(examples)), n))
+    return [examples[i] for i in idx]
+
+
+def _outside_cores(model, regions, group: Sequence[str], earlier: Sequence[str]) -> Dict[str, torch.Tensor]:
+    """``update: core``: frozen = everything but the group's cores, and earlier cores."""
+    from cpift_merge.training.freeze import _named_parameters, masks_from_regions
+
+    own = masks_from_regions(model, regions, group)
+    before = masks_from_regions(model, regions, earlier) if earlier else {}
+    frozen = {}
+    for name, p in _named_parameters(model):
+        if not p.is_floating_point():
+            continue
+        train = own.get(name)
+        if train is None:
+            frozen[name] = torch.ones(p.shape, dtype=torch.bool)
+        else:
+            frozen[name] = ~train | before[name] if name in before else ~train
+    return frozen
+
+
 def staged_train(
     base: str,
     data: Dict[str, List[Dict[str, Any]]],
@@ -619,14 +648,30 @@ def staged_train(
     sample: Optional[int] = None,
     progress: bool = True,
     overwrite: bool = False,
+    update: str = "all",
+    replay: int = 0,
 ) -> Dict[str, Any]:
     """Train the groups in order; stage k freezes the cores of every task trained in
-    stages 1..k-1. Each stage is saved under ``OUT/stage-K/`` with ``stage.json``."""
+    stages 1..k-1. Each stage is saved under ``OUT/stage-K/`` with ``stage.json``.
+
+    ``update="core"`` trains, in each stage, only the union of its own group's cores
+    (less earlier stages' cores): every other entry stays bit-identical. ``replay=N``
+    mixes N seeded examples of each earlier stage's tasks into every later stage."""
     import random
 
     from cpift_merge.training.data import sample_balanced
     from cpift_merge.training.freeze import masks_from_regions
 
+    if update not in UPDATES:
+        raise CpiftError(f"update must be one of {', '.join(UPDATES)}, got {update!r}")
+    if isinstance(replay, bool) or not isinstance(replay, int) or replay < 0:
+        raise CpiftError(f"replay must be a whole number of examples per earlier task (0 = off), got {replay!r}")
+    if update == "core" and regions is None:
+        raise CpiftError("update core trains only the stage's cores: it needs regions")
+    if update == "core":
+        missing = [t for g in groups for t in g if t not in regions.tasks]
+        if missing:
+            raise CpiftError(f"update core: task {missing[0]} has no core in the region file {regions.path}")
     if regions is not None:  # before any training: the cores frozen in later stages must exist
         missing = [t for g in groups[:-1] for t in g if t not in regions.tasks]
         if missing:
@@ -641,18 +686,26 @@ def staged_train(
                     f"region file {regions.path}: {t} has shape {list(regions.shape(t))}, in {base}"
                     f" {list(params[t].shape)}; the regions were computed for another model"
                 )
-    os.makedirs(out, exist_ok=True)
     if sample is not None:
         data = sample_balanced(data, sample, cfg.seed)
+    if replay:
+        short = [(t, len(data[t])) for g in groups[:-1] for t in g if len(data[t]) < replay]
+        if short:
+            raise CpiftError(f"replay {replay} is larger than task {short[0][0]}'s {short[0][1]} examples")
+    os.makedirs(out, exist_ok=True)
     current = base
     stages = []
     earlier: List[str] = []
     for k, group in enumerate(groups, 1):
         stage_dir = os.path.join(out, f"stage-{k}")
         frozen = None
-        if regions is not None and earlier:
+        if update == "core":
+            frozen = _outside_cores(_skeleton(current), regions, group, earlier)
+        elif regions is not None and earlier:
             frozen = masks_from_regions(_skeleton(current), regions, earlier)
         rows = [ex for t in group for ex in data[t]]
+        replayed = {t: replay_examples(data[t], replay, cfg.seed + k) for t in earlier} if replay else {}
+        rows += [ex for t in earlier for ex in replayed.get(t, [])]
         random.Random(cfg.seed + k).shuffle(rows)
         rec = finetune(
             current,
@@ -661,7 +714,13 @@ def staged_train(
             cfg,
             frozen=frozen,
             record="stage.json",
-            extra={"stage": k, "tasks": group, "frozen_tasks": list(earlier)},
+            extra={
+                "stage": k,
+                "tasks": group,
+                "frozen_tasks": list(earlier),
+                **({"update": update} if update != "all" else {}),
+                **({"replayed": {t: len(v) for t, v in replayed.items()}} if replay else {}),
+            },
             progress=progress,
             desc=f"stage {k}/{len(groups)} ({'+'.join(group)})",
             overwrite=overwrite,
@@ -684,6 +743,8 @@ def staged_train(
         "final": current,
         "regions": getattr(regions, "path", None),
         "sample": sample,
+        "update": update,
+        "replay": replay,
     }
     with open(os.path.join(out, "train.json"), "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
@@ -702,6 +763,8 @@ def train_from_files(
     progress: bool = True,
     overwrite: bool = False,
     allow_other_base: bool = False,
+    update: str = "all",
+    replay: int = 0,
 ) -> Dict[str, Any]:
     """``cpift train``: each task's data from its file, the cores from ``regions_dir``,
     the stages from ``groups`` (see :func:`plan_groups`), then :func:`staged_train`.
@@ -721,4 +784,7 @@ def train_from_files(
                 " pass --allow-other-base to freeze its cores in this model anyway (as when calibrating a merge)"
             )
     plan = plan_groups(groups, list(data), rs, cfg.seed)
-    return staged_train(base, data, out, plan, cfg, regions=rs, sample=sample, progress=progress, overwrite=overwrite)
+    return staged_train(
+        base, data, out, plan, cfg, regions=rs, sample=sample, progress=progress, overwrite=overwrite, update=update,
+        replay=replay,
+    )  # fmt: skip
