@@ -248,14 +248,30 @@ def _config(lora=False, lora_rank=8, **kw):
     show_default=True,
     help="Core score of --regions; fisher also writes each probe's diagonal Fisher to OUT/NAME/fisher/.",
 )
+@click.option(
+    "--sparse",
+    is_flag=True,
+    help="Then retrain each task from BASE inside its core only (needs --regions): OUT/dense/ holds the dense"
+    " probes, OUT/NAME the sparse ones.",
+)
+@click.option("--sparse-lr", type=float, default=None, help="lr of the sparse retrain [default: 20 x --lr].")
+@click.option("--mask-epochs", type=float, default=None, help="Epochs of the dense probes that pick the cores.")
 @_train_options
 @_friendly
-def probe(base, tasks, out, lora, lora_rank, regions_density, score, quiet, overwrite, **kw):
+def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, sparse_lr, mask_epochs, quiet,
+          overwrite, **kw):  # fmt: skip
     """Short fine-tune of BASE on each task alone (the probes that give the cores)."""
+    from dataclasses import replace
+
     from cpift_merge.training.data import load_tasks
     from cpift_merge.training.finetune import run_probes
 
     cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
+    if (sparse_lr is not None or mask_epochs is not None) and not sparse:
+        raise CpiftError("--sparse-lr and --mask-epochs apply to --sparse probes only")
+    mask_cfg = replace(cfg, epochs=mask_epochs, steps=None) if mask_epochs is not None else None
+    if mask_cfg is not None:
+        mask_cfg.check()
     data = load_tasks(_pairs(tasks, "--task"))
     _paths, rs = run_probes(
         base,
@@ -267,6 +283,9 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, quiet, over
         progress=not quiet,
         overwrite=overwrite,
         say=click.echo,
+        sparse=sparse,
+        sparse_lr=sparse_lr,
+        mask_cfg=mask_cfg,
     )
     if rs is not None:
         click.echo(region_report(rs))

@@ -412,6 +412,27 @@ def test_update_core_and_replay_in_the_pipeline(lm, tmp_path):
     assert full["update"] == "all" and full["replay"] == 2 and len(full["stages"]) == 1
 
 
+def test_sparse_probes_in_the_pipeline(lm, tmp_path):
+    """probe.sparse: dense probes and their cores under probes-dense/ and regions-dense/,
+    the probes every method uses differ from θ0 only inside those cores."""
+    from safetensors.torch import load_file
+
+    doc = spec(lm, str(tmp_path / "o"), methods=["dpi"], probe={"steps": 2, "sparse": True, "sparse_lr": 0.01})
+    run_pipeline(load_pipeline(write(tmp_path, doc)), quiet=True)
+    dense = load_regions(str(tmp_path / "o" / "regions-dense"))
+    w0 = load_file(os.path.join(lm, "model.safetensors"))
+    for t in ("math", "code", "logic"):
+        w = load_file(str(tmp_path / "o" / "probes" / t / "model.safetensors"))
+        for name in w0:
+            core = dense.mask(t, name) if dense.has_tensor(name) else torch.zeros(w0[name].shape, dtype=torch.bool)
+            assert torch.equal(w[name][~core], w0[name][~core]), name
+        assert json.load(open(tmp_path / "o" / "probes" / t / "probe.json"))["config"]["lr"] == 0.01
+        assert os.path.isfile(tmp_path / "o" / "probes-dense" / t / "model.safetensors")
+    assert load_regions(str(tmp_path / "o" / "regions")).tasks == ["math", "code", "logic"]
+    line = _cli_error(tmp_path, spec(lm, str(tmp_path / "e"), probe={"steps": 2, "sparse_lr": 0.1}))
+    assert "sparse_lr and mask_epochs apply to sparse probes only" in line
+
+
 def test_probe_optimizer_from_the_pipeline_file(lm, tmp_path):
     from cpift_merge.pipeline.config import train_config
 

@@ -855,6 +855,42 @@ def test_probe_score_fisher_writes_the_fisher_and_cuts_by_it(tiny_lm, tasks, tmp
     assert os.path.getmtime(out / "a" / FISHER_NAME) == before
 
 
+def test_sparse_probes_differ_from_theta0_only_inside_their_cores(tiny_lm, tasks, tmp_path):
+    """`cpift probe --sparse`: dense probes pick the cores, then each task is retrained
+    from θ0 with everything else frozen (AdamW, weight decay 0.1): bit for bit θ0 outside."""
+    from cpift_merge.storage.regions import load_regions
+
+    out = tmp_path / "p"
+    res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--out", out,
+              "--steps", 3, "--weight-decay", 0.1, "--regions", 0.05, "--sparse", "--sparse-lr", 0.05,
+              "--mask-epochs", 1, *FAST)  # fmt: skip
+    assert "sparse probe a" in res.output and "lr 0.05" in res.output
+    dense = load_regions(str(out / "dense" / "regions"))
+    w0 = weights(tiny_lm)
+    for t in ("a", "b"):
+        w = weights(str(out / t))
+        moved = 0
+        for name in w0:
+            core = dense.mask(t, name) if dense.has_tensor(name) else torch.zeros(w0[name].shape, dtype=torch.bool)
+            assert torch.equal(w[name][~core], w0[name][~core]), name
+            moved += int((w[name][core] != w0[name][core]).sum())
+        assert moved > 0.5 * dense.k(t)  # the core trains
+        rec = read_json(str(out / t / "probe.json"))
+        assert rec["sparse"] is True and rec["config"]["lr"] == 0.05 and rec["frozen_bit_identical"]
+        assert read_json(str(out / "dense" / t / "probe.json"))["steps"] == 4  # --mask-epochs 1: 16 examples / 4
+    final = load_regions(str(out / "regions"))
+    for t in ("a", "b"):  # the sparse probes' cores lie in the dense cores wherever they moved
+        assert sum(int((final.mask(t, n) & ~dense.mask(t, n)).sum()) for n in final.tensor_names) <= 0.5 * final.k(t)
+    for args, match in [
+        (["--sparse"], "--sparse needs --regions DENSITY"),
+        (["--sparse-lr", 0.1], "apply to --sparse probes only"),
+        (["--sparse", "--regions", 0.05, "--sparse-lr", -1], "--sparse-lr must be a positive number"),
+    ]:
+        res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "bad", "--steps", 1,
+                  *args, *FAST, code=2)  # fmt: skip
+        one_line_error(res, match)
+
+
 # ------------------------------------------------------------ resume after kill
 
 

@@ -125,6 +125,21 @@ class Budget(_Strict):
         return v
 
 
+class Probe(Budget):
+    """The probes. ``sparse``: after the dense probe and its core (``regions``' density,
+    scope and score), retrain the task from the base inside its core only."""
+
+    sparse: bool = False
+    sparse_lr: Optional[float] = Field(None, gt=0)  # default: 20 x the probe's lr (LoTA's ratio)
+    mask_epochs: Optional[float] = Field(None, gt=0)  # epochs of the dense probe that picks the core
+
+    @model_validator(mode="after")
+    def _sparse_only(self):
+        if not self.sparse and (self.sparse_lr is not None or self.mask_epochs is not None):
+            raise ValueError("sparse_lr and mask_epochs apply to sparse probes only (set sparse: true)")
+        return self
+
+
 class Stage(Budget):
     """Each stage of DPI/CPI-FT, and every SFT baseline."""
 
@@ -224,7 +239,7 @@ class Pipeline(_Strict):
     regions: RegionSpec = RegionSpec()
     merge: MergeSpec = MergeSpec()
     train: Budget = Budget()
-    probe: Budget = Budget()
+    probe: Probe = Probe()
     stage: Stage = Stage()
     calibration: Calibration = Calibration()
     baselines: Baselines = Baselines()

@@ -148,17 +148,53 @@ class Run:
             )
 
     def probes(self) -> Dict[str, str]:
+        if self.pipe.probe.sparse:
+            return self.sparse_probes()
         return {t: self.probe(t) for t in self.pipe.task_names}
 
-    def probe(self, t: str) -> str:
+    def sparse_probes(self) -> Dict[str, str]:
+        """``probe.sparse``: dense probes (``mask_epochs``) under ``probes-dense/``, their
+        cores (``regions-dense/``), then each task retrained from the base inside its
+        core only (lr ``sparse_lr``) under ``probes/``: the probes every method uses."""
+        from dataclasses import replace
+
+        from cpift_merge.training.finetune import SPARSE_LR_FACTOR, sparse_probe
+
+        spec = self.pipe.probe
+        dense_cfg = self.cfg(spec)
+        if spec.mask_epochs is not None:
+            dense_cfg = replace(dense_cfg, epochs=spec.mask_epochs, steps=None)
+        dense = {t: self.probe(t, dense_cfg, "probes-dense") for t in self.pipe.task_names}
+        mask_rs = self.regions(dense, "regions-dense")
+        mask_fp = self.models["regions-dense"]["fp"]
+        cfg = self.cfg(spec)
+        cfg = replace(cfg, lr=spec.sparse_lr if spec.sparse_lr is not None else SPARSE_LR_FACTOR * cfg.lr)
+        paths = {}
+        for t in self.pipe.task_names:
+            out = self.path("probes", t)
+            fp = fingerprint("sparse-probe", self.base_fp, self.data_fp[t], cfg.identity(), mask_fp)
+            self.steps.run(
+                f"probe/{t}",
+                fp,
+                [out],
+                lambda t=t, out=out: sparse_probe(
+                    self.base, self.examples(t), out, cfg, mask_rs, t, progress=not self.quiet
+                )["steps"],
+                f"sparse probe: {t} retrained inside its core (lr {cfg.lr:g})",
+            )
+            self.models[f"probe:{t}"] = {"path": out, "fp": fp}
+            paths[t] = out
+        return paths
+
+    def probe(self, t: str, cfg=None, folder: str = "probes") -> str:
         """Task ``t``'s probe: a short fine-tune of the base on ``t`` alone (a step)."""
         from cpift_merge.training.finetune import finetune
 
-        cfg = self.cfg(self.pipe.probe)
-        out = self.path("probes", t)
+        cfg = cfg or self.cfg(self.pipe.probe)
+        out = self.path(folder, t)
         fp = fingerprint("probe", self.base_fp, self.data_fp[t], cfg.identity())
         self.steps.run(
-            f"probe/{t}",
+            f"probe/{t}" if folder == "probes" else f"{folder}/{t}",
             fp,
             [out],
             lambda: finetune(
@@ -173,21 +209,22 @@ class Run:
             )["steps"],
             "probe fine-tune",
         )
-        self.models[f"probe:{t}"] = {"path": out, "fp": fp}
+        key = "probe" if folder == "probes" else folder
+        self.models[f"{key}:{t}"] = {"path": out, "fp": fp}
         return out
 
-    def fisher(self, t: str) -> str:
+    def fisher(self, t: str, prefix: str = "probe") -> str:
         """The diagonal empirical Fisher of task ``t``'s probe on its data (a step), in the
         probe's folder, for ``regions.score: fisher``."""
         from cpift_merge.storage.regions import FISHER_NAME
         from cpift_merge.training.fisher import compute_fisher
 
-        probe = self.models[f"probe:{t}"]
+        probe = self.models[f"{prefix}:{t}"]
         max_length = self.cfg(self.pipe.probe).max_length
         out = os.path.join(probe["path"], FISHER_NAME)
         fp = fingerprint("fisher", probe["fp"], self.data_fp[t], max_length)
         self.steps.run(
-            f"fisher/{t}",
+            f"fisher/{t}" if prefix == "probe" else f"fisher/{prefix}/{t}",
             fp,
             [out],
             lambda: compute_fisher(
@@ -195,23 +232,26 @@ class Run:
             )["examples"],
             f"diagonal Fisher of {t}'s probe",
         )
-        self.models[f"fisher:{t}"] = {"path": out, "fp": fp}
+        self.models[f"fisher:{prefix}:{t}"] = {"path": out, "fp": fp}
         return out
 
-    def regions(self, probes: Dict[str, str]):
+    def regions(self, probes: Dict[str, str], name: str = "regions"):
+        """The core regions of ``probes`` (the probes, or with ``probe.sparse`` the dense
+        probes under ``probes-dense/`` into ``regions-dense/``), a step."""
         from cpift_merge.pipeline.plots import plot_regions
         from cpift_merge.storage.regions import compute_from_paths, load_regions
 
         spec = self.pipe.regions
-        out = self.path("regions")
-        fisher = {t: self.fisher(t) for t in probes} if spec.score == "fisher" else None
+        out = self.path(name)
+        prefix = "probe" if name == "regions" else "probes-dense"
+        fisher = {t: self.fisher(t, prefix) for t in probes} if spec.score == "fisher" else None
         fp = fingerprint(
             "regions",
             self.base_fp,
-            [self.models[f"probe:{t}"]["fp"] for t in probes],
+            [self.models[f"{prefix}:{t}"]["fp"] for t in probes],
             spec.identity(),
             self.pipe.seed,
-            *([[self.models[f"fisher:{t}"]["fp"] for t in probes]] if fisher else []),
+            *([[self.models[f"fisher:{prefix}:{t}"]["fp"] for t in probes]] if fisher else []),
         )
 
         def go():
@@ -234,8 +274,8 @@ class Run:
             plot_regions(rs, out)
             return rs.path
 
-        self.steps.run("regions", fp, [out], go, "core regions of the probes")
-        self.models["regions"] = {"path": out, "fp": fp}
+        self.steps.run(name, fp, [out], go, f"core regions of the {'dense ' if prefix != 'probe' else ''}probes")
+        self.models[name] = {"path": out, "fp": fp}
         rs = load_regions(out)
         if not self.quiet:
             from cpift_merge.pipeline.report import region_report
@@ -421,7 +461,7 @@ class Run:
         from cpift_merge.training.finetune import finetune
 
         cfg = self.cfg(self.pipe.stage)
-        same = cfg.identity() == self.cfg(self.pipe.probe).identity()
+        same = cfg.identity() == self.cfg(self.pipe.probe).identity() and not self.pipe.probe.sparse
         matrix: Dict[str, Dict[str, float]] = {}
         own: Dict[str, Record] = {}
         for t in self.pipe.task_names:

@@ -515,6 +515,9 @@ def run_probes(
     progress: bool = True,
     overwrite: bool = False,
     say: Callable[[str], None] = lambda line: None,
+    sparse: bool = False,
+    sparse_lr: Optional[float] = None,
+    mask_cfg: Optional[TrainConfig] = None,
 ):
     """One probe per task, ``out/NAME`` (``cpift probe``); with ``score`` ``fisher``, each
     probe's diagonal empirical Fisher on its data (``out/NAME/fisher/``); with
@@ -528,6 +531,9 @@ def run_probes(
         raise CpiftError(f"--regions takes a density in [0, 1] (0.01 = 1%), got {regions_density}")
     if score not in SCORES:
         raise CpiftError(f"--score must be one of {', '.join(SCORES)}, got {score!r}")
+    if sparse:
+        return _sparse_probes(base, data, out, cfg, regions_density, score, progress, overwrite, say, sparse_lr,
+                              mask_cfg)  # fmt: skip
     paths = {}
     for name, examples in data.items():
         say(f"probe {name}: {len(examples)} examples")
@@ -559,6 +565,35 @@ def run_probes(
         base, paths, os.path.join(out, "regions"), density=regions_density, score=score, overwrite=True,
         progress=progress,
     )  # fmt: skip
+    return paths, rs
+
+
+def _sparse_probes(base, data, out, cfg, density, score, progress, overwrite, say, sparse_lr, mask_cfg):
+    """``cpift probe --sparse``: dense probes (``mask_cfg``, default ``cfg``) and their
+    cores in ``out/dense/``, then each task retrained from ``base`` inside its core only
+    (lr ``sparse_lr``, default SPARSE_LR_FACTOR x ``cfg.lr``) in ``out/NAME``, and the
+    regions of those in ``out/regions``."""
+    from dataclasses import replace
+
+    if density is None:
+        raise CpiftError("--sparse needs --regions DENSITY: the core each task is retrained in")
+    if sparse_lr is not None and (isinstance(sparse_lr, bool) or not sparse_lr > 0 or not math.isfinite(sparse_lr)):
+        raise CpiftError(f"--sparse-lr must be a positive number, got {sparse_lr!r}")
+    _, mask_rs = run_probes(base, data, os.path.join(out, "dense"), mask_cfg or cfg, regions_density=density,
+                            score=score, progress=progress, overwrite=overwrite, say=say)  # fmt: skip
+    retrain = replace(cfg, lr=sparse_lr if sparse_lr is not None else SPARSE_LR_FACTOR * cfg.lr)
+    retrain.check()
+    paths = {}
+    for name, examples in data.items():
+        say(f"sparse probe {name}: {mask_rs.k(name):,} entries trainable, lr {retrain.lr:g}")
+        rec = sparse_probe(base, examples, os.path.join(out, name), retrain, mask_rs, name, progress=progress,
+                           overwrite=overwrite)  # fmt: skip
+        say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
+        paths[name] = os.path.join(out, name)
+    from cpift_merge.storage.regions import compute_from_paths
+
+    rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=density, overwrite=True,
+                            progress=progress)  # fmt: skip
     return paths, rs
 
 
@@ -609,6 +644,34 @@ def _skeleton(path: str) -> torch.nn.Module:
         return AutoModelForCausalLM.from_config(config)
 
 
+SPARSE_LR_FACTOR = 20  # a sparse probe's default lr: this times the dense probe's (LoTA's ratio at 1%)
+
+
+def sparse_probe(
+    base: str,
+    examples: Sequence[Dict[str, Any]],
+    out: str,
+    cfg: TrainConfig,
+    mask_regions,
+    task: str,
+    *,
+    progress: bool = True,
+    overwrite: bool = False,
+    record: str = "probe.json",
+) -> Dict[str, Any]:
+    """Retrain ``task`` from ``base`` with every entry outside its core in
+    ``mask_regions`` frozen (LoTA-style): the result differs from ``base`` only inside
+    the core, bit for bit. ``cfg`` is the retrain's (its lr is the sparse lr)."""
+    if task not in mask_regions.tasks:
+        raise CpiftError(f"sparse probe: task {task} has no core in {mask_regions.path}")
+    frozen = outside_cores(_skeleton(base), mask_regions, [task])
+    return finetune(
+        base, examples, out, cfg, frozen=frozen, record=record,
+        extra={"task": task, "sparse": True, "mask_regions": mask_regions.path},
+        progress=progress, desc=f"sparse probe {task}", overwrite=overwrite,
+    )  # fmt: skip
+
+
 UPDATES = ("all", "core")  # what a stage trains: all but earlier cores (the papers'), or its own cores only
 
 
@@ -620,8 +683,9 @@ def replay_examples(examples: Sequence[Dict[str, Any]], n: int, seed: int) -> Li
     return [examples[i] for i in idx]
 
 
-def _outside_cores(model, regions, group: Sequence[str], earlier: Sequence[str]) -> Dict[str, torch.Tensor]:
-    """``update: core``: frozen = everything but the group's cores, and earlier cores."""
+def outside_cores(model, regions, group: Sequence[str], earlier: Sequence[str] = ()) -> Dict[str, torch.Tensor]:
+    """Frozen masks for training only ``group``'s cores (less ``earlier`` tasks' cores):
+    ``update: core`` stages and sparse probes."""
     from cpift_merge.training.freeze import _named_parameters, masks_from_regions
 
     own = masks_from_regions(model, regions, group)
@@ -700,7 +764,7 @@ def staged_train(
         stage_dir = os.path.join(out, f"stage-{k}")
         frozen = None
         if update == "core":
-            frozen = _outside_cores(_skeleton(current), regions, group, earlier)
+            frozen = outside_cores(_skeleton(current), regions, group, earlier)
         elif regions is not None and earlier:
             frozen = masks_from_regions(_skeleton(current), regions, earlier)
         rows = [ex for t in group for ex in data[t]]
