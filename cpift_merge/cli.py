@@ -177,6 +177,13 @@ def _train_options(fn):
         ),
         click.option("--momentum", type=float, default=0.0, show_default=True, help="SGD momentum (sgd only)."),
         click.option(
+            "--report-to",
+            default="none",
+            show_default=True,
+            metavar="LIST",
+            help="Trainer loggers: none, all, or e.g. tensorboard,wandb (logs under OUT/NAME.work/runs).",
+        ),
+        click.option(
             "--save-steps",
             type=int,
             default=25,
@@ -214,6 +221,7 @@ def _config(lora=False, lora_rank=8, **kw):
         "device",
         "optimizer",
         "momentum",
+        "report_to",
     )
     cfg = TrainConfig(**{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank)
     cfg.check()

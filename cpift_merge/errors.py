@@ -31,7 +31,15 @@ def load_yaml_mapping(path: str, what: str, hint: str) -> dict:
         line = raw.count(b"\n", 0, err.start) + 1
         raise CpiftError(f"{what} {path} line {line} is not UTF-8 text; save the file as UTF-8") from None
     try:
-        data = yaml.safe_load(text)
+        docs = [d for d in yaml.safe_load_all(text) if d is not None]
+        if len(docs) > 1:
+            if what == "recipe":
+                raise CpiftError(
+                    f"recipe {path} holds {len(docs)} YAML documents (a mergekit-multi recipe); run it with"
+                    f" `mergekit-multi {path} --intermediate-dir DIR --out-path OUT` (cpi works there too)"
+                )
+            raise CpiftError(f"{what} {path} holds {len(docs)} YAML documents; give one mapping with {hint}")
+        data = docs[0] if docs else None
     except yaml.YAMLError as err:
         mark = getattr(err, "problem_mark", None)
         where = f" line {mark.line + 1}" if mark is not None else ""

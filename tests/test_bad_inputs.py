@@ -820,3 +820,15 @@ def test_non_utf8_recipe_and_null_parameters_are_one_line(tiny_models, tmp_path)
     raw = tmp_path / "latin1.yml"
     raw.write_bytes(b"merge_method: cpi\n# caf\xe9\nbase_model: x\n")
     assert_refused(merge_cli(str(raw), out), out, "line 2 is not UTF-8 text")
+
+
+def test_multi_document_recipe_points_to_mergekit_multi(tiny_models, tmp_path):
+    one = {"merge_method": "linear", "models": [{"model": tiny_models["a"], "parameters": {"weight": 1.0}}]}
+    path = tmp_path / "multi.yml"
+    path.write_text(yaml.safe_dump({**one, "name": "first"}) + "---\n" + yaml.safe_dump(one))
+    out = str(tmp_path / "out")
+    assert_refused(cli("merge", str(path), out), out, "holds 2 YAML documents", "mergekit-multi", "--intermediate-dir")
+    pipe = tmp_path / "pipe.yml"
+    pipe.write_text("base: smollm2\n---\nbase: smollm2\n")
+    res = cli("run", str(pipe), "--out", str(tmp_path / "p"))
+    assert_refused(res, str(tmp_path / "p"), "pipeline", "holds 2 YAML documents")

@@ -58,3 +58,18 @@ def test_ensure_apart(tmp_path):
             ensure_apart(str(out), [str(model)])
     ensure_apart(str(tmp_path / "models" / "a-b"), [str(model)])  # a sibling with a longer name is fine
     ensure_apart(str(tmp_path / "x"), ["hub/model-id", ""])  # not local paths: nothing to protect
+
+
+def test_cache_dir_follows_the_usual_variables(monkeypatch, tmp_path):
+    from cpift_merge.storage.files import cache_dir
+
+    for var in ("CPIFT_CACHE", "HF_HOME", "XDG_CACHE_HOME"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("HOME", str(tmp_path / "home"))
+    assert cache_dir() == str(tmp_path / "home" / ".cache" / "cpift-merge")
+    monkeypatch.setenv("XDG_CACHE_HOME", str(tmp_path / "xdg"))
+    assert cache_dir() == str(tmp_path / "xdg" / "cpift-merge")
+    monkeypatch.setenv("HF_HOME", str(tmp_path / "hf"))
+    assert cache_dir() == str(tmp_path / "hf" / "cpift-merge")
+    monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "mine"))
+    assert cache_dir() == str(tmp_path / "mine")

@@ -735,7 +735,8 @@ def test_optimizer_options_leave_default_identities_unchanged():
 
     ident = TrainConfig().identity()
     assert "optimizer" not in ident and "momentum" not in ident
-    assert ident == {k: v for k, v in asdict(TrainConfig()).items() if k not in ("optimizer", "momentum")}
+    later = ("optimizer", "momentum", "report_to")
+    assert ident == {k: v for k, v in asdict(TrainConfig()).items() if k not in later}
     sgd = TrainConfig(optimizer="sgd", momentum=0.5)
     assert sgd.identity()["optimizer"] == "sgd" and sgd.identity()["momentum"] == 0.5
     assert sgd.fingerprint() != TrainConfig().fingerprint()
@@ -760,6 +761,24 @@ def test_sgd_probe_uses_plain_sgd_and_records_it(tiny_lm, tasks, tmp_path, monke
     rec = json.load(open(out / "a" / "probe.json"))
     assert rec["config"]["optimizer"] == "sgd" and rec["run"]["config"]["optimizer"] == "sgd"
     assert rec["steps"] == 2 and rec["final_loss"] is not None
+
+
+def test_report_to_reaches_the_trainer_and_not_the_run_identity(tiny_lm, tasks, tmp_path, monkeypatch):
+    import transformers
+
+    seen = []
+    real = transformers.TrainingArguments
+
+    def spy(*args, **kw):
+        seen.append(kw["report_to"])
+        return real(*args, **{**kw, "report_to": []})  # no logger package needed here
+
+    monkeypatch.setattr(transformers, "TrainingArguments", spy)
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "p", "--steps", 1,
+        "--report-to", "tensorboard, wandb", *FAST)  # fmt: skip
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "q", "--steps", 1, *FAST)
+    assert seen == [["tensorboard", "wandb"], []]
+    assert TrainConfig(report_to="wandb").identity() == TrainConfig().identity()  # logging changes no bit
 
 
 def test_region_files_record_the_probes_optimizer(tiny_lm, probes, regions, tmp_path):

@@ -113,6 +113,7 @@ class Budget(_Strict):
     lora_rank: Optional[Int] = Field(None, ge=1)
     optimizer: Optional[Literal["adamw", "sgd"]] = None  # adamw: the papers' recipe; sgd: plain SGD
     momentum: Optional[float] = Field(None, ge=0, lt=1)  # sgd only
+    report_to: Optional[str] = None  # the Trainer's loggers: none (default), all, tensorboard,wandb, ...
 
     @field_validator("scheduler")
     @classmethod

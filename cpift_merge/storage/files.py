@@ -18,7 +18,16 @@ from cpift_merge.errors import CpiftError
 
 
 def cache_dir() -> str:
-    return os.environ.get("CPIFT_CACHE") or os.path.join(os.path.expanduser("~"), ".cache", "cpift-merge")
+    """Where converted models and merge pre-pass cuts are kept: ``$CPIFT_CACHE``, else
+    ``$HF_HOME/cpift-merge`` (beside the Hugging Face cache, when it was moved), else
+    ``$XDG_CACHE_HOME/cpift-merge``, else ``~/.cache/cpift-merge``."""
+    env = os.environ
+    if env.get("CPIFT_CACHE"):
+        return os.path.expanduser(env["CPIFT_CACHE"])
+    for var in ("HF_HOME", "XDG_CACHE_HOME"):
+        if env.get(var):
+            return os.path.join(os.path.expanduser(env[var]), "cpift-merge")
+    return os.path.join(os.path.expanduser("~"), ".cache", "cpift-merge")
 
 
 def file_stamps(path: str) -> tuple:

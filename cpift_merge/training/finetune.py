@@ -56,6 +56,7 @@ class TrainConfig:
     device: str = "auto"  # auto | cpu | cuda
     optimizer: str = "adamw"  # adamw (the Trainer's AdamW, the papers' recipe) | sgd (plain SGD)
     momentum: float = 0.0  # sgd only
+    report_to: str = "none"  # the Trainer's report_to: none, all, or integrations (tensorboard,wandb)
 
     # Options added after runs were recorded: left out of a run's identity while at their
     # defaults, so finished runs made before them are still recognised as the same run.
@@ -71,9 +72,17 @@ class TrainConfig:
     def identity(self) -> Dict[str, Any]:
         """The options as recorded in a run's identity and in pipeline fingerprints."""
         values = asdict(self)
+        values.pop("report_to")  # where logs go changes no bit of the run
         return {k: v for k, v in values.items() if k not in self.LATER_DEFAULTS or v != self.LATER_DEFAULTS[k]}
 
+    def report_targets(self) -> List[str]:
+        """``report_to`` as the Trainer takes it (an empty list for none)."""
+        names = [n.strip() for n in self.report_to.split(",") if n.strip()]
+        return [] if names in ([], ["none"]) else names
+
     def check(self) -> None:
+        if not isinstance(self.report_to, str):
+            raise CpiftError(f"--report-to must be a comma-separated list of integrations, got {self.report_to!r}")
         if self.optimizer not in ("adamw", "sgd"):
             raise CpiftError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "seed", "warmup_steps"):
@@ -439,7 +448,7 @@ def _train_and_save(
         save_steps=cfg.save_steps,
         save_total_limit=1,
         logging_steps=1,
-        report_to=[],
+        report_to=cfg.report_targets(),
         disable_tqdm=True,  # our LossBar replaces Trainer's bar
         dataloader_num_workers=0,
         remove_unused_columns=False,
@@ -498,6 +507,8 @@ def _train_and_save(
         model.save_pretrained(tmp, safe_serialization=True)
         tok.save_pretrained(tmp)
         shutil.copy(os.path.join(work, "train_log.jsonl"), os.path.join(tmp, "train_log.jsonl"))
+        if os.path.isdir(os.path.join(work, "runs")):  # --report-to tensorboard writes its events there
+            shutil.copytree(os.path.join(work, "runs"), os.path.join(tmp, "runs"))
         with open(os.path.join(tmp, record), "w", encoding="utf-8") as fh:
             json.dump(rec, fh, indent=1)
     shutil.rmtree(work, ignore_errors=True)
