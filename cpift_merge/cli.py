@@ -123,6 +123,7 @@ def regions(base, models, density, scope, exclude, tau, order, seed, score, fish
     default), their Jaccard overlaps and the task groups; write a region directory."""
     from cpift_merge.storage.regions import compute_from_paths
 
+    _hush(quiet)
     pairs = _pairs(models, "--model")
     fisher = _pairs(fishers, "--fisher") if fishers else None
     if fisher and score != "fisher":
@@ -153,6 +154,19 @@ def regions(base, models, density, scope, exclude, tau, order, seed, score, fish
         for p in plot_regions(rs, rs.path):
             click.echo(f"wrote {p}")
     click.echo(f"wrote {rs.path}")
+
+
+def _hush(quiet: bool) -> None:
+    """--quiet: no transformers or hub progress bars ("Loading weights", "Writing model
+    shards") and no info logs, beside our own bars (which callers turn off)."""
+    if not quiet:
+        return
+    import transformers
+    from huggingface_hub.utils import disable_progress_bars
+
+    transformers.logging.set_verbosity_error()
+    transformers.logging.disable_progress_bar()
+    disable_progress_bars()
 
 
 def _train_options(fn):
@@ -274,6 +288,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, spa
     from cpift_merge.training.data import load_tasks
     from cpift_merge.training.finetune import run_probes
 
+    _hush(quiet)
     cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
     if (sparse_lr is not None or mask_epochs is not None) and not sparse:
         raise CpiftError("--sparse-lr and --mask-epochs apply to --sparse probes only")
@@ -290,7 +305,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, spa
         score=score,
         progress=not quiet,
         overwrite=overwrite,
-        say=click.echo,
+        say=(lambda line: None) if quiet else click.echo,
         sparse=sparse,
         sparse_lr=sparse_lr,
         mask_cfg=mask_cfg,
@@ -333,6 +348,7 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow
     """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
     from cpift_merge.training.finetune import train_from_files
 
+    _hush(quiet)
     cfg = _config(**kw)
     if sample is not None and sample < 1:
         raise CpiftError(f"--sample must be at least 1, got {sample}")
@@ -569,11 +585,7 @@ def graft(base, model_pair, test_data, metric, regions_dir, density, scope, excl
     (task, model), *_ = _pairs([model_pair], "--model").items()
     if not 0 < density <= 1 or min(max_length, max_new_tokens, batch_size) < 1 or limit < 0:
         raise CpiftError("--density must be in (0, 1], --max-length, --max-new-tokens and --batch-size at least 1")
-    if quiet:
-        import transformers
-
-        transformers.logging.set_verbosity_error()
-        transformers.logging.disable_progress_bar()
+    _hush(quiet)
     res = graft_test(
         base, model, task, test_data, metric, out, regions=regions_dir, density=density, scope=scope,
         exclude=exclude, seed=seed, max_length=max_length, max_new_tokens=max_new_tokens, batch_size=batch_size,

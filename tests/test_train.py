@@ -781,6 +781,20 @@ def test_report_to_reaches_the_trainer_and_not_the_run_identity(tiny_lm, tasks, 
     assert TrainConfig(report_to="wandb").identity() == TrainConfig().identity()  # logging changes no bit
 
 
+def test_quiet_probe_prints_nothing(tiny_lm, tasks, tmp_path):
+    """--quiet: neither our lines nor transformers' "Loading weights"/"Writing model shards" bars."""
+    code = "import sys; from cpift_merge.cli import main; main(sys.argv[1:])"
+    args = ["probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", str(tmp_path / "p"), "--steps", "1",
+            "--max-length", "64"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT}
+    quiet = subprocess.run([sys.executable, "-c", code, *args, "--quiet"], capture_output=True, text=True, env=env)
+    assert quiet.returncode == 0, quiet.stderr
+    assert quiet.stdout == "" and quiet.stderr == "", (quiet.stdout, quiet.stderr)
+    loud = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "q")], capture_output=True,
+                          text=True, env=env)  # fmt: skip
+    assert "probe a: 16 examples" in loud.stdout
+
+
 def test_region_files_record_the_probes_optimizer(tiny_lm, probes, regions, tmp_path):
     """regions.json says how each task model was trained; `cpift regions` prints it."""
     from cpift_merge.storage.regions import load_regions, trained_with
@@ -847,7 +861,7 @@ def test_probe_score_fisher_writes_the_fisher_and_cuts_by_it(tiny_lm, tasks, tmp
     out = tmp_path / "p"
     res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--out", out,
               "--steps", 2, "--regions", 0.05, "--score", "fisher", *FAST)  # fmt: skip
-    assert "Fisher on" in res.output and "score fisher" in res.output
+    assert "score fisher" in res.output and "Fisher on" not in res.output  # --quiet: the tables only
     rs = load_regions(str(out / "regions"))
     assert rs.score == "fisher" and rs.meta["tasks"]["a"]["fisher"].endswith(FISHER_NAME)
     fisher = Checkpoint(str(out / "a" / FISHER_NAME))
@@ -882,7 +896,7 @@ def test_sparse_probes_differ_from_theta0_only_inside_their_cores(tiny_lm, tasks
     out = tmp_path / "p"
     res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--task", f"b={tasks['b']}", "--out", out,
               "--steps", 3, "--weight-decay", 0.1, "--regions", 0.05, "--sparse", "--sparse-lr", 0.05,
-              "--mask-epochs", 1, *FAST)  # fmt: skip
+              "--mask-epochs", 1, *[f for f in FAST if f != "--quiet"])  # fmt: skip
     assert "sparse probe a" in res.output and "lr 0.05" in res.output
     dense = load_regions(str(out / "dense" / "regions"))
     w0 = weights(tiny_lm)
