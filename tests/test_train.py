@@ -793,6 +793,8 @@ def test_quiet_probe_prints_nothing(tiny_lm, tasks, tmp_path):
     loud = subprocess.run([sys.executable, "-c", code, *args, "--out", str(tmp_path / "q")], capture_output=True,
                           text=True, env=env)  # fmt: skip
     assert "probe a: 16 examples" in loud.stdout
+    as_module = subprocess.run([sys.executable, "-m", "cpift_merge", "--help"], capture_output=True, text=True, env=env)
+    assert as_module.returncode == 0 and "Usage: cpift" in as_module.stdout  # python -m cpift_merge is cpift
 
 
 def test_region_files_record_the_probes_optimizer(tiny_lm, probes, regions, tmp_path):
