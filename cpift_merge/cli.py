@@ -156,10 +156,16 @@ def regions(base, models, density, scope, exclude, tau, order, seed, score, fish
     click.echo(f"wrote {rs.path}")
 
 
+def _main_rank() -> bool:
+    """Rank 0 under torchrun / accelerate launch (or the only process): the one that prints."""
+    return os.environ.get("RANK", "0") == "0"
+
+
 def _hush(quiet: bool) -> None:
-    """--quiet: no transformers or hub progress bars ("Loading weights", "Writing model
-    shards") and no info logs, beside our own bars (which callers turn off)."""
-    if not quiet:
+    """--quiet (and every rank but 0): no transformers or hub progress bars ("Loading
+    weights", "Writing model shards") and no info logs, beside our own bars (which
+    callers turn off)."""
+    if not quiet and _main_rank():
         return
     import transformers
     from huggingface_hub.utils import disable_progress_bars
@@ -288,6 +294,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, spa
     from cpift_merge.training.data import load_tasks
     from cpift_merge.training.finetune import run_probes
 
+    quiet = quiet or not _main_rank()
     _hush(quiet)
     cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
     if (sparse_lr is not None or mask_epochs is not None) and not sparse:
@@ -310,7 +317,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, spa
         sparse_lr=sparse_lr,
         mask_cfg=mask_cfg,
     )
-    if rs is not None:
+    if rs is not None and _main_rank():
         click.echo(region_report(rs))
 
 
@@ -348,6 +355,7 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow
     """Staged SFT: stage k trains its group with the cores of earlier stages frozen."""
     from cpift_merge.training.finetune import train_from_files
 
+    quiet = quiet or not _main_rank()
     _hush(quiet)
     cfg = _config(**kw)
     if sample is not None and sample < 1:
@@ -376,8 +384,9 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow
         ]
         for s in summary["stages"]
     ]
-    click.echo(format_table(["stage", "tasks", "frozen", "steps", "final loss"], rows))
-    click.echo(f"final model: {summary['final']}")
+    if _main_rank():
+        click.echo(format_table(["stage", "tasks", "frozen", "steps", "final loss"], rows))
+        click.echo(f"final model: {summary['final']}")
 
 
 def _eval_specs(values: Sequence[str]) -> Dict[str, Tuple[str, str]]:

@@ -926,6 +926,36 @@ def test_sparse_probes_differ_from_theta0_only_inside_their_cores(tiny_lm, tasks
         one_line_error(res, match)
 
 
+def test_train_under_torchrun_writes_once_and_keeps_frozen_bits(tiny_lm, tasks, regions, tmp_path):
+    """`torchrun --nproc-per-node 2 -m cpift_merge train` (CPU, gloo): both ranks train,
+    rank 0 alone writes each stage (one log line per step, as in one process), the
+    frozen cores stay bit-identical, and the replicas are checked equal to what was written."""
+    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
+            f"b={tasks['b']}", "--groups", "given:a;b", "--steps", "2", "--weight-decay", "0.1", "--device", "cpu",
+            "--batch-size", "4", "--max-length", "64", "--lr", "1e-2"]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    two = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29533", "-m",
+         "cpift_merge", *args, "--out", str(tmp_path / "two")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert two.returncode == 0, two.stderr[-3000:]
+    assert two.stdout.count("final model:") == 1  # rank 0 prints, once
+    cli(*args, "--out", tmp_path / "one", "--quiet")
+    for run in ("one", "two"):
+        out = tmp_path / run
+        assert sorted(os.listdir(out)) == ["stage-1", "stage-2", "train.json"]  # no .work folder left
+        rec = read_json(str(out / "stage-2" / "stage.json"))
+        assert rec["frozen_bit_identical"] is True and rec["frozen_entries"] == regions.k("a")
+        assert rec.get("world_size", 1) == (2 if run == "two" else 1)
+        w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
+        for name in regions.tensor_names:
+            m = regions.mask("a", name)
+            assert torch.equal(w2[name][m], w1[name][m]), name
+    lines = {r: len(open(tmp_path / r / "stage-2" / "train_log.jsonl").readlines()) for r in ("one", "two")}
+    assert lines["one"] == lines["two"]  # written once, not once per rank
+
+
 # ------------------------------------------------------------ resume after kill
 
 

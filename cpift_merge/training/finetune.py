@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 import torch
 from tqdm.auto import tqdm
@@ -146,13 +146,48 @@ class FreezeCallback(TrainerCallback):
             self.update.detach()
 
 
+def rank_world() -> Tuple[int, int]:
+    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) alone."""
+    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def is_main() -> bool:
+    """Whether this process writes outputs (rank 0, or the only process)."""
+    return rank_world()[0] == 0
+
+
+def barrier() -> None:
+    """Wait for every rank (nothing to wait for in one process). Starts the process group
+    the launcher asked for (gloo on CPU, nccl on GPUs) if nothing has started it yet."""
+    if rank_world()[1] <= 1:
+        return
+    import torch.distributed as dist
+
+    if not dist.is_initialized():
+        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
+    dist.barrier()
+
+
+def agree(ok: bool, message: str) -> None:
+    """Every rank stops with ``message`` when any rank's ``ok`` is False (no rank hangs)."""
+    if rank_world()[1] > 1:
+        import torch.distributed as dist
+
+        barrier()
+        flag = torch.tensor([0 if ok else 1])
+        dist.all_reduce(flag)
+        ok = int(flag) == 0
+    if not ok:
+        raise CpiftError(message)
+
+
 class JsonlLogCallback(TrainerCallback):
     """Append every Trainer log (loss, lr, grad norm) to a JSONL file."""
 
     def __init__(self, path: str, resume_step: int = 0):
         self.path = path
         self.losses: List[float] = []
-        if os.path.exists(path):  # drop lines past the checkpoint we resume from
+        if os.path.exists(path) and is_main():  # drop lines past the checkpoint we resume from
             keep = []
             with open(path, encoding="utf-8") as fh:
                 for line in fh:
@@ -170,8 +205,9 @@ class JsonlLogCallback(TrainerCallback):
             rec = {"step": state.global_step, **{k: v for k, v in logs.items() if isinstance(v, (int, float))}}
             if "loss" in rec:
                 self.losses.append(float(rec["loss"]))
-            with open(self.path, "a", encoding="utf-8") as fh:
-                fh.write(json.dumps(rec) + "\n")
+            if getattr(state, "is_world_process_zero", True):  # one log, written once
+                with open(self.path, "a", encoding="utf-8") as fh:
+                    fh.write(json.dumps(rec) + "\n")
 
 
 class LossBar(ProgressCallback):
@@ -351,7 +387,9 @@ def finetune(
     if os.path.isfile(done):
         old = read_json(done)
         if isinstance(old, dict) and old.get("run") == run_id:
-            shutil.rmtree(work, ignore_errors=True)  # left by a kill between the rename and the cleanup
+            barrier()  # every rank has seen the finished run before rank 0 tidies up
+            if is_main():
+                shutil.rmtree(work, ignore_errors=True)  # left by a kill between the rename and the cleanup
             return old
         if not overwrite:
             prior = old.get("run") if isinstance(old, dict) else None
@@ -373,17 +411,20 @@ def finetune(
                     " over, or rerun with the same options"
                 )
             shutil.rmtree(work)
-    if not os.path.isfile(stamp):
+    if not os.path.isfile(stamp) and is_main():
         os.makedirs(work, exist_ok=True)
         with open(stamp, "w", encoding="utf-8") as fh:
             json.dump(run_id, fh)
+    barrier()  # under torchrun: rank 0 has stamped the work folder
 
     try:
         return _train_and_save(
-            base, examples, out, cfg, frozen, record, extra, progress, desc, work, run_id, check_loaded=not streamed
-        )
+            base, examples, out, cfg, frozen, record, extra, progress and is_main(), desc, work, run_id,
+            check_loaded=not streamed,
+        )  # fmt: skip
     except CpiftError:
-        shutil.rmtree(work, ignore_errors=True)  # a refused or diverged run leaves nothing worth resuming
+        if is_main():
+            shutil.rmtree(work, ignore_errors=True)  # a refused or diverged run leaves nothing worth resuming
         raise
 
 
@@ -484,8 +525,7 @@ def _train_and_save(
     identical = all(
         torch.equal(p.detach()[frozen[n]], reference[n]) for n, p in model.named_parameters() if n in reference
     )
-    if frozen and not identical:
-        raise CpiftError(f"internal error: frozen entries moved in {out}; please report")
+    agree(not frozen or identical, f"internal error: frozen entries moved in {out}; please report")
     losses = [json.loads(line).get("loss") for line in open(os.path.join(work, "train_log.jsonl"), encoding="utf-8")]
     losses = [x for x in losses if x is not None]
     rec = {
@@ -503,15 +543,31 @@ def _train_and_save(
         "run": run_id,
         **(extra or {}),
     }
-    with atomic_dir(out, overwrite=True) as tmp:
-        model.save_pretrained(tmp, safe_serialization=True)
-        tok.save_pretrained(tmp)
-        shutil.copy(os.path.join(work, "train_log.jsonl"), os.path.join(tmp, "train_log.jsonl"))
-        if os.path.isdir(os.path.join(work, "runs")):  # --report-to tensorboard writes its events there
-            shutil.copytree(os.path.join(work, "runs"), os.path.join(tmp, "runs"))
-        with open(os.path.join(tmp, record), "w", encoding="utf-8") as fh:
-            json.dump(rec, fh, indent=1)
-    shutil.rmtree(work, ignore_errors=True)
+    rank, world = rank_world()
+    if world > 1:
+        rec["world_size"] = world
+    if is_main():
+        with atomic_dir(out, overwrite=True) as tmp:
+            model.save_pretrained(tmp, safe_serialization=True)
+            tok.save_pretrained(tmp)
+            shutil.copy(os.path.join(work, "train_log.jsonl"), os.path.join(tmp, "train_log.jsonl"))
+            if os.path.isdir(os.path.join(work, "runs")):  # --report-to tensorboard writes its events there
+                shutil.copytree(os.path.join(work, "runs"), os.path.join(tmp, "runs"))
+            with open(os.path.join(tmp, record), "w", encoding="utf-8") as fh:
+                json.dump(rec, fh, indent=1)
+    if world > 1:  # every replica must hold the weights rank 0 wrote, bit for bit
+        barrier()  # rank 0 has written out
+        same = True
+        if rank:
+            from cpift_merge.storage.checkpoint import Checkpoint
+
+            saved = Checkpoint(out)
+            params = dict(model.named_parameters())
+            same = all(torch.equal(saved.get(n), params[n].detach()) for n in saved.infos if n in params)
+        agree(same, f"data-parallel replicas ended with different weights in {out}; please report")
+    if is_main():
+        shutil.rmtree(work, ignore_errors=True)
+    barrier()
     return rec
 
 
@@ -562,7 +618,7 @@ def run_probes(
         say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
         paths[name] = os.path.join(out, name)
         fisher = os.path.join(paths[name], FISHER_NAME)
-        if score == "fisher" and not os.path.isfile(fisher):  # a finished probe's Fisher is reused
+        if score == "fisher" and not os.path.isfile(fisher) and is_main():  # a finished probe's Fisher is reused
             from cpift_merge.training.fisher import compute_fisher
 
             res = compute_fisher(paths[name], examples, fisher, max_length=cfg.max_length, device=cfg.device,
@@ -570,13 +626,16 @@ def run_probes(
             say(f"  Fisher on {res['examples']} examples ({res['tokens']} response tokens)")
     if regions_density is None:
         return paths, None
-    from cpift_merge.storage.regions import compute_from_paths
+    from cpift_merge.storage.regions import compute_from_paths, load_regions
 
-    rs = compute_from_paths(
-        base, paths, os.path.join(out, "regions"), density=regions_density, score=score, overwrite=True,
-        progress=progress,
-    )  # fmt: skip
-    return paths, rs
+    barrier()  # the Fisher files are written
+    if is_main():
+        compute_from_paths(
+            base, paths, os.path.join(out, "regions"), density=regions_density, score=score, overwrite=True,
+            progress=progress,
+        )  # fmt: skip
+    barrier()
+    return paths, load_regions(os.path.join(out, "regions"))
 
 
 def _sparse_probes(base, data, out, cfg, density, score, progress, overwrite, say, sparse_lr, mask_cfg):
@@ -601,11 +660,13 @@ def _sparse_probes(base, data, out, cfg, density, score, progress, overwrite, sa
                            overwrite=overwrite)  # fmt: skip
         say(f"  steps {rec['steps']}, loss {rec['first_loss']:.4f} -> {rec['final_loss']:.4f}")
         paths[name] = os.path.join(out, name)
-    from cpift_merge.storage.regions import compute_from_paths
+    from cpift_merge.storage.regions import compute_from_paths, load_regions
 
-    rs = compute_from_paths(base, paths, os.path.join(out, "regions"), density=density, overwrite=True,
-                            progress=progress)  # fmt: skip
-    return paths, rs
+    if is_main():
+        compute_from_paths(base, paths, os.path.join(out, "regions"), density=density, overwrite=True,
+                           progress=progress)  # fmt: skip
+    barrier()
+    return paths, load_regions(os.path.join(out, "regions"))
 
 
 # ------------------------------------------------------------------- stages
@@ -821,8 +882,9 @@ def staged_train(
         "update": update,
         "replay": replay,
     }
-    with open(os.path.join(out, "train.json"), "w", encoding="utf-8") as fh:
-        json.dump(summary, fh, indent=1)
+    if is_main():
+        with open(os.path.join(out, "train.json"), "w", encoding="utf-8") as fh:
+            json.dump(summary, fh, indent=1)
     return summary
 
 
