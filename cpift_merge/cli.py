@@ -223,7 +223,7 @@ def _train_options(fn):
     return fn
 
 
-def _config(lora=False, lora_rank=8, **kw):
+def _config(lora=False, lora_rank=8, lora_alpha=None, lora_targets="", **kw):
     from cpift_merge.training.finetune import TrainConfig
 
     keys = (
@@ -243,7 +243,9 @@ def _config(lora=False, lora_rank=8, **kw):
         "momentum",
         "report_to",
     )
-    cfg = TrainConfig(**{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank)
+    cfg = TrainConfig(
+        **{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets
+    )
     cfg.check()
     return cfg
 
@@ -260,7 +262,15 @@ def _config(lora=False, lora_rank=8, **kw):
 )
 @click.option("--out", required=True, help="Folder for the probes: OUT/NAME/ per task.")
 @click.option("--lora", is_flag=True, help="Train a LoRA adapter and save the merged model.")
-@click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r (alpha is 2r).")
+@click.option("--lora-rank", type=int, default=8, show_default=True, help="LoRA rank r.")
+@click.option("--lora-alpha", type=float, default=None, help="LoRA alpha [default: 2r].")
+@click.option(
+    "--lora-target-modules",
+    "lora_targets",
+    default="",
+    metavar="LIST",
+    help="Comma-separated module names to adapt [default: every q/k/v/o and gate/up/down projection present].",
+)
 @click.option(
     "--regions",
     "regions_density",
@@ -286,8 +296,8 @@ def _config(lora=False, lora_rank=8, **kw):
 @click.option("--mask-epochs", type=float, default=None, help="Epochs of the dense probes that pick the cores.")
 @_train_options
 @_friendly
-def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, sparse_lr, mask_epochs, quiet,
-          overwrite, **kw):  # fmt: skip
+def probe(base, tasks, out, lora, lora_rank, lora_alpha, lora_targets, regions_density, score, sparse, sparse_lr,
+          mask_epochs, quiet, overwrite, **kw):  # fmt: skip
     """Short fine-tune of BASE on each task alone (the probes that give the cores)."""
     from dataclasses import replace
 
@@ -296,7 +306,7 @@ def probe(base, tasks, out, lora, lora_rank, regions_density, score, sparse, spa
 
     quiet = quiet or not _main_rank()
     _hush(quiet)
-    cfg = _config(lora=lora, lora_rank=lora_rank, **kw)
+    cfg = _config(lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, **kw)
     if (sparse_lr is not None or mask_epochs is not None) and not sparse:
         raise CpiftError("--sparse-lr and --mask-epochs apply to --sparse probes only")
     mask_cfg = replace(cfg, epochs=mask_epochs, steps=None) if mask_epochs is not None else None

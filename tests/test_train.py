@@ -301,6 +301,35 @@ def test_probe_lora_changes_only_target_modules(tiny_lm, tasks, tmp_path):
     assert rec["config"]["lora"] is True and rec["steps"] == 3
 
 
+def test_probe_lora_alpha_and_target_modules(tiny_lm, tasks, tmp_path, monkeypatch):
+    import peft
+
+    seen = []
+    real = peft.LoraConfig
+
+    def spy(**kw):
+        seen.append(kw)
+        return real(**kw)
+
+    monkeypatch.setattr(peft, "LoraConfig", spy)
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "p", "--lora", "--lora-rank", 4,
+        "--lora-alpha", 16, "--lora-target-modules", "q_proj,v_proj", "--steps", 2, *FAST)  # fmt: skip
+    assert seen[-1]["lora_alpha"] == 16 and seen[-1]["target_modules"] == ["q_proj", "v_proj"]
+    base, probe = weights(tiny_lm), weights(str(tmp_path / "p" / "a"))
+    changed = {k.split(".")[-2] for k in base if not torch.equal(base[k], probe[k])}
+    assert changed == {"q_proj", "v_proj"}
+    assert "lora_alpha" not in TrainConfig().identity()  # old runs keep their identity
+    assert TrainConfig(lora=True, lora_alpha=16).identity()["lora_alpha"] == 16
+    for args, match in [
+        (["--lora", "--lora-target-modules", "qq_proj"], "has no module named qq_proj"),
+        (["--lora-alpha", 8], "apply to --lora only"),
+        (["--lora", "--lora-alpha", 0], "--lora-alpha must be a positive number"),
+    ]:
+        res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "bad", "--steps", 1,
+                  *args, *FAST, code=2)  # fmt: skip
+        one_line_error(res, match)
+
+
 def test_probe_bad_data_is_one_line_error(tiny_lm, tmp_path):
     bad = tmp_path / "bad.jsonl"
     bad.write_text('{"prompt": "a", "response": "b"}\n{"prompt": "a", "response": \n')
@@ -735,7 +764,7 @@ def test_optimizer_options_leave_default_identities_unchanged():
 
     ident = TrainConfig().identity()
     assert "optimizer" not in ident and "momentum" not in ident
-    later = ("optimizer", "momentum", "report_to")
+    later = ("optimizer", "momentum", "report_to", "lora_alpha", "lora_targets")
     assert ident == {k: v for k, v in asdict(TrainConfig()).items() if k not in later}
     sgd = TrainConfig(optimizer="sgd", momentum=0.5)
     assert sgd.identity()["optimizer"] == "sgd" and sgd.identity()["momentum"] == 0.5

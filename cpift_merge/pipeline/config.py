@@ -111,6 +111,8 @@ class Budget(_Strict):
     bf16: Optional[bool] = None
     lora: Optional[bool] = None
     lora_rank: Optional[Int] = Field(None, ge=1)
+    lora_alpha: Optional[float] = Field(None, gt=0)  # default 2 x lora_rank
+    lora_targets: Optional[str] = None  # comma-separated module names (default: every projection)
     optimizer: Optional[Literal["adamw", "sgd"]] = None  # adamw: the papers' recipe; sgd: plain SGD
     momentum: Optional[float] = Field(None, ge=0, lt=1)  # sgd only
     report_to: Optional[str] = None  # the Trainer's loggers: none (default), all, tensorboard,wandb, ...

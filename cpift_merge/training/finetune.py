@@ -57,10 +57,12 @@ class TrainConfig:
     optimizer: str = "adamw"  # adamw (the Trainer's AdamW, the papers' recipe) | sgd (plain SGD)
     momentum: float = 0.0  # sgd only
     report_to: str = "none"  # the Trainer's report_to: none, all, or integrations (tensorboard,wandb)
+    lora_alpha: Optional[float] = None  # None: 2 x lora_rank
+    lora_targets: str = ""  # comma-separated module names; "": every attention and MLP projection present
 
     # Options added after runs were recorded: left out of a run's identity while at their
     # defaults, so finished runs made before them are still recognised as the same run.
-    LATER_DEFAULTS = {"optimizer": "adamw", "momentum": 0.0}
+    LATER_DEFAULTS = {"optimizer": "adamw", "momentum": 0.0, "lora_alpha": None, "lora_targets": ""}
     # Learning rate when none is given. SGD's is measured on SmolLM2-135M probes (README,
     # "Probe optimizer"): with clipping at 1.0 its loss drop matches the AdamW probe's.
     DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.1}
@@ -83,6 +85,12 @@ class TrainConfig:
     def check(self) -> None:
         if not isinstance(self.report_to, str):
             raise CpiftError(f"--report-to must be a comma-separated list of integrations, got {self.report_to!r}")
+        if self.lora_alpha is not None and (
+            isinstance(self.lora_alpha, bool) or not isinstance(self.lora_alpha, (int, float)) or self.lora_alpha <= 0
+        ):
+            raise CpiftError(f"--lora-alpha must be a positive number, got {self.lora_alpha!r}")
+        if (self.lora_alpha is not None or self.lora_targets) and not self.lora:
+            raise CpiftError("--lora-alpha and --lora-target-modules apply to --lora only")
         if self.optimizer not in ("adamw", "sgd"):
             raise CpiftError(f"--optimizer must be adamw or sgd, got {self.optimizer!r}")
         for name in ("steps", "batch_size", "grad_accum", "save_steps", "lora_rank", "seed", "warmup_steps"):
@@ -465,9 +473,15 @@ def _train_and_save(
     if cfg.lora:
         from peft import LoraConfig, get_peft_model
 
-        targets = [t for t in LORA_TARGETS if any(n.endswith(f"{t}.weight") for n, _ in model.named_parameters())]
+        names = [n for n, _ in model.named_parameters()]
+        wanted = [t.strip() for t in cfg.lora_targets.split(",") if t.strip()] or list(LORA_TARGETS)
+        targets = [t for t in wanted if any(n.endswith(f"{t}.weight") for n in names)]
+        missing = [t for t in wanted if t not in targets]
+        if cfg.lora_targets and missing:
+            raise CpiftError(f"--lora-target-modules: {base} has no module named {missing[0]} with a weight")
+        alpha = cfg.lora_alpha if cfg.lora_alpha is not None else 2 * cfg.lora_rank
         model = get_peft_model(
-            model, LoraConfig(r=cfg.lora_rank, lora_alpha=2 * cfg.lora_rank, lora_dropout=0.0, target_modules=targets)
+            model, LoraConfig(r=cfg.lora_rank, lora_alpha=alpha, lora_dropout=0.0, target_modules=targets)
         )
     use_cpu = cfg.device == "cpu" or (cfg.device == "auto" and not torch.cuda.is_available())
     args = TrainingArguments(
