@@ -145,7 +145,8 @@ def region_report(rs) -> str:
                 f" {100 * loc['random_share']:.1f}% ({loc['l2_ratio']:.1f}x, below {WEAK_L2_RATIO:g}x): freezing"
                 " or transplanting it is close to freezing or transplanting a random subset"
                 + (
-                    " (an SGD probe, --optimizer sgd, concentrates it: README, 'Isolation options')"
+                    " (an SGD probe with the fisher score located the task far better here: README,"
+                    " 'Isolation options')"
                     if (trained[a] or {}).get("optimizer") == "adamw"
                     else ""
                 )
