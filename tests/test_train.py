@@ -14,6 +14,7 @@ import time
 
 import pytest
 import torch
+import yaml
 from click.testing import CliRunner
 from safetensors.torch import load_file
 
@@ -835,6 +836,11 @@ def test_region_files_record_the_probes_optimizer(tiny_lm, probes, regions, tmp_
             got = rs.meta["tasks"][t]["trained_with"]
             assert got["optimizer"] == "adamw" and got["lr"] == 1e-2 and got["steps"] == 6
     assert trained_with(tiny_lm) is None  # a model trained elsewhere: unknown, not guessed
+    # every model folder carries a hub model card: front matter, what it was trained on and how
+    card = open(os.path.join(probes["a"], "README.md"), encoding="utf-8").read()
+    front = yaml.safe_load(card.split("---")[1])
+    assert front["base_model"] == os.path.basename(tiny_lm) and front["library_name"] == "transformers"
+    assert {"cpift-merge", "probe", "task:a"} <= set(front["tags"]) and "optimizer: adamw" in card
     res = cli("regions", "--base", tiny_lm, "--model", f"a={probes['a']}", "--model", f"b={probes['b']}",
               "--density", 0.05, "--out", tmp_path / "r", "--quiet")  # fmt: skip
     assert "probe" in res.output and "adamw lr 0.01" in res.output

@@ -74,7 +74,7 @@ def _copy_side_files(model: str, tmp: str) -> None:
     """Config, tokenizer, generation config: the source model's, not its weights or run records."""
     for f in os.listdir(model):
         src = os.path.join(model, f)
-        ours = f.endswith((".safetensors", ".jsonl")) or f in ("model.safetensors.index.json", *RECORDS)
+        ours = f.endswith((".safetensors", ".jsonl")) or f in ("model.safetensors.index.json", "README.md", *RECORDS)
         if os.path.isfile(src) and not ours:
             shutil.copy(src, os.path.join(tmp, f))
 

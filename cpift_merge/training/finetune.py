@@ -154,6 +154,49 @@ class FreezeCallback(TrainerCallback):
             self.update.detach()
 
 
+def model_card(base: str, rec: Dict[str, Any]) -> str:
+    """A Hugging Face model card (README.md with YAML front matter) for a model our
+    trainer wrote: what it was fine-tuned from, on what, and with which settings, so
+    ``huggingface_hub.upload_folder`` publishes the folder as it is."""
+    import yaml
+
+    kind = "sparse probe" if rec.get("sparse") else "probe" if "task" in rec else "stage"
+    tasks = [rec["task"]] if "task" in rec else list(rec.get("tasks") or [])
+    root = os.path.basename(os.path.normpath(base))
+    try:  # a base we trained ourselves (an earlier stage) names its own base: keep the root
+        with open(os.path.join(base, "README.md"), encoding="utf-8") as fh:
+            text = fh.read()
+        if "cpift-merge" in text and text.startswith("---"):
+            root = yaml.safe_load(text.split("---")[1]).get("base_model") or root
+    except (OSError, yaml.YAMLError, AttributeError, IndexError):
+        pass
+    front = {
+        "base_model": root,
+        "library_name": "transformers",
+        "tags": ["cpift-merge", "cpi-ft", kind.replace(" ", "-"), *[f"task:{t}" for t in tasks]],
+    }
+    cfg = rec.get("config", {})
+    settings = {k: cfg[k] for k in ("optimizer", "lr", "steps", "epochs", "batch_size", "weight_decay") if k in cfg}
+    lines = [
+        "---",
+        yaml.safe_dump(front, sort_keys=False).strip(),
+        "---",
+        "",
+        f"# {kind}: {', '.join(tasks) or 'training run'}",
+        "",
+        f"Fine-tuned from `{os.path.basename(os.path.normpath(base))}` (itself from `{root}`)"
+        if root != os.path.basename(os.path.normpath(base))
+        else f"Fine-tuned from `{root}`",
+        f"with cpift-merge ({kind}) on {rec.get('examples', '?')} examples"
+        f" of {', '.join(tasks) or 'its data'}, {rec.get('steps', '?')} optimizer steps.",
+    ]
+    if rec.get("frozen_entries"):
+        frozen = ", ".join(rec.get("frozen_tasks") or []) or "given"
+        lines.append(f"{rec['frozen_entries']:,} entries (the cores of {frozen}) were kept bit-identical.")
+    lines += ["", "Settings:", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", ""]
+    return "\n".join(lines)
+
+
 def rank_world() -> Tuple[int, int]:
     """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) alone."""
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
@@ -569,6 +612,8 @@ def _train_and_save(
                 shutil.copytree(os.path.join(work, "runs"), os.path.join(tmp, "runs"))
             with open(os.path.join(tmp, record), "w", encoding="utf-8") as fh:
                 json.dump(rec, fh, indent=1)
+            with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
+                fh.write(model_card(base, rec))
     if world > 1:  # every replica must hold the weights rank 0 wrote, bit for bit
         barrier()  # rank 0 has written out
         same = True
