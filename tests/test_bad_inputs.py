@@ -572,11 +572,15 @@ def test_merge_unknown_per_model_parameter(tiny_models, tmp_path):
     assert_refused(merge_cli(config, out), out, "'tsk'", "models[0]")
 
 
-def test_stock_mergekit_yaml_unknown_parameter(tiny_models, tmp_path):
+@pytest.mark.parametrize(
+    "params, needle",
+    [({"omgea": 0.3}, "unknown cpi parameter 'omgea'"), ({"omega": 1.5}, "omega in parameters must be a number")],
+)
+def test_stock_mergekit_yaml_bad_parameter_is_one_line(params, needle, tiny_models, tmp_path):
+    """Under stock mergekit-yaml a bad cpi parameter fails like mergekit's own checks:
+    one `Error: cpi: ...` line, no traceback, nothing written."""
     out = str(tmp_path / "out")
-    config = recipe(
-        tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"omgea": 0.3, "density": 0.01}
-    )
+    config = recipe(tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {**params, "density": 0.01})
     proc = subprocess.run(
         [os.path.join(BIN, "mergekit-yaml"), config, out, "--no-copy-tokenizer", "--quiet"],
         capture_output=True,
@@ -585,7 +589,9 @@ def test_stock_mergekit_yaml_unknown_parameter(tiny_models, tmp_path):
         cwd=str(tmp_path),
     )
     assert proc.returncode != 0
-    assert "unknown cpi parameter 'omgea'" in proc.stderr, proc.stderr[-2000:]
+    errors = [ln for ln in proc.stderr.splitlines() if ln.startswith("Error: ")]
+    assert len(errors) == 1 and errors[0].startswith("Error: cpi: ") and needle in errors[0], proc.stderr[-2000:]
+    assert "Traceback" not in proc.stderr
     assert not glob.glob(os.path.join(out, "*.safetensors"))
 
 

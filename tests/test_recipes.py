@@ -22,7 +22,7 @@ from click.testing import CliRunner
 from safetensors.torch import load_file
 
 from cpift_merge.cli import main
-from cpift_merge.mergekit.recipe import check_cpi_values
+from cpift_merge.mergekit.config import check_cpi_values
 
 REPO = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CONFIGS = os.path.join(REPO, "merge_configs")

@@ -27,6 +27,7 @@ import threading
 from functools import lru_cache
 from typing import Any, Dict, List, Optional, Tuple
 
+import click
 import torch
 from mergekit.merge_methods import (
     BasePolicy,
@@ -50,8 +51,6 @@ from cpift_merge.storage.regions import GlobalCut, RegionSet, load_regions, samp
 
 LOG = logging.getLogger(__name__)
 METHOD_NAME = "cpi"
-PARAMETER_NAMES = ("omega", "density", "epsilon", "scope", "regions", "overlap", "exclude", "task", "score")
-PER_MODEL = ("task",)  # the only per-model parameter; the rest are merge-wide
 
 # Per-tensor statistics of the current process's merges (read by `cpift merge`).
 _STATS_LOCK = threading.Lock()
@@ -327,29 +326,26 @@ def register() -> None:
     install_parameter_check()
 
 
+class RecipeError(CpiftError, click.ClickException):
+    """A bad ``cpi`` recipe seen under stock mergekit: a CpiftError for Python callers,
+    and for mergekit's click commands one ``Error: ...`` line instead of a traceback."""
+
+    def __init__(self, message: str):
+        super().__init__(f"cpi: {message}")
+
+
 def check_parameters(config: Any) -> None:
-    """Reject misspelled ``cpi`` parameters anywhere in a MergeConfiguration."""
+    """Reject misspelled, misplaced and out-of-range ``cpi`` parameters anywhere in a
+    MergeConfiguration (mergekit's own validation style: one line)."""
     if getattr(config, "merge_method", None) != METHOD_NAME:
         return
-    from cpift_merge.mergekit.config import param_blocks
+    from cpift_merge.mergekit.config import check_cpi_values
 
     raw = config.model_dump(mode="json", exclude_none=True)
-    for where, params, per_model in param_blocks(raw):
-        for key in params:
-            check_parameter_place(key, where, per_model)
-
-
-def check_parameter_place(key: str, where: str, per_model: bool) -> None:
-    """Unknown names, and parameters where mergekit would silently not read them."""
-    if key not in PARAMETER_NAMES:
-        raise CpiftError(f"unknown cpi parameter {key!r} in {where}; known: {', '.join(PARAMETER_NAMES)}")
-    if per_model and key not in PER_MODEL:
-        raise CpiftError(
-            f"cpi parameter {key} in {where} is merge-wide: set it under the top-level (or a"
-            " slice's) parameters, not on one model"
-        )
-    if not per_model and key in PER_MODEL:
-        raise CpiftError(f"cpi parameter {key} in {where} names one model's task: set it on that model")
+    try:
+        check_cpi_values(raw)  # names and places, then values and ranges
+    except CpiftError as err:
+        raise RecipeError(str(err)) from None
 
 
 def install_parameter_check() -> None:

@@ -17,13 +17,8 @@ from typing import Any, Dict, Iterator, List, Optional, Sequence, Tuple
 import yaml
 
 from cpift_merge.errors import CpiftError, load_yaml_mapping
-from cpift_merge.mergekit.config import param_blocks
+from cpift_merge.mergekit.config import check_cpi_values, param_blocks
 from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE
-
-# value ranges of the numeric cpi parameters: (low, high)
-RANGES = {"omega": (0.0, 1.0), "density": (0.0, 1.0), "epsilon": (0.0, 3.2)}
-# parameters that must be one plain value for the whole merge
-PLAIN = ("density", "scope", "regions", "exclude", "overlap", "score")
 
 
 def load_yaml(path: str) -> Dict[str, Any]:
@@ -42,16 +37,6 @@ def _resolve_ref(value: str, base_dir: str) -> str:
             raise CpiftError(f"model folder {path} does not exist")
         parts.append(path + (f"@{rev}" if rev else ""))
     return "+".join(parts)
-
-
-def _scalars(setting: Any) -> Iterator[Any]:
-    if isinstance(setting, dict):
-        yield from _scalars(setting.get("value"))
-    elif isinstance(setting, list):
-        for s in setting:
-            yield from _scalars(s)
-    else:
-        yield setting
 
 
 def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
@@ -97,35 +82,6 @@ def local_inputs(cfg: Any) -> List[str]:
     if isinstance(cfg, str):
         return [part for part in cfg.split("+") if part and os.path.exists(part)]
     return []
-
-
-def check_cpi_values(cfg: Dict[str, Any]) -> None:
-    """Range and type checks of ``cpi`` parameter values, one clear line each."""
-    from cpift_merge.mergekit.method import check_parameter_place
-
-    for where, params, per_model in param_blocks(cfg):
-        for key, setting in params.items():
-            check_parameter_place(key, where, per_model)
-            if key == "task" and not isinstance(setting, str):
-                raise CpiftError(f"task in {where} must be a task name (a string), got {setting!r}")
-            if key == "exclude" and isinstance(setting, str):
-                try:
-                    re.compile(setting)
-                except re.error as err:
-                    raise CpiftError(f"exclude in {where} is not a valid regex ({err}): {setting!r}") from None
-            if key in PLAIN and isinstance(setting, (list, dict)):
-                raise CpiftError(f"cpi parameter {key} in {where} must be one plain value (no gradient or filter)")
-            for v in _scalars(setting):
-                if key in RANGES:
-                    lo, hi = RANGES[key]
-                    if isinstance(v, bool) or not isinstance(v, (int, float)) or not lo <= v <= hi:
-                        raise CpiftError(f"{key} in {where} must be a number in [{lo}, {hi}], got {v!r}")
-                elif key == "scope" and v not in ("global", "tensor"):
-                    raise CpiftError(f"scope in {where} must be 'global' or 'tensor', got {v!r}")
-                elif key == "overlap" and v not in ("max_delta", "mean"):
-                    raise CpiftError(f"overlap in {where} must be 'max_delta' or 'mean', got {v!r}")
-                elif key == "score" and v not in ("delta", "relative", "fisher"):
-                    raise CpiftError(f"score in {where} must be 'delta', 'relative' or 'fisher', got {v!r}")
 
 
 def _shared(cfg: Dict[str, Any], key: str, default: Any = None) -> Any:
