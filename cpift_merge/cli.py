@@ -173,6 +173,9 @@ def _hush(quiet: bool) -> None:
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     disable_progress_bars()
+    import datasets
+
+    datasets.disable_progress_bars()  # "Generating train split" when a data file is read
 
 
 def _train_options(fn):
@@ -312,7 +315,7 @@ def probe(base, tasks, out, lora, lora_rank, lora_alpha, lora_targets, regions_d
     mask_cfg = replace(cfg, epochs=mask_epochs, steps=None) if mask_epochs is not None else None
     if mask_cfg is not None:
         mask_cfg.check()
-    data = load_tasks(_pairs(tasks, "--task"))
+    data = load_tasks(_pairs(tasks, "--task"), say=None if quiet else click.echo)
     _paths, rs = run_probes(
         base,
         data,

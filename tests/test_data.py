@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import copy
 import json
+import re
 
 import pytest
 import torch
@@ -339,3 +340,89 @@ def test_dataset_dict_splits_by_role_and_by_name(tmp_path):
     DatasetDict({"train": Dataset.from_list(train)}).save_to_disk(only)
     with pytest.raises(CpiftError, match=r"none of test, validation for testing; name one as .*:SPLIT"):
         load_examples(only, role="test")
+
+
+# ------------------------------------------------------------- formats and files
+
+FORMAT_ROWS = {
+    "prompt/response": {"prompt": "2+2?", "response": "4"},
+    "prompt/completion": {"prompt": "2+2?", "completion": "4"},
+    "alpaca": {"instruction": "Add the numbers.", "input": "2 and 2", "output": "4"},
+    "sharegpt": {"conversations": [{"from": "human", "value": "2+2?"}, {"from": "gpt", "value": "4"}]},
+    "messages": {"messages": [{"role": "user", "content": "2+2?"}, {"role": "assistant", "content": "4"}]},
+}
+
+
+@pytest.mark.parametrize("fmt", list(FORMAT_ROWS))
+def test_each_sft_format_is_detected_and_normalized(fmt, tmp_path):
+    from cpift_merge.training.data import load_examples
+
+    path = tmp_path / "d.jsonl"
+    path.write_text(json.dumps(FORMAT_ROWS[fmt]) + "\n")
+    seen = []
+    (row,) = load_examples(str(path), on_format=seen.append)
+    assert seen == [fmt]
+    expected = {
+        "prompt/response": {"prompt": "2+2?", "response": "4"},
+        "prompt/completion": {"prompt": "2+2?", "response": "4"},
+        "alpaca": {"prompt": "Add the numbers.\n\n2 and 2", "response": "4"},
+        "sharegpt": FORMAT_ROWS["messages"],
+        "messages": FORMAT_ROWS["messages"],
+    }[fmt]
+    assert row == expected
+
+
+def test_conversational_prompt_completion_and_alpaca_without_input(tmp_path):
+    from cpift_merge.training.data import load_examples
+
+    rows = [
+        {"prompt": [{"role": "user", "content": "hi"}], "completion": [{"role": "assistant", "content": "yo"}]},
+        {"instruction": "Say yo.", "input": "", "output": "yo"},
+    ]
+    path = tmp_path / "d.jsonl"
+    path.write_text("".join(json.dumps(r) + "\n" for r in rows))
+    a, b = load_examples(str(path))
+    assert a == {"messages": [{"role": "user", "content": "hi"}, {"role": "assistant", "content": "yo"}]}
+    assert b == {"prompt": "Say yo.", "response": "yo"}
+
+
+@pytest.mark.parametrize("kind", ["json", "csv", "parquet"])
+def test_json_csv_and_parquet_files_are_read_through_datasets(kind, tmp_path):
+    import datasets
+
+    from cpift_merge.training.data import load_examples
+
+    rows = [{"instruction": f"Echo {i}.", "input": "", "output": str(i)} for i in range(3)]
+    path = tmp_path / f"d.{kind}"
+    if kind == "json":
+        path.write_text(json.dumps(rows))
+    else:
+        ds = datasets.Dataset.from_list(rows)
+        ds.to_csv(str(path)) if kind == "csv" else ds.to_parquet(str(path))
+    got = load_examples(str(path))
+    assert got == [{"prompt": f"Echo {i}.", "response": str(i)} for i in range(3)]
+
+
+def test_no_known_format_names_the_missing_field(tmp_path):
+    from cpift_merge.training.data import load_examples
+
+    for row, match in [
+        ({"prompt": "a"}, "missing field 'response' (or 'completion') beside 'prompt'"),
+        ({"instruction": "a", "input": "b"}, "missing field 'output' beside 'instruction'"),
+        ({"question": "a", "answer": "b"}, "missing field 'prompt' (need prompt and response"),
+        ({"conversations": [{"from": "robot", "value": "x"}]}, "use human, gpt or system"),
+        ({"prompt": "a", "completion": [{"role": "assistant", "content": "b"}]}, "must both be strings"),
+    ]:
+        path = tmp_path / "d.jsonl"
+        path.write_text(json.dumps(row) + "\n")
+        with pytest.raises(CpiftError, match=re.escape(match)):
+            load_examples(str(path))
+
+
+def test_hub_dataset_id_offline_is_one_line(monkeypatch):
+    from cpift_merge.training.data import load_examples
+
+    monkeypatch.setenv("HF_DATASETS_OFFLINE", "1")
+    monkeypatch.setenv("HF_HUB_OFFLINE", "1")
+    with pytest.raises(CpiftError, match="cannot read dataset nobody-here/no-such-dataset"):
+        load_examples("nobody-here/no-such-dataset")

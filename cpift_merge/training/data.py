@@ -1,7 +1,11 @@
-"""Task data: JSONL (or a saved ``datasets`` dataset) to tokenized SFT examples.
+"""Task data: JSONL, JSON, CSV, Parquet, a saved ``datasets`` dataset or a hub dataset
+id, to tokenized SFT examples.
 
-One example a line, either ``{"prompt": ..., "response": ...}`` or
-``{"messages": [{"role": ..., "content": ...}, ...]}``. The tokenizer's chat template
+Each example in one of the formats SFT users hold, detected from its fields and turned
+into ``{"prompt": ..., "response": ...}`` or ``{"messages": [{"role", "content"}, ...]}``:
+prompt/response, chat ``messages``, TRL prompt/completion (strings or conversational),
+Alpaca (``instruction``/``input``/``output``), ShareGPT (``conversations`` of
+``from``/``value``). The tokenizer's chat template
 is used when it has one; the loss is on response (assistant) tokens only; sequences
 longer than ``max_length`` are truncated and counted, never silently.
 """
@@ -43,6 +47,76 @@ def _text(value: Any, field_name: str, where: str) -> str:
             " fix the text"
         ) from None
     return value
+
+
+SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant",
+                  "system": "system", "model": "assistant", "bot": "assistant"}  # fmt: skip
+FORMATS = ("prompt/response", "messages", "prompt/completion", "alpaca", "sharegpt")
+
+
+def detect_format(ex: Dict[str, Any]) -> Optional[str]:
+    """The SFT format an example is written in (:data:`FORMATS`), from its fields."""
+    if "messages" in ex:
+        return "messages"
+    if "conversations" in ex:
+        return "sharegpt"
+    if "prompt" in ex and "response" in ex:
+        return "prompt/response"
+    if "prompt" in ex and "completion" in ex:
+        return "prompt/completion"
+    if "instruction" in ex and "output" in ex:
+        return "alpaca"
+    return None
+
+
+def _as_turns(value: Any, field_name: str, where: str) -> Optional[List[Dict[str, Any]]]:
+    """A conversational TRL field (a list of {role, content}), or None for a plain string."""
+    if isinstance(value, list):
+        if not all(isinstance(m, dict) for m in value):
+            raise CpiftError(f"{where}: {field_name!r} must be a string or a list of {{role, content}} turns")
+        return value
+    return None
+
+
+def normalize_example(ex: Any, where: str) -> tuple[Dict[str, Any], str]:
+    """One example in any supported format as ``{prompt, response}`` or ``{messages}``,
+    and the format's name; one line naming the missing field when none fits."""
+    if not isinstance(ex, dict):
+        raise CpiftError(f"{where}: an example must be a JSON object")
+    fmt = detect_format(ex)
+    if fmt == "sharegpt":
+        turns = ex["conversations"]
+        if not isinstance(turns, list) or not all(isinstance(t, dict) for t in turns):
+            raise CpiftError(f"{where}: 'conversations' must be a list of {{from, value}} turns")
+        msgs = []
+        for n, t in enumerate(turns):
+            who = _text(t.get("from"), f"conversations[{n}].from", where)
+            if who not in SHAREGPT_ROLES:
+                raise CpiftError(f"{where}: conversations[{n}].from is {who!r}; use human, gpt or system")
+            msgs.append({"role": SHAREGPT_ROLES[who], "content": t.get("value")})
+        ex = {"messages": msgs}
+    elif fmt == "prompt/completion":
+        p, c = _as_turns(ex["prompt"], "prompt", where), _as_turns(ex["completion"], "completion", where)
+        if (p is None) != (c is None):
+            raise CpiftError(f"{where}: 'prompt' and 'completion' must both be strings or both lists of turns")
+        ex = {"messages": p + c} if p is not None else {"prompt": ex["prompt"], "response": ex["completion"]}
+    elif fmt == "alpaca":
+        instruction = _text(ex["instruction"], "instruction", where)
+        extra = ex.get("input") or ""
+        if not isinstance(extra, str):
+            raise CpiftError(f"{where}: field 'input' must be a string, got {type(extra).__name__}")
+        ex = {"prompt": f"{instruction}\n\n{extra}" if extra.strip() else instruction, "response": ex["output"]}
+    elif fmt is None:
+        fields = ", ".join(sorted(map(str, ex))) or "none"
+        if "prompt" in ex:
+            raise CpiftError(f"{where}: missing field 'response' (or 'completion') beside 'prompt' (fields: {fields})")
+        if "instruction" in ex:
+            raise CpiftError(f"{where}: missing field 'output' beside 'instruction' (fields: {fields})")
+        raise CpiftError(
+            f"{where}: missing field 'prompt' (need prompt and response, prompt and completion, instruction"
+            f" and output, messages or conversations; fields: {fields})"
+        )
+    return _check_example(ex, where), fmt
 
 
 def _check_example(ex: Any, where: str) -> Dict[str, Any]:
@@ -90,11 +164,76 @@ def split_of(path: str, role: str = "train") -> tuple[str, Optional[str]]:
     return path, None
 
 
-def load_examples(path: str, role: str = "train") -> List[Dict[str, Any]]:
-    """Examples from a JSONL file or a ``datasets`` dataset saved with ``save_to_disk``
-    (a DatasetDict's split as :func:`split_of` picks it for ``role``)."""
+DATASETS_FILES = {".json": "json", ".csv": "csv", ".parquet": "parquet", ".pq": "parquet"}
+
+
+def _load_with_datasets(path: str, split: Optional[str], role: str) -> tuple[Any, str]:
+    """A JSON, CSV or Parquet file, or a hub dataset id, read by ``datasets`` (hub ids
+    through its own cache: offline once cached). Returns the rows and where they came from."""
+    import datasets
+
+    ext = os.path.splitext(path)[1].lower()
+    try:
+        if ext in DATASETS_FILES:
+            kind = DATASETS_FILES[ext]
+            # CSV has no types: every cell is text ("4" stays "4", an empty input stays "")
+            extra: Dict[str, Any] = {}
+            if kind == "csv":
+                import csv
+
+                with open(path, encoding="utf-8", newline="") as fh:
+                    columns = next(csv.reader(fh), [])
+                string = datasets.Value("string")
+                extra = {"features": datasets.Features({c: string for c in columns}), "keep_default_na": False}
+            return datasets.load_dataset(kind, data_files=path, split="train", **extra), path
+        names = TRAIN_SPLITS if role == "train" else TEST_SPLITS
+        dd = datasets.load_dataset(path) if split is None else None
+        if dd is not None:
+            split = next((n for n in names if n in dd), None)
+            if split is None:
+                raise CpiftError(
+                    f"dataset {path} has splits {list(dd)}, none of {', '.join(names)}; name one as {path}:SPLIT"
+                )
+            return dd[split], f"{path}:{split}"
+        return datasets.load_dataset(path, split=split), f"{path}:{split}"
+    except CpiftError:
+        raise
+    except Exception as err:
+        what = "data file" if ext in DATASETS_FILES else "dataset"
+        raise CpiftError(
+            f"cannot read {what} {path}: {type(err).__name__}: {' '.join(str(err).split())[:200]}"
+        ) from None
+
+
+def load_examples(path: str, role: str = "train", on_format=None) -> List[Dict[str, Any]]:
+    """Examples from a JSONL, JSON, CSV or Parquet file, a ``datasets`` dataset saved
+    with ``save_to_disk`` (a DatasetDict's split as :func:`split_of` picks it for
+    ``role``), or a hub dataset id (``owner/name[:split]``, read through ``datasets``'
+    cache). Each example may be in any of :data:`FORMATS`; ``on_format(name)`` is told
+    which (the first example's)."""
     path, split = split_of(path, role)
-    if os.path.isdir(path):
+    formats: List[str] = []
+
+    def norm(ex: Any, where: str) -> Dict[str, Any]:
+        row, fmt = normalize_example(ex, where)
+        if not formats:
+            formats.append(fmt)
+        return row
+
+    ext = os.path.splitext(path)[1].lower()
+    if (
+        not os.path.exists(path)
+        and ext not in DATASETS_FILES
+        and path.count("/") == 1
+        and not path.startswith(("/", "."))
+    ):
+        head, sep, tail = path.rpartition(":")
+        ds, where = _load_with_datasets(*((head, tail) if sep and "/" in head else (path, None)), role)
+        rows = [norm(dict(r), f"{where} row {i}") for i, r in enumerate(ds)]
+    elif os.path.isfile(path) and ext in DATASETS_FILES:
+        ds, where = _load_with_datasets(path, None, role)
+        rows = [norm(dict(r), f"{where} row {i}") for i, r in enumerate(ds)]
+    elif os.path.isdir(path):
         try:
             from datasets import DatasetDict, load_from_disk
 
@@ -108,7 +247,7 @@ def load_examples(path: str, role: str = "train") -> List[Dict[str, Any]]:
         elif split is not None:
             raise CpiftError(f"dataset {path} has no splits; name it without :{split}")
         where = f"{path}:{split}" if split else path
-        rows = [_check_example(dict(r), f"{where} row {i}") for i, r in enumerate(ds)]
+        rows = [norm(dict(r), f"{where} row {i}") for i, r in enumerate(ds)]
     else:
         try:
             with open(path, "rb") as fh:
@@ -131,18 +270,27 @@ def load_examples(path: str, role: str = "train") -> List[Dict[str, Any]]:
                 ex = json.loads(line)
             except ValueError as err:
                 raise CpiftError(f"{path}:{no}: not valid JSON ({getattr(err, 'msg', err)})") from None
-            rows.append(_check_example(ex, f"{path}:{no}"))
+            rows.append(norm(ex, f"{path}:{no}"))
     if not rows:
         raise CpiftError(f"data {path} holds no examples")
+    if on_format is not None:
+        on_format(formats[0])
     return rows
 
 
-def load_tasks(paths: Dict[str, str]) -> Dict[str, List[Dict[str, Any]]]:
-    """Each task's examples (see :func:`load_examples`), after checking the task names."""
+def load_tasks(paths: Dict[str, str], say=None) -> Dict[str, List[Dict[str, Any]]]:
+    """Each task's examples (see :func:`load_examples`), after checking the task names;
+    ``say`` gets one line per task with the format detected."""
     from cpift_merge.storage.regions import check_task_names
 
     check_task_names(list(paths))
-    return {name: load_examples(path) for name, path in paths.items()}
+    out = {}
+    for name, path in paths.items():
+        fmt: List[str] = []
+        out[name] = load_examples(path, on_format=fmt.append)
+        if say is not None:
+            say(f"task {name}: {len(out[name])} examples from {path} ({fmt[0]} format)")
+    return out
 
 
 def as_messages(ex: Dict[str, Any]) -> List[Dict[str, str]]:

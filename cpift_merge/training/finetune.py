@@ -970,7 +970,7 @@ def train_from_files(
     from cpift_merge.storage.regions import load_regions
     from cpift_merge.training.data import load_tasks
 
-    data = load_tasks(task_files)
+    data = load_tasks(task_files, say=print if progress and is_main() else None)
     rs = load_regions(regions_dir) if regions_dir else None
     if rs is not None and not allow_other_base and has_safetensors(base):
         other = rs.other_base_tensor(Checkpoint(base, label=base))
