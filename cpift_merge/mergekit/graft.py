@@ -29,6 +29,8 @@ from cpift_merge.storage.regions import RegionSet, samples_close
 KEEP = ("core", "rest")
 MASKS = ("core", "random")
 RECORDS = ("probe.json", "stage.json", "run.json", "train.json", "cpi_stats.json")  # not the graft's
+# side files a written model does not inherit from its source: index, model card, run records
+SKIPPED = ("model.safetensors.index.json", "README.md", *RECORDS)
 
 
 def random_mask(rs: RegionSet, task: str, tensor: str, seed: int) -> torch.Tensor:
@@ -50,33 +52,35 @@ def transplant(backbone: str, donor: str, rs: RegionSet, task: str, out: str, *,
         raise CpiftError(f"region file {rs.path} has no task {task!r} (has {rs.tasks})")
     ensure_apart(out, [backbone, donor])
     into, src = Checkpoint(backbone, label=backbone), Checkpoint(donor, label=donor)
+
+    def tensor(name: str, info) -> torch.Tensor:
+        t = into.get(name)
+        if name not in src.infos or list(src.infos[name].shape) != list(info.shape):
+            raise CpiftError(f"model {donor} has no tensor {name} shaped like {backbone}'s")
+        if not rs.has_tensor(name):
+            return t
+        if rs.shape(name) != list(info.shape):
+            raise CpiftError(f"region file {rs.path} has {name} shaped {rs.shape(name)}, not {list(info.shape)}")
+        return cpi_fuse(t, [src.get(name).to(t.dtype)], [rs.mask(task, name)], omega=0.0)[0]
+
+    return _write_model(out, into, tensor, side_files_from=backbone, overwrite=overwrite)
+
+
+def _write_model(out: str, layout: Checkpoint, tensor, *, side_files_from: str, overwrite: bool) -> str:
+    """Write ``out`` atomically: ``tensor(name, info)`` for every tensor of ``layout``,
+    streamed one at a time into one safetensors file, beside the config, tokenizer and
+    generation config of ``side_files_from`` (not its weights, run records or card)."""
     with atomic_dir(out, overwrite=overwrite) as tmp:
         writer = SafetensorsWriter(os.path.join(tmp, "model.safetensors"))
-        for name, info in into.infos.items():
-            t = into.get(name)
-            if name not in src.infos or list(src.infos[name].shape) != list(info.shape):
-                raise CpiftError(f"model {donor} has no tensor {name} shaped like {backbone}'s")
-            if rs.has_tensor(name):
-                if rs.shape(name) != list(info.shape):
-                    raise CpiftError(
-                        f"region file {rs.path} has {name} shaped {rs.shape(name)}, not {list(info.shape)}"
-                    )
-                fused, _ = cpi_fuse(t, [src.get(name).to(t.dtype)], [rs.mask(task, name)], omega=0.0)
-            else:
-                fused = t
-            writer.add(name, fused, shape=info.shape)
+        for name, info in layout.infos.items():
+            writer.add(name, tensor(name, info), shape=info.shape)
         writer.close({"format": "pt"})
-        _copy_side_files(backbone, tmp)
+        for f in os.listdir(side_files_from):
+            src = os.path.join(side_files_from, f)
+            ours = f.endswith((".safetensors", ".jsonl")) or f in SKIPPED
+            if os.path.isfile(src) and not ours:
+                shutil.copy(src, os.path.join(tmp, f))
     return os.path.abspath(out)
-
-
-def _copy_side_files(model: str, tmp: str) -> None:
-    """Config, tokenizer, generation config: the source model's, not its weights or run records."""
-    for f in os.listdir(model):
-        src = os.path.join(model, f)
-        ours = f.endswith((".safetensors", ".jsonl")) or f in ("model.safetensors.index.json", "README.md", *RECORDS)
-        if os.path.isfile(src) and not ours:
-            shutil.copy(src, os.path.join(tmp, f))
 
 
 def graft(
@@ -104,22 +108,19 @@ def graft(
     other = rs.other_base_tensor(theta0)
     if other is not None:
         raise CpiftError(f"region file {rs.path} was computed on another base than {base} ({other} differs)")
-    with atomic_dir(out, overwrite=overwrite) as tmp:
-        writer = SafetensorsWriter(os.path.join(tmp, "model.safetensors"))
-        for name, info in theta0.infos.items():
-            t0 = theta0.get(name)
-            if name not in theta.infos or list(theta.infos[name].shape) != list(info.shape):
-                raise CpiftError(f"model {model} has no tensor {name} shaped like the base's")
-            ti = theta.get(name).to(t0.dtype)
-            recorded = rs.sample(task, name)
-            if recorded is not None and not samples_close(torch.tensor(theta.sample(name), dtype=t0.dtype), recorded):
-                raise CpiftError(f"model {model} is not task {task} of region file {rs.path} ({name} differs)")
-            if rs.has_tensor(name):
-                m = rs.mask(task, name) if mask == "core" else random_mask(rs, task, name, seed)
-            else:
-                m = torch.zeros(t0.shape, dtype=torch.bool)
-            fused, _ = cpi_fuse(t0, [ti], [m], omega=0.0) if keep == "core" else cpi_fuse(ti, [t0], [m], omega=0.0)
-            writer.add(name, fused, shape=info.shape)
-        writer.close({"format": "pt"})
-        _copy_side_files(model, tmp)  # the fine-tune's
-    return os.path.abspath(out)
+
+    def tensor(name: str, info) -> torch.Tensor:
+        t0 = theta0.get(name)
+        if name not in theta.infos or list(theta.infos[name].shape) != list(info.shape):
+            raise CpiftError(f"model {model} has no tensor {name} shaped like the base's")
+        ti = theta.get(name).to(t0.dtype)
+        recorded = rs.sample(task, name)
+        if recorded is not None and not samples_close(torch.tensor(theta.sample(name), dtype=t0.dtype), recorded):
+            raise CpiftError(f"model {model} is not task {task} of region file {rs.path} ({name} differs)")
+        if rs.has_tensor(name):
+            m = rs.mask(task, name) if mask == "core" else random_mask(rs, task, name, seed)
+        else:
+            m = torch.zeros(t0.shape, dtype=torch.bool)
+        return (cpi_fuse(t0, [ti], [m], omega=0.0) if keep == "core" else cpi_fuse(ti, [t0], [m], omega=0.0))[0]
+
+    return _write_model(out, theta0, tensor, side_files_from=model, overwrite=overwrite)  # the fine-tune's files
