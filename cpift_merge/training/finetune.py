@@ -232,6 +232,26 @@ def agree(ok: bool, message: str) -> None:
         raise CpiftError(message)
 
 
+def on_main(fn: Callable[[], None]) -> None:
+    """Run ``fn`` on rank 0 only; every rank then stops with the CpiftError it raised (the
+    same one line on each rank) or goes on together. In one process: just ``fn()``."""
+    if rank_world()[1] <= 1:
+        fn()
+        return
+    import torch.distributed as dist
+
+    message: List[Optional[str]] = [None]
+    if is_main():
+        try:
+            fn()
+        except CpiftError as err:
+            message[0] = str(err)
+    barrier()
+    dist.broadcast_object_list(message, src=0)
+    if message[0] is not None:
+        raise CpiftError(message[0])
+
+
 class JsonlLogCallback(TrainerCallback):
     """Append every Trainer log (loss, lr, grad norm) to a JSONL file."""
 
@@ -453,20 +473,25 @@ def finetune(
             f"{out} exists but holds no {record}; it is not a finished run: delete it or choose another --out"
         )
     stamp = os.path.join(work, "run-config.json")
-    if os.path.isfile(stamp):
-        prior = read_json(stamp)
-        if prior != run_id:
-            if not overwrite:
-                raise CpiftError(
-                    f"{work} holds an interrupted run with {_what_changed(prior, run_id)}; pass --overwrite to start"
-                    " over, or rerun with the same options"
-                )
-            shutil.rmtree(work)
-    if not os.path.isfile(stamp) and is_main():
-        os.makedirs(work, exist_ok=True)
-        with open(stamp, "w", encoding="utf-8") as fh:
-            json.dump(run_id, fh)
-    barrier()  # under torchrun: rank 0 has stamped the work folder
+
+    def check_and_stamp() -> None:
+        if os.path.isfile(stamp):
+            prior = read_json(stamp)
+            if prior != run_id:
+                if not overwrite:
+                    raise CpiftError(
+                        f"{work} holds an interrupted run with {_what_changed(prior, run_id)}; pass --overwrite to"
+                        " start over, or rerun with the same options"
+                    )
+                shutil.rmtree(work)
+        if not os.path.isfile(stamp):
+            os.makedirs(work, exist_ok=True)
+            with open(stamp, "w", encoding="utf-8") as fh:
+                json.dump(run_id, fh)
+
+    # rank 0 alone reads and writes the stamp (another rank could read it half-written);
+    # every rank stops with its error, or goes on once it is written
+    on_main(check_and_stamp)
 
     try:
         return _train_and_save(
