@@ -72,14 +72,18 @@ def main() -> None:
 
 
 @main.command()
-@click.option("--base", required=True, help="Pre-trained reference theta_0 (HF folder or .safetensors).")
+@click.option(
+    "--base",
+    required=True,
+    help="Pre-trained reference theta_0: what a merge recipe takes (folder, .safetensors/.bin, hub id).",
+)
 @click.option(
     "--model",
     "models",
     multiple=True,
     required=True,
     metavar="NAME=PATH",
-    help="A task's fine-tuned checkpoint; repeat for each task.",
+    help="A task's fine-tuned checkpoint (folder, hub id, BASE+LORA or a LoRA adapter folder); repeat per task.",
 )
 @click.option("--density", type=float, required=True, help="Core share p, in [0, 1] (0.01 = 1%).")
 @click.option(
@@ -121,10 +125,12 @@ def main() -> None:
 def regions(base, models, density, scope, exclude, tau, order, seed, score, fishers, out, overwrite, plot, quiet):
     """Find each task's core region (top-p entries by --score, |theta_i - theta_0| by
     default), their Jaccard overlaps and the task groups; write a region directory."""
+    from cpift_merge.mergekit.recipe import local_model
     from cpift_merge.storage.regions import compute_from_paths
 
     _hush(quiet)
-    pairs = _pairs(models, "--model")
+    pairs = {name: local_model(path) for name, path in _pairs(models, "--model").items()}
+    base = local_model(base)
     fisher = _pairs(fishers, "--fisher") if fishers else None
     if fisher and score != "fisher":
         raise CpiftError("--fisher is read with --score fisher only")

@@ -39,6 +39,78 @@ def _resolve_ref(value: str, base_dir: str) -> str:
     return "+".join(parts)
 
 
+def _first_line(err: BaseException) -> str:
+    text = str(err).strip()
+    return text.splitlines()[0] if text else type(err).__name__
+
+
+def local_model(value: str, base_dir: str = ".") -> str:
+    """A local weights folder for anything mergekit takes as a model: a folder, a hub id
+    (``org/name`` or ``org/name@revision``: from the hub's cache first, so it works offline
+    once cached, else downloaded as mergekit downloads it), ``base+lora``, or a bare LoRA
+    adapter folder (merged into the base its ``adapter_config.json`` names). LoRAs are merged
+    through peft by mergekit's own ``ModelReference.merged`` into ``cache_dir()/lora``,
+    written to a temporary sibling and renamed, so an interrupted merge leaves nothing."""
+    from mergekit.common import ModelPath, ModelReference
+
+    from cpift_merge.storage.files import cache_dir
+
+    ref = ModelReference.parse(_resolve_ref(value, base_dir))
+    adapter = os.path.join(ref.model.path, "adapter_config.json")
+    if ref.lora is None and os.path.isfile(adapter):
+        try:
+            with open(adapter, encoding="utf-8") as fh:
+                base = json.load(fh).get("base_model_name_or_path")
+        except (OSError, ValueError) as err:
+            raise CpiftError(f"model {value}: unreadable {adapter}: {err}") from None
+        if not base:
+            raise CpiftError(
+                f"model {value} is a LoRA adapter whose adapter_config.json names no base model;"
+                f" pass it as BASE+{value}"
+            )
+        ref = ModelReference(model=ModelPath.model_validate(_resolve_ref(base, base_dir)), lora=ref.model)
+    if ref.lora is not None:
+        return _merged_lora(ref, value, os.path.join(cache_dir(), "lora"))
+    path = ref.model.path
+    if os.path.isdir(path) or os.path.isfile(path):
+        return os.path.abspath(path)
+    return _hub_model(ref, value)
+
+
+def _hub_model(ref: Any, value: str) -> str:
+    import huggingface_hub
+
+    try:  # the cache first: offline once cached, and no round trip when it is there
+        return huggingface_hub.snapshot_download(ref.model.path, revision=ref.model.revision, local_files_only=True)
+    except Exception:
+        pass
+    try:
+        return ref.local_path()  # mergekit's own download (safetensors, else .bin)
+    except Exception as err:
+        raise CpiftError(
+            f"model {value}: no such folder, and not a hub model in the local cache or on the hub ({_first_line(err)})"
+        ) from None
+
+
+def _merged_lora(ref: Any, value: str, root: str) -> str:
+    import shutil
+    import tempfile
+
+    final = os.path.join(root, ref.model._unique_id() + "_" + ref.lora._unique_id())
+    if os.path.isdir(final):
+        return final
+    os.makedirs(root, exist_ok=True)
+    tmp = tempfile.mkdtemp(prefix=".tmp-", dir=root)
+    try:
+        merged = ref.merged(cache_dir=tmp).model.path
+        os.replace(merged, final)
+    except Exception as err:
+        raise CpiftError(f"model {value}: cannot merge LoRA {ref.lora} into {ref.model}: {_first_line(err)}") from None
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    return final
+
+
 def resolve_recipe(cfg: Dict[str, Any], base_dir: str) -> Dict[str, Any]:
     """Resolve local paths in a raw recipe (models and ``regions``), in place."""
     if cfg.get("base_model"):

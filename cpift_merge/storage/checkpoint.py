@@ -1,6 +1,9 @@
 """Streaming access to HF checkpoints: one tensor at a time, never the whole model.
 
-Reads single-file and sharded safetensors (``model.safetensors.index.json``). Also
+Reads single-file and sharded safetensors (``model.safetensors.index.json``), and
+PyTorch ``.bin`` checkpoints (single or ``pytorch_model.bin.index.json``) through a memory
+map: those cannot be read one tensor at a time from disk, so the pages a pass touches stay
+resident until the checkpoint is closed (safetensors are the memory-flat path). Also
 computes model fingerprints (tensor names, shapes, dtypes and a fixed sample of
 values) cheaply: only the sampled entries are read, not whole tensors. Tensors are
 read with positioned reads, not a memory map (see ``_Shard``).
@@ -23,6 +26,8 @@ from cpift_merge.errors import CpiftError
 SAMPLE_POINTS = 8
 INDEX_NAME = "model.safetensors.index.json"
 SINGLE_NAME = "model.safetensors"
+BIN_INDEX_NAME = "pytorch_model.bin.index.json"
+BIN_SINGLE_NAME = "pytorch_model.bin"
 
 
 def sample_positions(numel: int, points: int = SAMPLE_POINTS) -> List[int]:
@@ -154,6 +159,10 @@ class _Shard:
             done += n
         return flat.view(dtype).reshape(e["shape"])
 
+    def nbytes(self, name: str) -> int:
+        begin, end = self.entries[name]["data_offsets"]
+        return end - begin
+
     def read_at(self, name: str, positions: Sequence[int]) -> List[float]:
         e = self.entries[name]
         dtype = _DTYPES[e["dtype"]]
@@ -169,8 +178,52 @@ class _Shard:
             pass
 
 
+class _BinShard:
+    """One PyTorch ``.bin`` file (the zip format ``torch.save`` writes since 1.6), loaded
+    with ``weights_only`` through a memory map; same interface as :class:`_Shard`."""
+
+    def __init__(self, path: str, label: str):
+        self.path = path
+        try:
+            state = torch.load(path, map_location="cpu", mmap=True, weights_only=True)
+        except Exception as err:  # pickle, zip and mmap errors all mean the same to a user
+            msg = str(err).strip().splitlines()[0] if str(err).strip() else type(err).__name__
+            raise CpiftError(
+                f"model {label}: cannot read {path} as a PyTorch weights file ({msg}); re-save it as"
+                " safetensors (save_pretrained(..., safe_serialization=True))"
+            ) from None
+        if not isinstance(state, dict) or not all(isinstance(v, torch.Tensor) for v in state.values()):
+            raise CpiftError(f"model {label}: {path} is not a state dict of tensors")
+        self.tensors: Dict[str, torch.Tensor] = state
+        self.entries = {
+            name: {"shape": list(t.shape), "dtype": DTYPE_NAMES[t.dtype]}
+            for name, t in state.items()
+            if t.dtype in DTYPE_NAMES
+        }
+
+    def nbytes(self, name: str) -> int:
+        t = self.tensors[name]
+        return t.numel() * t.element_size()
+
+    def read(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        t = self.tensors[name]
+        if out is None:
+            return t.clone()
+        view = out[: self.nbytes(name)].view(t.dtype).reshape(t.shape)
+        view.copy_(t)
+        return view
+
+    def read_at(self, name: str, positions: Sequence[int]) -> List[float]:
+        flat = self.tensors[name].reshape(-1)
+        return [float(v) for v in flat[torch.tensor(list(positions), dtype=torch.long)].to(torch.float64)]
+
+    def close(self) -> None:
+        self.tensors = {}
+
+
 class Checkpoint:
-    """A safetensors checkpoint: a folder (single or sharded) or one ``.safetensors``.
+    """A checkpoint: a folder (single or sharded safetensors, else PyTorch ``.bin``) or one
+    ``.safetensors`` / ``.bin`` file.
 
     ``label`` names it in error messages (a task name or the path as the user wrote it).
     """
@@ -178,8 +231,8 @@ class Checkpoint:
     def __init__(self, path: str, label: Optional[str] = None):
         self.path = os.path.abspath(os.path.expanduser(str(path)))
         self.label = label or str(path)
-        self._shards: Dict[str, _Shard] = {}
-        self._where: Dict[str, _Shard] = {}
+        self._shards: Dict[str, _Shard | _BinShard] = {}
+        self._where: Dict[str, _Shard | _BinShard] = {}
         self.infos: Dict[str, TensorInfo] = {}
         for file, names in self._find_shards().items():
             shard = self._open(file)
@@ -197,14 +250,18 @@ class Checkpoint:
     def _find_shards(self) -> Dict[str, List[str]]:
         p = self.path
         if os.path.isfile(p):
-            if not p.endswith(".safetensors"):
+            if not p.endswith((".safetensors", ".bin")):
                 raise CpiftError(
-                    f"model {self.label}: {p} is not a .safetensors file; save the model with safe_serialization=True"
+                    f"model {self.label}: {p} is not a .safetensors or .bin weights file;"
+                    " save the model with save_pretrained(..., safe_serialization=True)"
                 )
             return {p: self._keys_of(p)}
         if not os.path.isdir(p):
             raise CpiftError(f"model {self.label}: cannot read {p}: no such file or folder")
         index = os.path.join(p, INDEX_NAME)
+        if not os.path.isfile(index) and not os.path.isfile(os.path.join(p, SINGLE_NAME)):
+            if not any(f.endswith(".safetensors") for f in os.listdir(p)):
+                index = os.path.join(p, BIN_INDEX_NAME)  # no safetensors: PyTorch .bin weights
         if os.path.isfile(index):
             try:
                 with open(index, encoding="utf-8") as fh:
@@ -224,19 +281,20 @@ class Checkpoint:
         found = sorted(f for f in os.listdir(p) if f.endswith(".safetensors"))
         if found:
             return {os.path.join(p, f): self._keys_of(os.path.join(p, f)) for f in found}
-        if any(f.endswith(".bin") for f in os.listdir(p)):
-            raise CpiftError(
-                f"model {self.label}: {p} holds PyTorch .bin weights; re-save it as"
-                " safetensors (save_pretrained(..., safe_serialization=True))"
-            )
-        raise CpiftError(f"model {self.label}: no safetensors weights in {p}")
+        single = os.path.join(p, BIN_SINGLE_NAME)
+        if os.path.isfile(single):
+            return {single: self._keys_of(single)}
+        raise CpiftError(
+            f"model {self.label}: no weights in {p} (model.safetensors, pytorch_model.bin or an index of either)"
+        )
 
     def _keys_of(self, file: str) -> List[str]:
         return list(self._open(file).entries)
 
-    def _open(self, file: str) -> _Shard:
+    def _open(self, file: str) -> _Shard | _BinShard:
         if file not in self._shards:
-            self._shards[file] = _Shard(file, self.label)
+            kind = _BinShard if file.endswith(".bin") else _Shard
+            self._shards[file] = kind(file, self.label)
         return self._shards[file]
 
     def close(self) -> None:
@@ -258,8 +316,7 @@ class Checkpoint:
         return self._where[name].read(name, out)
 
     def nbytes(self, name: str) -> int:
-        begin, end = self._where[name].entries[name]["data_offsets"]
-        return end - begin
+        return self._where[name].nbytes(name)
 
     def sample(self, name: str) -> List[float]:
         """:func:`sample_values` of one tensor, reading only those entries."""

@@ -31,15 +31,15 @@ def cache_dir() -> str:
 
 
 def file_stamps(path: str) -> tuple:
-    """(name, size, mtime) of a checkpoint's or region directory's .json and
-    .safetensors files (or of one file): a cache key that notices rewrites."""
+    """(name, size, mtime) of a checkpoint's or region directory's .json,
+    .safetensors and .bin files (or of one file): a cache key that notices rewrites."""
     if os.path.isfile(path):
         st = os.stat(path)
         return ((path, st.st_size, st.st_mtime_ns),)
     out = []
     for root, _dirs, files in os.walk(path):
         for f in sorted(files):
-            if f.endswith((".json", ".safetensors")):
+            if f.endswith((".json", ".safetensors", ".bin")):
                 st = os.stat(os.path.join(root, f))
                 out.append((f, st.st_size, st.st_mtime_ns))
     return tuple(out)
