@@ -253,6 +253,7 @@ def test_omega_gradient_with_stock_mergekit_yaml(tiny_models, tmp_path):
     out = str(tmp_path / "out")
     proc = run_script("mergekit-yaml", config, out, "--no-copy-tokenizer", "--quiet", cwd=str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
+    assert "regions:" not in proc.stderr  # --quiet: the in-kernel global pre-pass draws no bars either
 
     sd = load_output(out)
     base, a, b = (state(tiny_models[n]) for n in ("base", "a", "b"))

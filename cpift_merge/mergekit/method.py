@@ -269,7 +269,8 @@ def cpi_merge(
             cores.append(mask.reshape(base.shape))
     else:
         d = DEFAULT_DENSITY if density is None else density
-        cut = global_prepass(_model_path(base_entry.id), [_model_path(e.id) for e in entries], d, exclude)
+        paths = [_model_path(e.id) for e in entries]
+        cut = global_prepass(_model_path(base_entry.id), paths, d, exclude, progress=not _QUIET)
         if name in cut.dtypes:
             cores, sums = _global_cores(cut, name, base_entry, entries)
         else:
@@ -309,6 +310,10 @@ def _lazy_theta0(rs: RegionSet, name: str, base: torch.Tensor) -> torch.Tensor:
 
 
 # ---------------------------------------------------------------- registration
+
+# The merge's ``quiet`` option (``mergekit-yaml --quiet``), as mergekit's planner last saw it:
+# the in-kernel pre-pass then draws no progress bars either.
+_QUIET = False
 
 
 def register_method() -> None:
@@ -358,6 +363,8 @@ def install_parameter_check() -> None:
     original = planner.normalize_config
 
     def normalize_config(self, *args, **kwargs):
+        global _QUIET
+        _QUIET = bool(getattr(getattr(self, "options", None), "quiet", False))  # mergekit-yaml --quiet
         check_parameters(self.config)
         return original(self, *args, **kwargs)
 
