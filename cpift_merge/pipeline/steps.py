@@ -12,10 +12,11 @@ import json
 import os
 import shutil
 import time
-from typing import Any, Callable, Dict, Optional, Sequence
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import click
 
+from cpift_merge.errors import CpiftError
 from cpift_merge.storage.files import read_json, write_json
 
 Record = Dict[str, Any]
@@ -82,12 +83,15 @@ class Steps:
             return os.path.join(self.out, result["path_in_out"])
         return result
 
-    def run(self, key: str, fp: str, outputs: Sequence[str], fn: Callable[[], Any], what: str = "") -> Any:
+    def _reused(self, key: str, fp: str, outputs: Sequence[str]) -> Optional[Record]:
         rec = self.read(key)
         if rec and rec.get("fingerprint") == fp and rec.get("state") == "done" and all(map(os.path.exists, outputs)):
-            self.say(f"[{key}] done earlier, reused")
-            self.timings[key] = rec.get("seconds", 0.0)
-            return self._abs(rec.get("result"))
+            return rec
+        return None
+
+    def _begin(self, key: str, fp: str, outputs: Sequence[str], what: str) -> None:
+        """Say what happens, remove stale outputs, mark the step running."""
+        rec = self.read(key)
         if rec and rec.get("fingerprint") == fp:
             self.say(f"[{key}] resuming an interrupted run")
         else:
@@ -101,10 +105,77 @@ class Steps:
                         os.remove(q)
             self.say(f"[{key}] {what}".rstrip())
         self._write(key, {"fingerprint": fp, "state": "running"})
-        t0 = time.time()
-        result = fn()
+
+    def _end(self, key: str, fp: str, t0: float, result: Any) -> None:
         seconds = round(time.time() - t0, 2)
         self.timings[key] = seconds
         self._write(key, {"fingerprint": fp, "state": "done", "seconds": seconds, "result": self._rel(result)})
         self.say(f"[{key}] finished in {seconds:.1f} s")
+
+    def run(
+        self,
+        key: str,
+        fp: str,
+        outputs: Sequence[str],
+        fn: Callable[[], Any],
+        what: str = "",
+        everyone: bool = False,
+    ) -> Any:
+        """Run step ``key`` (or reuse it). Under torchrun / accelerate launch, rank 0 alone
+        reads and writes the step records and runs ``fn`` while the other ranks wait, unless
+        ``everyone``: a training step, which every rank runs (data-parallel; rank 0 writes)."""
+        from cpift_merge.training.distributed import rank_world
+
+        if rank_world()[1] > 1:
+            return self._run_ranks(key, fp, outputs, fn, what, everyone)
+        rec = self._reused(key, fp, outputs)
+        if rec:
+            self.say(f"[{key}] done earlier, reused")
+            self.timings[key] = rec.get("seconds", 0.0)
+            return self._abs(rec.get("result"))
+        self._begin(key, fp, outputs, what)
+        t0 = time.time()
+        result = fn()
+        self._end(key, fp, t0, result)
+        return result
+
+    def _run_ranks(self, key, fp, outputs, fn, what, everyone) -> Any:
+        import torch.distributed as dist
+
+        from cpift_merge.training.distributed import barrier, is_main
+
+        plan: List[Any] = [None]
+        if is_main():
+            rec = self._reused(key, fp, outputs)
+            if rec:
+                self.say(f"[{key}] done earlier, reused")
+                plan[0] = {"reuse": True, "result": rec.get("result"), "seconds": rec.get("seconds", 0.0)}
+            else:
+                self._begin(key, fp, outputs, what)
+                plan[0] = {"reuse": False}
+        barrier()
+        dist.broadcast_object_list(plan, src=0)
+        if plan[0]["reuse"]:
+            self.timings[key] = plan[0]["seconds"]
+            return self._abs(plan[0]["result"])
+        t0 = time.time()
+        if everyone:
+            result = fn()
+        else:
+            box: List[Any] = [None, None]  # rank 0's result (as recorded), or its one-line error
+            if is_main():
+                try:
+                    result = fn()
+                    box[0] = self._rel(result)
+                except CpiftError as err:
+                    box[1] = str(err)
+            barrier()
+            dist.broadcast_object_list(box, src=0)
+            if box[1] is not None:
+                raise CpiftError(box[1])
+            if not is_main():
+                result = self._abs(box[0])
+        if is_main():
+            self._end(key, fp, t0, result)
+        barrier()
         return result

@@ -15,7 +15,7 @@ import math
 import os
 import shutil
 from dataclasses import asdict, dataclass
-from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence
 
 import torch
 from tqdm.auto import tqdm
@@ -26,6 +26,7 @@ from cpift_merge.core.topk import all_finite
 from cpift_merge.errors import CpiftError, first_line
 from cpift_merge.storage.files import atomic_dir, ensure_apart, file_stamps, read_json
 from cpift_merge.training.data import Collator, encode_all
+from cpift_merge.training.distributed import agree, barrier, is_main, on_main, rank_world
 from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
 
 # Bump when a change to the training path below changes the bits a run writes: a
@@ -195,61 +196,6 @@ def model_card(base: str, rec: Dict[str, Any]) -> str:
         lines.append(f"{rec['frozen_entries']:,} entries (the cores of {frozen}) were kept bit-identical.")
     lines += ["", "Settings:", "", "```yaml", yaml.safe_dump(settings, sort_keys=False).strip(), "```", ""]
     return "\n".join(lines)
-
-
-def rank_world() -> Tuple[int, int]:
-    """(rank, world size) of this process under torchrun / accelerate launch; (0, 1) alone."""
-    return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
-
-
-def is_main() -> bool:
-    """Whether this process writes outputs (rank 0, or the only process)."""
-    return rank_world()[0] == 0
-
-
-def barrier() -> None:
-    """Wait for every rank (nothing to wait for in one process). Starts the process group
-    the launcher asked for (gloo on CPU, nccl on GPUs) if nothing has started it yet."""
-    if rank_world()[1] <= 1:
-        return
-    import torch.distributed as dist
-
-    if not dist.is_initialized():
-        dist.init_process_group(backend="nccl" if torch.cuda.is_available() else "gloo")
-    dist.barrier()
-
-
-def agree(ok: bool, message: str) -> None:
-    """Every rank stops with ``message`` when any rank's ``ok`` is False (no rank hangs)."""
-    if rank_world()[1] > 1:
-        import torch.distributed as dist
-
-        barrier()
-        flag = torch.tensor([0 if ok else 1])
-        dist.all_reduce(flag)
-        ok = int(flag) == 0
-    if not ok:
-        raise CpiftError(message)
-
-
-def on_main(fn: Callable[[], None]) -> None:
-    """Run ``fn`` on rank 0 only; every rank then stops with the CpiftError it raised (the
-    same one line on each rank) or goes on together. In one process: just ``fn()``."""
-    if rank_world()[1] <= 1:
-        fn()
-        return
-    import torch.distributed as dist
-
-    message: List[Optional[str]] = [None]
-    if is_main():
-        try:
-            fn()
-        except CpiftError as err:
-            message[0] = str(err)
-    barrier()
-    dist.broadcast_object_list(message, src=0)
-    if message[0] is not None:
-        raise CpiftError(message[0])
 
 
 class JsonlLogCallback(TrainerCallback):
