@@ -554,6 +554,28 @@ def test_kept_gain():
     assert kept_gain({"loss": 2.0, "score": 30.0}, base, base) == {"kept_loss": None, "kept_score": None}
 
 
+def test_run_outputs_carry_hub_model_cards(full_run):
+    """The pipeline's models are publishable folders: a README.md with hub front matter
+    (titled after the folder, tagged, base model named), the settings that made them and,
+    for the merge, the core regions it used; tokenizer and generation config beside."""
+    results, out = full_run
+
+    def card(folder):
+        text = open(os.path.join(folder, "README.md"), encoding="utf-8").read()
+        assert text.startswith("---\n") and ".tmp-" not in text
+        for f in ("tokenizer.json", "config.json", "generation_config.json"):
+            assert os.path.isfile(os.path.join(folder, f)), (folder, f)
+        return yaml.safe_load(text.split("---")[1]), text
+
+    front, text = card(os.path.join(out, "methods", "cpift_merged"))
+    assert "# cpift_merged\n" in text and {"cpift-merge", "cpi", "mergekit"} <= set(front["tags"])
+    assert "## Core regions" in text and "density 0.05, scope global" in text
+    final = results["methods"]["cpift"]["path"]
+    front, text = card(final)
+    assert front["library_name"] == "transformers" and "cpift-merge" in front["tags"]
+    assert front["base_model"] and "Settings:" in text
+
+
 def test_run_under_torchrun_trains_on_both_ranks_and_writes_once(lm, tmp_path):
     """`torchrun --nproc-per-node 2 -m cpift_merge run` (CPU, gloo): training steps run on
     both ranks, rank 0 alone writes step records, merges, evaluations and the report and

@@ -181,6 +181,9 @@ def test_community_finetunes(tiny_models, tmp_path):
 
     card = open(os.path.join(out, "README.md"), encoding="utf-8").read()
     assert "# out\n" in card and ".tmp-" not in card  # titled after the final folder, as mergekit-yaml does
+    front = yaml.safe_load(card.split("---")[1])  # hub front matter: mergekit's, with our tags added
+    assert front["library_name"] == "transformers" and {"mergekit", "merge", "cpift-merge", "cpi"} <= set(front["tags"])
+    assert "## Core regions" in card and "density 0.01, scope global, score delta" in card
     sd = load_output(out)
     base = state(tiny_models["base"])
     differs_from_all(sd, {n: state(tiny_models[n]) for n in ("base", "a", "b", "c")})

@@ -811,6 +811,17 @@ def test_report_to_reaches_the_trainer_and_not_the_run_identity(tiny_lm, tasks, 
     assert TrainConfig(report_to="wandb").identity() == TrainConfig().identity()  # logging changes no bit
 
 
+def test_report_to_tensorboard_writes_an_event_file(tiny_lm, tasks, tmp_path):
+    """--report-to tensorboard: the Trainer's TensorBoard logger (tensorboardX here) writes
+    its event file into the model folder (runs/...), beside train_log.jsonl."""
+    import glob
+
+    cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "p", "--steps", 2,
+        "--report-to", "tensorboard", *FAST)  # fmt: skip
+    events = glob.glob(str(tmp_path / "p" / "a" / "runs" / "*" / "events.out.tfevents.*"))
+    assert len(events) == 1 and os.path.getsize(events[0]) > 0
+
+
 def test_quiet_probe_prints_nothing(tiny_lm, tasks, tmp_path):
     """--quiet: neither our lines nor transformers' "Loading weights"/"Writing model shards" bars."""
     code = "import sys; from cpift_merge.cli import main; main(sys.argv[1:])"

@@ -338,24 +338,55 @@ def run(config_path: str, out: str, options: Any, overwrite: bool = False, progr
             raise
         except Exception as err:  # mergekit's own errors: one line, nothing left at OUT
             raise CpiftError(f"merge failed: {type(err).__name__}: {' '.join(str(err).split())[:400]}") from None
+        stats = None
         if config.merge_method == method.METHOD_NAME:
-            write_stats(os.path.join(tmp, "cpi_stats.json"), facts, dict(method.STATS))
-        name_card(tmp, os.path.basename(os.path.abspath(out)))
+            stats = write_stats(os.path.join(tmp, "cpi_stats.json"), facts, dict(method.STATS))
+        name_card(tmp, os.path.basename(os.path.abspath(out)), stats)
     return os.path.abspath(out)
 
 
-def name_card(folder: str, name: str) -> None:
+def name_card(folder: str, name: str, stats: Optional[Dict[str, Any]] = None) -> None:
     """mergekit titles its model card after the folder it wrote into: here the temporary
-    sibling; give the card the final folder's name, as ``mergekit-yaml`` would."""
+    sibling; give the card the final folder's name, as ``mergekit-yaml`` would. For a
+    ``cpi`` merge, also tag it ``cpift-merge``/``cpi`` in the front matter and say which
+    core regions it used (density, scope, score, each task's core size and what it
+    transplanted), so the card published with the folder says how it was made."""
     card = os.path.join(folder, "README.md")
-    if os.path.isfile(card):
-        with open(card, encoding="utf-8") as fh:
-            text = fh.read()
-        with open(card, "w", encoding="utf-8") as fh:
-            fh.write(text.replace(os.path.basename(folder), name))
+    if not os.path.isfile(card):
+        return
+    with open(card, encoding="utf-8") as fh:
+        text = fh.read().replace(os.path.basename(folder), name)
+    if stats is not None:
+        text = _cpi_card(text, stats)
+    with open(card, "w", encoding="utf-8") as fh:
+        fh.write(text)
 
 
-def write_stats(path: str, facts: Dict[str, Any], per_tensor: Dict[str, Dict[str, Any]]) -> None:
+def _cpi_card(text: str, stats: Dict[str, Any]) -> str:
+    if text.startswith("---\n") and "\n---\n" in text[4:]:
+        head, body = text[4:].split("\n---\n", 1)
+        front = yaml.safe_load(head) or {}
+        tags = list(front.get("tags") or [])
+        front["tags"] = tags + [t for t in ("cpift-merge", "cpi") if t not in tags]
+        text = "---\n" + yaml.safe_dump(front, sort_keys=False) + "---\n" + body
+    moved = stats.get("transplanted") or {}
+    rows = [f"| {task} | {k:,} | {moved.get(task, 0):,} |" for task, k in (stats.get("k") or {}).items()]
+    section = [
+        "",
+        "## Core regions",
+        "",
+        f"Made with [cpift-merge](https://pypi.org/project/cpift-merge/)'s `cpi` method: density"
+        f" {stats.get('density')}, scope {stats.get('scope')}, score {stats.get('score', 'delta')}"
+        + (f", region file `{os.path.basename(str(stats['regions']).rstrip('/'))}`" if stats.get("regions") else "")
+        + f"; {stats.get('core_entries', 0):,} core entries, {stats.get('overlap_entries', 0):,} in more than one"
+        " core. Per-tensor figures: `cpi_stats.json`.",
+        "",
+        *(["| task | core entries | transplanted |", "|---|---|---|", *rows, ""] if rows else []),
+    ]
+    return text.rstrip("\n") + "\n" + "\n".join(section)
+
+
+def write_stats(path: str, facts: Dict[str, Any], per_tensor: Dict[str, Dict[str, Any]]) -> Dict[str, Any]:
     totals: Dict[str, int] = {}
     for st in per_tensor.values():
         for task, n in st["transplanted"].items():
@@ -383,3 +414,4 @@ def write_stats(path: str, facts: Dict[str, Any], per_tensor: Dict[str, Dict[str
     }
     with open(path, "w", encoding="utf-8") as fh:
         json.dump(summary, fh, indent=1)
+    return summary
