@@ -525,7 +525,8 @@ def _merge_command() -> click.Command:
 
         merge_options.apply_global_options()
         out = run(config_file, out_path, merge_options, overwrite=overwrite, progress=not merge_options.quiet)
-        click.echo(f"wrote {out}")
+        if not merge_options.quiet:  # as mergekit-yaml --quiet: nothing on success
+            click.echo(f"wrote {out}")
 
     return merge
 

@@ -90,7 +90,7 @@ def test_global_cpi_merge_reads_bin_inputs(tiny_models, tmp_path):
         path = tmp_path / f"{out}.yml"
         path.write_text(yaml.safe_dump(cfg))
         r = cli("merge", path, tmp_path / out, "--quiet")
-        assert r.exit_code == 0, r.output
+        assert r.exit_code == 0 and r.output == "", r.output  # --quiet: nothing on success
         return load_file(str(tmp_path / out / "model.safetensors"))
 
     st = merge(tiny_models, "st")
