@@ -81,7 +81,7 @@ def prepare_models(work: str) -> Dict[str, str]:
     return paths
 
 
-def write_recipes(work: str, paths: Dict[str, str]) -> Dict[str, str]:
+def write_recipes(work: str, paths: Dict[str, str], dtype: str = "float32") -> Dict[str, str]:
     import yaml
 
     base = paths["base"]
@@ -91,21 +91,21 @@ def write_recipes(work: str, paths: Dict[str, str]) -> Dict[str, str]:
             "merge_method": "linear",
             "models": [{"model": p, "parameters": {"weight": 1.0}} for p in [base, *tasks]],
             "parameters": {"normalize": True},
-            "dtype": "float32",
+            "dtype": dtype,
         },
         "ties": {
             "merge_method": "ties",
             "base_model": base,
             "models": [{"model": p} for p in tasks],
             "parameters": {"density": DENSITY, "weight": 1.0},
-            "dtype": "float32",
+            "dtype": dtype,
         },
         "cpi": {
             "merge_method": "cpi",
             "base_model": base,
             "models": [{"model": p} for p in tasks],
             "parameters": {"density": DENSITY, "scope": "global"},
-            "dtype": "float32",
+            "dtype": dtype,
         },
     }
     out = {}

@@ -173,9 +173,13 @@ def _hush(quiet: bool) -> None:
     callers turn off)."""
     if not quiet and _main_rank():
         return
+    import warnings
+
     import transformers
     from huggingface_hub.utils import disable_progress_bars
 
+    for category in (FutureWarning, DeprecationWarning):  # the libraries' notices to developers
+        warnings.simplefilter("ignore", category)
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()
     disable_progress_bars()
