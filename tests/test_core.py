@@ -245,3 +245,20 @@ def test_core_scores_on_hand_made_deltas():
     ]:
         with pytest.raises(ValueError, match=match):
             topk.score_keys(delta.clone(), **bad)
+
+
+@pytest.mark.parametrize("density", [0.001, 0.3])  # indices win / packed bits win
+def test_mask_parts_encode_like_the_whole_mask(density):
+    from cpift_merge.core.masks import MaskParts, encode
+
+    gen = torch.Generator().manual_seed(3)
+    mask = torch.rand(1003, generator=gen) < density
+    parts = MaskParts(mask.numel())
+    for start in range(0, 1003, 48):
+        parts.add(mask[start : start + 48])
+    got, want = parts.encode(), encode(mask)
+    assert got.dtype == want.dtype and torch.equal(got, want) and parts.count == int(mask.sum())
+    bad = MaskParts(20)
+    bad.add(mask[:5])
+    with pytest.raises(ValueError, match="multiple of 8"):
+        bad.add(mask[5:20])

@@ -53,6 +53,38 @@ def encode(mask: torch.Tensor) -> torch.Tensor:
     return pack_bits(flat)
 
 
+class MaskParts:
+    """A flat mask given piece by piece in flat order (every piece but the last a multiple
+    of 8 entries): :meth:`encode` returns what :func:`encode` returns for the whole mask,
+    while only its packed bits and its indices are held, never the mask itself."""
+
+    def __init__(self, numel: int):
+        self.numel = numel
+        self.count = 0
+        self._at = 0
+        self._dtype = index_dtype(numel)
+        self._packed: list = []
+        self._idx: list = []
+
+    def add(self, piece: torch.Tensor) -> None:
+        if self._at % 8:
+            raise ValueError("only the last piece of a mask may have a length that is not a multiple of 8")
+        flat = piece.reshape(-1)
+        self._packed.append(pack_bits(flat))
+        idx = flat.nonzero().reshape(-1)
+        self._idx.append((idx + self._at).to(self._dtype))
+        self.count += idx.numel()
+        self._at += flat.numel()
+
+    def encode(self) -> torch.Tensor:
+        if self._at != self.numel:
+            raise ValueError(f"mask pieces cover {self._at} of {self.numel} entries")
+        idx_bytes = self.count * torch.tensor([], dtype=self._dtype).element_size()
+        if idx_bytes < packed_size(self.numel):
+            return torch.cat(self._idx)
+        return torch.cat(self._packed)
+
+
 def decode(data: torch.Tensor, numel: int) -> torch.Tensor:
     """Flat bool mask of ``numel`` entries from :func:`encode`'s output."""
     if data.dtype == torch.uint8:

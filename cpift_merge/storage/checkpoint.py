@@ -142,14 +142,27 @@ class _Shard:
 
     def read(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         e = self.entries[name]
-        begin, end = e["data_offsets"]
+        return self.read_range(name, 0, self.numel(name), out).reshape(e["shape"])
+
+    def numel(self, name: str) -> int:
+        n = 1
+        for d in self.entries[name]["shape"]:
+            n *= int(d)
+        return n
+
+    def read_range(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of tensor ``name`` (positioned reads of just those bytes)."""
+        e = self.entries[name]
         dtype = _DTYPES.get(e["dtype"])
         if dtype is None:
             raise CpiftError(f"{self.path}: tensor {name} has unsupported dtype {e['dtype']}")
+        size = torch.tensor([], dtype=dtype).element_size()
+        begin = e["data_offsets"][0] + start * size
+        nbytes = (stop - start) * size
         if out is None:
-            flat = torch.empty(end - begin, dtype=torch.uint8)  # no zero-fill, unlike bytearray
+            flat = torch.empty(nbytes, dtype=torch.uint8)  # no zero-fill, unlike bytearray
         else:
-            flat = out[: end - begin]
+            flat = out[:nbytes]
         view = memoryview(flat.numpy())
         done = 0
         while done < len(view):  # pread may return short reads on huge tensors
@@ -157,7 +170,7 @@ class _Shard:
             if n <= 0:
                 raise CpiftError(f"{self.path}: unexpected end of file in tensor {name}")
             done += n
-        return flat.view(dtype).reshape(e["shape"])
+        return flat.view(dtype)
 
     def nbytes(self, name: str) -> int:
         begin, end = self.entries[name]["data_offsets"]
@@ -207,10 +220,14 @@ class _BinShard:
 
     def read(self, name: str, out: Optional[torch.Tensor] = None) -> torch.Tensor:
         t = self.tensors[name]
+        return self.read_range(name, 0, t.numel(), out).reshape(t.shape)
+
+    def read_range(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        part = self.tensors[name].reshape(-1)[start:stop]
         if out is None:
-            return t.clone()
-        view = out[: self.nbytes(name)].view(t.dtype).reshape(t.shape)
-        view.copy_(t)
+            return part.clone()
+        view = out[: part.numel() * part.element_size()].view(part.dtype)
+        view.copy_(part)
         return view
 
     def read_at(self, name: str, positions: Sequence[int]) -> List[float]:
@@ -314,6 +331,13 @@ class Checkpoint:
         if name not in self._where:
             raise CpiftError(f"model {self.label}: no tensor named {name}")
         return self._where[name].read(name, out)
+
+    def get_range(self, name: str, start: int, stop: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+        """Flat entries ``[start, stop)`` of tensor ``name``, read from disk alone (into ``out``,
+        a flat uint8 buffer of at least their size in bytes, when given)."""
+        if name not in self._where:
+            raise CpiftError(f"model {self.label}: no tensor named {name}")
+        return self._where[name].read_range(name, start, stop, out)
 
     def nbytes(self, name: str) -> int:
         return self._where[name].nbytes(name)

@@ -22,7 +22,7 @@ import math
 import os
 import struct
 from dataclasses import dataclass
-from typing import Dict, List, Mapping, Optional, Protocol, Sequence
+from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
 from safetensors import safe_open
@@ -37,7 +37,7 @@ from cpift_merge.storage.checkpoint import (
     TensorInfo,
     fingerprint_from_samples,
     participating_tensors,
-    sample_values,
+    sample_positions,
 )
 from cpift_merge.storage.files import atomic_dir, ensure_apart, ensure_free
 
@@ -90,7 +90,17 @@ class Scorer:
     score: str = "delta"
     fisher: Optional[Mapping[str, TensorSource]] = None
 
-    def keys(self, task: str, tensor: str, delta: torch.Tensor, theta0: torch.Tensor, scratch: Scratch):
+    def keys(
+        self,
+        task: str,
+        tensor: str,
+        delta: torch.Tensor,
+        theta0: torch.Tensor,
+        scratch: Scratch,
+        start: int = 0,
+        stop: Optional[int] = None,
+    ):
+        """Keys of entries ``[start, stop)`` of ``tensor`` (``delta``/``theta0`` hold just those)."""
         if self.score == "delta":
             return delta.view(torch.int32)
         extra = None
@@ -99,7 +109,9 @@ class Scorer:
             if src is None or tensor not in src.infos:
                 where = src.label if src is not None else f"task {task}"
                 raise CpiftError(f"score fisher: {where} has no Fisher values for tensor {tensor}")
-            extra = src.get(tensor)
+            if src.infos[tensor].numel != delta.numel() and stop is None:
+                stop = start + delta.numel()
+            extra = _read(src, tensor, scratch, f"{task}/fisher", start, stop)
         try:
             return topk.score_keys(
                 delta, self.score, theta0=theta0, fisher=extra, out=scratch.floats(f"{task}/score", delta.numel())
@@ -152,6 +164,25 @@ def check_task_names(names: Sequence[str]) -> None:
         seen.add(name)
 
 
+# Entries per piece when a global-scope pass reads a tensor in pieces: memory then grows with
+# the piece, not with the largest tensor. A multiple of 8 (packed mask bytes concatenate).
+PIECE = 1 << 24
+
+
+def _pieces(numel: int, piece: Optional[int]) -> Iterator[Tuple[int, int]]:
+    if not piece or numel <= piece:
+        yield 0, numel
+        return
+    for start in range(0, numel, piece):
+        yield start, min(start + piece, numel)
+
+
+def _values_at(t: torch.Tensor, positions: Sequence[int]) -> List[float]:
+    if not positions:
+        return []
+    return [float(v) for v in t.reshape(-1)[torch.tensor(positions)].to(torch.float64)]
+
+
 def _stream(
     base: TensorSource,
     tasks: Mapping[str, TensorSource],
@@ -162,13 +193,16 @@ def _stream(
     wanted=None,
     scorer: Optional[Scorer] = None,
     deltas: Optional[Dict[str, torch.Tensor]] = None,
+    piece: Optional[int] = None,
 ):
-    """Yield (info, {task: keys}) tensor by tensor, recording value samples.
+    """Yield (info, start, stop, {task: keys}) for entries ``[start, stop)`` of each tensor:
+    the whole tensor, or with ``piece`` its consecutive pieces of that many entries (in flat
+    order), recording value samples.
 
     ``wanted(tensor) -> task names`` limits what is read; a tensor no task wants is
-    not read at all. The keys (of ``scorer``'s score, |Δ| by default) live in buffers
-    reused for the next tensor: use them (or change them) before asking for the next
-    one. ``deltas``, when given, receives each task's |Δ| (flat float32) for the tensor."""
+    not read at all. The keys (of ``scorer``'s score, |Δ| by default, flat) live in buffers
+    reused for the next piece: use them (or change them) before asking for the next one.
+    ``deltas``, when given, receives each task's |Δ| (flat float32) for the piece."""
     names = list(tasks)
     scorer = scorer or Scorer()
     scratch = Scratch()
@@ -176,31 +210,48 @@ def _stream(
         want = names if wanted is None else wanted(info.name)
         if not want:
             continue
-        theta0 = _read(base, info.name, scratch, "__base__")
-        samples["__base__"][info.name] = sample_values(theta0)
-        keys = {}
-        for n in want:
-            theta = _read(tasks[n], info.name, scratch, n)
-            samples[n][info.name] = sample_values(theta)
-            # the task's read buffer becomes its keys (a float32 read is overwritten)
-            out = (
-                theta.reshape(-1)
-                if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32
-                else scratch.floats(f"{n}/keys", info.numel)
-            )
-            delta = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out).view(torch.float32)
-            keys[n] = scorer.keys(n, info.name, delta, theta0, scratch)
-            if deltas is not None:
-                deltas[n] = delta
-            del theta
-        del theta0
-        yield info, keys
+        positions = sample_positions(info.numel)
+        got: Dict[str, List[float]] = {n: [] for n in ["__base__", *want]}
+        for start, stop in _pieces(info.numel, piece):
+            here = [p - start for p in positions if start <= p < stop]
+            theta0 = _read(base, info.name, scratch, "__base__", start, stop)
+            got["__base__"] += _values_at(theta0, here)
+            keys = {}
+            for n in want:
+                theta = _read(tasks[n], info.name, scratch, n, start, stop)
+                got[n] += _values_at(theta, here)
+                # the task's read buffer becomes its keys (a float32 read is overwritten)
+                out = (
+                    theta.reshape(-1)
+                    if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32
+                    else scratch.floats(f"{n}/keys", stop - start)
+                )
+                delta = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out).view(torch.float32)
+                keys[n] = scorer.keys(n, info.name, delta, theta0, scratch, start, stop)
+                if deltas is not None:
+                    deltas[n] = delta
+                del theta
+            del theta0
+            if stop == info.numel:
+                for n, values in got.items():
+                    samples[n][info.name] = values
+            yield info, start, stop, keys
 
 
-def _read(source: TensorSource, name: str, scratch: Scratch, slot: str) -> torch.Tensor:
+def _read(
+    source: TensorSource, name: str, scratch: Scratch, slot: str, start: int = 0, stop: Optional[int] = None
+) -> torch.Tensor:
+    """Tensor ``name`` (shaped), or its flat entries ``[start, stop)`` when that is not all of it."""
+    numel = source.infos[name].numel
+    stop = numel if stop is None else stop
+    whole = start == 0 and stop == numel
     if isinstance(source, Checkpoint):
-        return source.get(name, out=scratch.take(slot, source.nbytes(name)))
-    return source.get(name)
+        if whole:
+            return source.get(name, out=scratch.take(slot, source.nbytes(name)))
+        size = source.nbytes(name) // numel
+        return source.get_range(name, start, stop, out=scratch.take(slot, (stop - start) * size))
+    t = source.get(name)
+    return t if whole else t.reshape(-1)[start:stop]
 
 
 def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
@@ -210,11 +261,13 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
     names = list(tasks)
     spans: Dict[str, Dict[str, tuple[int, int]]] = {n: {} for n in names}
     finders = {n: topk.ThresholdFinder(k) for n in names}
-    for info, keys in _stream(base, tasks, tensors, "regions: histogram", progress, samples, scorer=scorer):
+    stream = _stream(base, tasks, tensors, "regions: histogram", progress, samples, scorer=scorer, piece=PIECE)
+    for info, _start, _stop, keys in stream:
         for n, kk in keys.items():
             high = finders[n].add_high(kk, in_place=True)  # the keys are spent here
-            lo, hi = torch.aminmax(high)
-            spans[n][info.name] = (int(lo), int(hi))
+            lo, hi = (int(x) for x in torch.aminmax(high))
+            seen = spans[n].get(info.name)
+            spans[n][info.name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
     for f in finders.values():
         f.end_high()
 
@@ -223,21 +276,23 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
             n for n in names if finders[n].needs_low and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]
         ]
 
-    lows: Dict[str, Dict[str, torch.Tensor]] = {n: {} for n in names}
+    lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
     if any(f.needs_low for f in finders.values()):
-        for info, keys in _stream(base, tasks, tensors, "regions: threshold", progress, samples, in_bucket, scorer):
+        stream = _stream(base, tasks, tensors, "regions: threshold", progress, samples, in_bucket, scorer, piece=PIECE)
+        for info, _start, _stop, keys in stream:
             for n, kk in keys.items():
                 low = finders[n].add_low(kk)
                 if low.numel():
                     values, counts = torch.unique(low, return_counts=True)
-                    lows[n][info.name] = torch.stack([values.to(torch.int64), counts])
+                    lows[n].setdefault(info.name, []).append(torch.stack([values.to(torch.int64), counts]))
     thresholds = {n: finders[n].end_low() for n in names}
     tied: Dict[str, List[int]] = {}
     for n in names:
         low_key = thresholds[n].key & 0xFFFF
         row = []
         for info in tensors:
-            vc = lows[n].get(info.name)
+            parts = lows[n].get(info.name)
+            vc = torch.cat(parts, dim=1) if parts else None
             sel = vc[1][vc[0] == low_key] if vc is not None else None
             row.append(int(sel.sum()) if sel is not None and sel.numel() else 0)
         tied[n] = row
@@ -258,6 +313,14 @@ class GlobalCut:
 
     def mask(self, task: str, tensor: str, keys: torch.Tensor) -> torch.Tensor:
         return topk.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
+
+    def mask_piece(self, task: str, tensor: str, keys: torch.Tensor, taken: int) -> Tuple[torch.Tensor, int]:
+        """:meth:`mask` of a piece of the tensor's keys (pieces in flat order) when ``taken``
+        of its tied entries went to the pieces before: the mask and the ties it takes."""
+        key = self.thresholds[task].key
+        left = max(self.quotas[task].get(tensor, 0) - taken, 0)
+        m = topk.cut_mask(keys, key, left)
+        return m, (min(left, int(torch.count_nonzero(keys == key))) if left else 0)
 
     @classmethod
     def find(
@@ -364,18 +427,31 @@ def compute_regions(
         inter = torch.zeros((len(names), len(names)), dtype=torch.int64)
         desc = "regions: masks" if scope == "global" else "regions"
         deltas: Dict[str, torch.Tensor] = {}
-        for info, keys in _stream(base, tasks, tensors, desc, progress, samples, scorer=scorer, deltas=deltas):
+        parts: Dict[str, masks.MaskParts] = {}
+        taken: Dict[str, int] = {}
+        stream = _stream(
+            base, tasks, tensors, desc, progress, samples, scorer=scorer, deltas=deltas, piece=PIECE if cut else None
+        )
+        for info, start, stop, keys in stream:
+            if start == 0:
+                parts = {n: masks.MaskParts(info.numel) for n in names}
+                taken = {n: 0 for n in names}
             cores = []
             for n in names:
                 if cut is not None:
-                    m = cut.mask(n, info.name, keys[n])
+                    m, took = cut.mask_piece(n, info.name, keys[n], taken[n])
+                    taken[n] += took
                 else:
                     m = topk.exact_top_k(keys[n], topk.budget(density, info.numel))
-                counts[n][info.name] = int(torch.count_nonzero(m))
-                sums[n][info.name] = list(localization.delta_sums(deltas[n], m))
-                writers[n].add(info.name, masks.encode(m))
+                parts[n].add(m)
+                piece_sums = localization.delta_sums(deltas[n], m)
+                sums[n][info.name] = [a + b for a, b in zip(sums[n].get(info.name, [0.0] * 4), piece_sums)]
                 cores.append(m)
             inter += groups.pairwise_intersections(cores)
+            if stop == info.numel:
+                for n in names:
+                    counts[n][info.name] = parts[n].count
+                    writers[n].add(info.name, parts[n].encode())
         sizes = [sum(counts[n].values()) for n in names]
         jac = groups.jaccard_from_counts(sizes, inter.tolist())
         components = groups.connected_groups(names, jac, tau)
