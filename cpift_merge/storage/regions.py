@@ -21,6 +21,7 @@ import json
 import math
 import os
 import struct
+import sys
 from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -166,7 +167,31 @@ def check_task_names(names: Sequence[str]) -> None:
 
 # Entries per piece when a global-scope pass reads a tensor in pieces: memory then grows with
 # the piece, not with the largest tensor. A multiple of 8 (packed mask bytes concatenate).
-PIECE = 1 << 24
+PIECE = 1 << 22
+
+
+_HEAP_BOUNDED = False
+
+
+def bound_heap() -> None:
+    """Keep freed tensor buffers from piling up in the process (Linux, glibc): its malloc
+    raises its mmap threshold to the largest block freed so far (up to 32 MiB), after
+    which buffers of a streaming pass are carved from the heap and fragment it; measured
+    on 7B-shaped tensors, a global-scope pass then grew to 1.05 GB instead of 0.42 GB.
+    Fixing the threshold at 1 MiB returns every larger buffer to the OS when it is freed.
+    Process-wide and harmless elsewhere; a no-op where there is no glibc."""
+    global _HEAP_BOUNDED
+    if _HEAP_BOUNDED:
+        return
+    _HEAP_BOUNDED = True
+    if not sys.platform.startswith("linux"):
+        return
+    try:
+        import ctypes
+
+        ctypes.CDLL("libc.so.6").mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
+    except (OSError, AttributeError):
+        pass
 
 
 def _pieces(numel: int, piece: Optional[int]) -> Iterator[Tuple[int, int]]:
@@ -206,6 +231,7 @@ def _stream(
     names = list(tasks)
     scorer = scorer or Scorer()
     scratch = Scratch()
+    bound_heap()
     for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False):
         want = names if wanted is None else wanted(info.name)
         if not want:
