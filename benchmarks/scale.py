@@ -25,6 +25,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import multiprocessing
 import os
 import shutil
 import statistics
@@ -133,7 +134,14 @@ def build(work: str, layers: int) -> Dict[str, str]:
         if os.path.isfile(os.path.join(path, "model.safetensors.index.json")):
             continue
         t0 = time.perf_counter()
-        write_model(path, layers, seed=i, base=None if name == "base" else paths["base"])
+        # in a fresh child: this process stays small, so the children it forks to measure
+        # do not start with its memory (ru_maxrss would count it until they exec)
+        ctx = multiprocessing.get_context("spawn")
+        child = ctx.Process(target=write_model, args=(path, layers, i, None if name == "base" else paths["base"]))
+        child.start()
+        child.join()
+        if child.exitcode != 0:
+            raise SystemExit(f"building {path} failed (exit code {child.exitcode})")
         print(f"  built {name} ({layers} layers) in {time.perf_counter() - t0:.0f} s", flush=True)
     return paths
 
