@@ -578,7 +578,9 @@ def run_cmd(pipeline_file, out, device, seed, methods, sets, quiet):
 
     transformers.logging.set_verbosity_error()
     transformers.logging.disable_progress_bar()  # per-load/save bars; training keeps its loss bar
-    results = run_pipeline(pipe, quiet=quiet)
+    results = run_pipeline(pipe, quiet=quiet or not _main_rank())
+    if not _main_rank():
+        return  # rank 0 prints the tables, once
     click.echo("")
     click.echo(summary_text(results))
     click.echo("")

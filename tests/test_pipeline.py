@@ -595,7 +595,7 @@ def test_run_under_torchrun_trains_on_both_ranks_and_writes_once(lm, tmp_path):
     assert first.returncode == 0, first.stderr[-3000:]
     out = tmp_path / "out"
     assert first.stdout.count("[probe/math] probe fine-tune") == 1  # rank 0 prints, once
-    assert first.stdout.count("[regions] finished") == 1
+    assert first.stdout.count("[regions] finished") == 1 and first.stdout.count("report: ") == 1
     results = json.load(open(out / "results.json"))
     assert set(results["methods"]) == {"base", "cpift", "dpi", "full_sft"}
     markers = [json.load(open(out / ".steps" / f)) for f in os.listdir(out / ".steps")]
