@@ -23,6 +23,7 @@ from typing import List, Optional, Sequence
 import torch
 
 HIGH_BUCKETS = 1 << 15  # sign bit is always 0 for |delta|
+NONFINITE_BUCKET = 0x7F80  # high 16 bits of +Inf; NaNs (sign cleared) lie above
 LOW_BUCKETS = 1 << 16
 
 
@@ -32,13 +33,21 @@ def magnitude_keys(
     """Flat int32 keys that sort like ``|theta - theta0|`` (computed in float32).
 
     ``out``: a flat float32 tensor of ``theta.numel()`` entries to compute into (it may
-    be ``theta``'s own storage); the keys are then a view of it. Raises ValueError when
+    be ``theta``'s own storage); the keys are then a view of it. Pass ``theta0`` already
+    in float32 when it serves several tasks: it is then converted once, not per call. Raises ValueError when
     the difference is not finite (NaN/Inf in a checkpoint), unless ``check`` is False
     (for callers that know these exact values passed the check before).
     """
-    a = theta.detach().reshape(-1).to(torch.float32)
-    b = theta0.detach().reshape(-1).to(torch.float32)
-    delta = a - b if out is None else torch.sub(a, b, out=out)
+    a = theta.detach().reshape(-1)
+    b = theta0.detach().reshape(-1).to(torch.float32)  # no copy when the caller converted it
+    if out is None:
+        delta = a.to(torch.float32) - b
+    elif a.dtype == torch.float32:
+        delta = torch.sub(a, b, out=out)
+    else:
+        # convert into ``out`` and subtract in place: the same float32 values as
+        # ``a.to(float32) - b``, without a tensor-sized temporary (a page fault per 4 KiB)
+        delta = out.copy_(a).sub_(b)
     delta = delta.abs_()
     if check and not all_finite(delta):
         raise ValueError("non-finite value (NaN or Inf)")
@@ -139,15 +148,36 @@ class ThresholdFinder:
         self._low = torch.zeros(LOW_BUCKETS, dtype=torch.int64)
         self._bucket: Optional[int] = None
         self._above = 0
+        self._work: Optional[torch.Tensor] = None  # add_low's buffers
+        self._flags: Optional[torch.Tensor] = None
         self.result: Optional[Threshold] = None
 
     def add_high(self, keys: torch.Tensor, in_place: bool = False) -> torch.Tensor:
-        """Count the high 16 bits of ``keys``; returns them (``keys`` itself, shifted,
-        when ``in_place``: saves a tensor-sized allocation when the keys are spent)."""
+        """Count the high 16 bits of ``keys``; returns this call's histogram
+        (``HIGH_BUCKETS`` counts: its first and last non-zero bucket bound the keys, and
+        any count from ``NONFINITE_BUCKET`` on is an Inf or NaN). ``in_place`` shifts
+        ``keys`` itself (saves a tensor-sized allocation when the keys are spent)."""
         self.total += keys.numel()
         high = torch.bitwise_right_shift(keys, 16, out=keys) if in_place else keys >> 16
-        self._high += _bincount(high, HIGH_BUCKETS)
-        return high
+        hist = _bincount(high, HIGH_BUCKETS)
+        self._high += hist
+        return hist
+
+    def twin(self) -> ThresholdFinder:
+        """A finder in this one's state with no counts: for part of a split stream, whose
+        counts :meth:`absorb` adds back."""
+        other = ThresholdFinder(self.k)
+        other._bucket, other._above, other.result = self._bucket, self._above, self.result
+        return other
+
+    def absorb(self, other: ThresholdFinder) -> None:
+        """Add the counts of ``other`` (a :meth:`twin`, or a finder of the same ``k`` that saw
+        another part of the stream)."""
+        if other.k != self.k:
+            raise ValueError("finders of different k")
+        self.total += other.total
+        self._high += other._high
+        self._low += other._low
 
     def end_high(self) -> None:
         if self.k > self.total:
@@ -178,8 +208,15 @@ class ThresholdFinder:
         low bits (so callers can count ties per tensor once the threshold is known)."""
         if self._bucket is None:
             raise RuntimeError("end_high() must be called before add_low()")
-        lo = self._bucket << 16
-        low = keys[(keys >= lo) & (keys <= lo | 0xFFFF)] & 0xFFFF
+        flat = keys.reshape(-1)
+        # work buffers reused across calls: a fresh tensor-sized one costs a page fault per 4 KiB
+        if self._work is None or self._work.numel() < flat.numel():
+            self._work = torch.empty(flat.numel(), dtype=torch.int32, device=flat.device)
+            self._flags = torch.empty(flat.numel(), dtype=torch.bool, device=flat.device)
+        high, inside = self._work[: flat.numel()], self._flags[: flat.numel()]
+        torch.bitwise_right_shift(flat, 16, out=high)
+        torch.eq(high, self._bucket, out=inside)
+        low = flat[inside].bitwise_and_(0xFFFF)
         if low.numel():
             self._low += _bincount(low, LOW_BUCKETS)
         return low

@@ -42,7 +42,7 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 from cpift_merge.core import localization, topk
-from cpift_merge.core.fusion import DEFAULT_EPSILON, cpi_fuse
+from cpift_merge.core.fusion import CHUNK, DEFAULT_EPSILON, cpi_fuse
 from cpift_merge.errors import CpiftError
 from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
 from cpift_merge.storage.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
@@ -172,11 +172,12 @@ def check_region_settings(
 
 
 def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[torch.Tensor], List[list]]:
-    """Cores of one tensor from a global cut. Keys must be computed from exactly the
-    values the pre-pass saw: when mergekit converted the inputs' dtype, the tensors are
-    re-read from disk for the keys (the merge itself still uses mergekit's inputs)."""
+    """Cores of one tensor from a global cut, as sorted flat indices, and each task's
+    ``delta_sums``. Keys must be computed from exactly the values the pre-pass saw: when
+    mergekit converted the inputs' dtype, the tensors are re-read from disk for the keys
+    (the merge itself still uses mergekit's inputs). Streams the tensor in chunks (as the
+    fusion does), so no tensor-sized temporary is made."""
     recorded = cut.dtypes[name]
-    shape = base_entry.tensor.shape
 
     def original(entry) -> torch.Tensor:
         t = entry.tensor
@@ -184,16 +185,31 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
             return t
         return _checkpoint(_model_path(entry.id)).get(name).to(t.device)
 
-    theta0 = original(base_entry)
-    # one buffer for every task's keys (each mask is cut before the next keys overwrite
-    # them); no finiteness check: the pre-pass passed these exact values
-    buf = torch.empty(theta0.numel(), dtype=torch.float32, device=theta0.device)
-    cores, sums = [], []
-    for i, e in enumerate(entries):
-        mask = cut.mask(f"t{i}", name, topk.magnitude_keys(original(e), theta0, out=buf, check=False))
-        sums.append(list(localization.delta_sums(buf, mask)))  # buf holds |Δ| as float32
-        cores.append(mask.reshape(shape))
-    return cores, sums
+    theta0 = original(base_entry).reshape(-1)
+    thetas = [original(e).reshape(-1) for e in entries]
+    numel = theta0.numel()
+    size = min(numel, CHUNK)
+    base32 = torch.empty(size, dtype=torch.float32, device=theta0.device)
+    buf = torch.empty(size, dtype=torch.float32, device=theta0.device)
+    parts: List[List[torch.Tensor]] = [[] for _ in thetas]
+    sums = [[0.0] * 4 for _ in thetas]
+    taken = [0] * len(thetas)
+    for start in range(0, numel, CHUNK):
+        stop = min(start + CHUNK, numel)
+        b = base32[: stop - start].copy_(theta0[start:stop])
+        d = buf[: stop - start]
+        for i, t in enumerate(thetas):
+            # no finiteness check: the pre-pass passed these exact values
+            keys = topk.magnitude_keys(t[start:stop], b, out=d, check=False)
+            mask, took = cut.mask_piece(f"t{i}", name, keys, taken[i])
+            taken[i] += took
+            sums[i] = [a + c for a, c in zip(sums[i], localization.delta_sums(d, mask))]  # d holds |Δ|
+            parts[i].append(mask.nonzero().reshape(-1).add_(start))
+    return [torch.cat(p) for p in parts], sums
+
+
+def _core_size(core: torch.Tensor) -> int:
+    return int(torch.count_nonzero(core)) if core.dtype == torch.bool else core.numel()
 
 
 # ---------------------------------------------------------------- the kernel
@@ -243,7 +259,7 @@ def cpi_merge(
     sums: Optional[List[list]] = None  # per task: core/total ‖Δ‖₁, ‖Δ‖₂² (cores found here, from theta_0)
 
     if excluded or (density == 0.0 and not regions):
-        cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
+        cores = [base.new_zeros(0, dtype=torch.int64) for _ in entries]  # no core: empty index lists
     elif regions:
         rs = _regions(os.path.abspath(os.path.expanduser(regions)))
         check_region_settings(rs, density, scope, score)
@@ -258,7 +274,7 @@ def cpi_merge(
             if overlap == "max_delta" and base_sample is not None and not samples_close(_samples_of(base), base_sample):
                 theta0 = _lazy_theta0(rs, name, base)
         else:
-            cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
+            cores = [base.new_zeros(0, dtype=torch.int64) for _ in entries]  # no core: empty index lists
     elif (scope or DEFAULT_SCOPE) == "tensor":
         d = DEFAULT_DENSITY if density is None else density
         cores, sums = [], []
@@ -274,10 +290,10 @@ def cpi_merge(
         if name in cut.dtypes:
             cores, sums = _global_cores(cut, name, base_entry, entries)
         else:
-            cores = [torch.zeros_like(base, dtype=torch.bool) for _ in entries]
+            cores = [base.new_zeros(0, dtype=torch.int64) for _ in entries]  # no core: empty index lists
 
     for n, c in zip(names, cores):
-        if c.shape != base.shape:
+        if c.dtype == torch.bool and c.shape != base.shape:
             raise CpiftError(
                 f"core mask of {n} for {name} has shape {list(c.shape)} but the tensor is"
                 f" {list(base.shape)} (a vocabulary change?); exclude it with `exclude:`"
@@ -292,7 +308,7 @@ def cpi_merge(
             "omega": omega,
         }
         if sums is not None:
-            STATS[name]["core_sizes"] = {n: int(c.sum()) for n, c in zip(names, cores)}
+            STATS[name]["core_sizes"] = {n: _core_size(c) for n, c in zip(names, cores)}
             STATS[name]["delta_sums"] = dict(zip(names, sums))
     return out
 

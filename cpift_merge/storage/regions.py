@@ -73,14 +73,23 @@ def _finite_keys(
     task: TensorSource,
     base: TensorSource,
     out: Optional[torch.Tensor] = None,
+    check: bool = True,
 ) -> torch.Tensor:
     try:
-        return topk.magnitude_keys(theta, theta0, out=out)
+        return topk.magnitude_keys(theta, theta0, out=out, check=check)
     except ValueError:
         culprit = base if not topk.all_finite(theta0) else task
         raise CpiftError(
             f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export that checkpoint"
         ) from None
+
+
+def _nonfinite(base: TensorSource, task: TensorSource, tensor: str, start: int, stop: int) -> None:
+    """Raise the error for an Inf or NaN in ``|Δ|`` of entries ``[start, stop)``, naming the
+    model that holds it."""
+    theta0 = _read(base, tensor, Scratch(), "__base__", start, stop)
+    culprit = base if not topk.all_finite(theta0.to(torch.float32)) else task
+    raise CpiftError(f"model {culprit.label} has NaN or Inf in tensor {tensor}; fix or re-export that checkpoint")
 
 
 @dataclass
@@ -219,6 +228,8 @@ def _stream(
     scorer: Optional[Scorer] = None,
     deltas: Optional[Dict[str, torch.Tensor]] = None,
     piece: Optional[int] = None,
+    check: bool = True,
+    bar=None,
 ):
     """Yield (info, start, stop, {task: keys}) for entries ``[start, stop)`` of each tensor:
     the whole tensor, or with ``piece`` its consecutive pieces of that many entries (in flat
@@ -227,12 +238,17 @@ def _stream(
     ``wanted(tensor) -> task names`` limits what is read; a tensor no task wants is
     not read at all. The keys (of ``scorer``'s score, |Δ| by default, flat) live in buffers
     reused for the next piece: use them (or change them) before asking for the next one.
-    ``deltas``, when given, receives each task's |Δ| (flat float32) for the piece."""
+    ``deltas``, when given, receives each task's |Δ| (flat float32) for the piece. ``check``
+    False skips the finiteness check of |Δ| (for a caller that checks the keys itself).
+    ``bar``: a shared progress bar to advance per tensor instead of one of its own."""
     names = list(tasks)
     scorer = scorer or Scorer()
     scratch = Scratch()
     bound_heap()
-    for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False):
+    own = bar is None
+    for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False) if own else tensors:
+        if bar is not None:
+            bar.update(1)
         want = names if wanted is None else wanted(info.name)
         if not want:
             continue
@@ -242,6 +258,8 @@ def _stream(
             here = [p - start for p in positions if start <= p < stop]
             theta0 = _read(base, info.name, scratch, "__base__", start, stop)
             got["__base__"] += _values_at(theta0, here)
+            if theta0.dtype != torch.float32:  # converted once for every task, into a reused buffer
+                theta0 = scratch.floats("__base__/f32", stop - start).copy_(theta0.reshape(-1))
             keys = {}
             for n in want:
                 theta = _read(tasks[n], info.name, scratch, n, start, stop)
@@ -252,7 +270,8 @@ def _stream(
                     if isinstance(tasks[n], Checkpoint) and theta.dtype == torch.float32
                     else scratch.floats(f"{n}/keys", stop - start)
                 )
-                delta = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out).view(torch.float32)
+                delta = _finite_keys(theta, theta0, info.name, tasks[n], base, out=out, check=check)
+                delta = delta.view(torch.float32)
                 keys[n] = scorer.keys(n, info.name, delta, theta0, scratch, start, stop)
                 if deltas is not None:
                     deltas[n] = delta
@@ -280,20 +299,81 @@ def _read(
     return t if whole else t.reshape(-1)[start:stop]
 
 
+def _split(tensors: Sequence[TensorInfo], parts: int) -> List[List[TensorInfo]]:
+    """Consecutive runs of ``tensors`` with about equal numbers of entries (at most ``parts``)."""
+    total = sum(t.numel for t in tensors)
+    out: List[List[TensorInfo]] = [[]]
+    seen = 0
+    for t in tensors:
+        if out[-1] and len(out) < parts and seen >= total * len(out) / parts:
+            out.append([])
+        out[-1].append(t)
+        seen += t.numel
+    return out
+
+
+def _workers() -> int:
+    """Threads for a global-scope pass: one per available core, at most 4 (each reads and
+    counts its own run of tensors; torch's ops release the GIL)."""
+    try:
+        cores = len(os.sched_getaffinity(0))
+    except AttributeError:  # not Linux
+        cores = os.cpu_count() or 1
+    return max(1, min(4, cores))
+
+
+def _in_threads(fn, parts: Sequence) -> List:
+    """``[fn(p) for p in parts]``, the parts in threads of their own, one torch thread each."""
+    if len(parts) <= 1:
+        return [fn(p) for p in parts]
+    from concurrent.futures import ThreadPoolExecutor
+
+    before = torch.get_num_threads()
+    torch.set_num_threads(1)
+    try:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            return list(pool.map(fn, parts))
+    finally:
+        torch.set_num_threads(before)
+
+
 def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
     """Two-pass exact cut (high-bit histogram, then low bits in the threshold's bucket,
     reading only tensors whose keys reach it). Returns thresholds and, per task, the
-    count of keys equal to the threshold in each tensor (stream order)."""
+    count of keys equal to the threshold in each tensor (stream order). Each pass runs
+    in threads (:func:`_workers`), each over its own run of tensors; the counts add up."""
     names = list(tasks)
-    spans: Dict[str, Dict[str, tuple[int, int]]] = {n: {} for n in names}
-    finders = {n: topk.ThresholdFinder(k) for n in names}
-    stream = _stream(base, tasks, tensors, "regions: histogram", progress, samples, scorer=scorer, piece=PIECE)
-    for info, _start, _stop, keys in stream:
-        for n, kk in keys.items():
-            high = finders[n].add_high(kk, in_place=True)  # the keys are spent here
-            lo, hi = (int(x) for x in torch.aminmax(high))
-            seen = spans[n].get(info.name)
-            spans[n][info.name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+    parts = _split(tensors, _workers())
+    # with |Δ| keys the stream skips its finiteness check (a pass over each piece): the
+    # histogram shows an Inf or NaN for free
+    delta_keys = scorer is None or scorer.score == "delta"
+
+    def high(part: List[TensorInfo], bar) -> tuple:
+        finders = {n: topk.ThresholdFinder(k) for n in names}
+        spans: Dict[str, Dict[str, tuple[int, int]]] = {n: {} for n in names}
+        stream = _stream(
+            base, tasks, part, "", False, samples, scorer=scorer, piece=PIECE, check=not delta_keys, bar=bar
+        )
+        for info, start, stop, keys in stream:
+            for n, kk in keys.items():
+                hist = finders[n].add_high(kk, in_place=True)  # the keys are spent here
+                used = hist.nonzero()
+                if not used.numel():  # an empty tensor
+                    continue
+                lo, hi = int(used[0]), int(used[-1])
+                if hi >= topk.NONFINITE_BUCKET and delta_keys:
+                    _nonfinite(base, tasks[n], info.name, start, stop)
+                seen = spans[n].get(info.name)
+                spans[n][info.name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+        return finders, spans
+
+    with tqdm(total=len(tensors), desc="regions: histogram", disable=not progress, unit="tensor", leave=False) as bar:
+        results = _in_threads(lambda part: high(part, bar), parts)
+    finders, spans = results[0]
+    for more, more_spans in results[1:]:
+        for n in names:
+            finders[n].absorb(more[n])
+            spans[n].update(more_spans[n])
     for f in finders.values():
         f.end_high()
 
@@ -302,15 +382,27 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
             n for n in names if finders[n].needs_low and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]
         ]
 
-    lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
-    if any(f.needs_low for f in finders.values()):
-        stream = _stream(base, tasks, tensors, "regions: threshold", progress, samples, in_bucket, scorer, piece=PIECE)
-        for info, _start, _stop, keys in stream:
+    def low(part: List[TensorInfo], bar) -> tuple:
+        twins = {n: finders[n].twin() for n in names}
+        lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
+        for info, _start, _stop, keys in _stream(
+            base, tasks, part, "", False, samples, in_bucket, scorer, piece=PIECE, bar=bar
+        ):
             for n, kk in keys.items():
-                low = finders[n].add_low(kk)
+                low = twins[n].add_low(kk)
                 if low.numel():
                     values, counts = torch.unique(low, return_counts=True)
                     lows[n].setdefault(info.name, []).append(torch.stack([values.to(torch.int64), counts]))
+        return twins, lows
+
+    lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
+    if any(f.needs_low for f in finders.values()):
+        bar = tqdm(total=len(tensors), desc="regions: threshold", disable=not progress, unit="tensor", leave=False)
+        with bar:
+            for twins, part_lows in _in_threads(lambda part: low(part, bar), parts):
+                for n in names:
+                    finders[n].absorb(twins[n])
+                    lows[n].update(part_lows[n])
     thresholds = {n: finders[n].end_low() for n in names}
     tied: Dict[str, List[int]] = {}
     for n in names:
