@@ -58,10 +58,10 @@ class _Work:
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self._bufs = device, dtype, {}
 
-    def __call__(self, slot: str, n: int) -> torch.Tensor:
+    def __call__(self, slot: str, n: int, dtype: Optional[torch.dtype] = None) -> torch.Tensor:
         buf = self._bufs.get(slot)
         if buf is None:
-            buf = self._bufs[slot] = torch.empty(CHUNK, dtype=self.dtype, device=self.device)
+            buf = self._bufs[slot] = torch.empty(CHUNK, dtype=dtype or self.dtype, device=self.device)
         return buf[:n]
 
 
@@ -213,7 +213,9 @@ def cpi_fuse(
             for f in flats[1:]:
                 acc += f[s:e]
             acc /= len(flats)
-            return acc if dtype == acc.dtype else work("y", e - s).copy_(acc.to(dtype))
+            if dtype == acc.dtype:
+                return acc
+            return work("y", e - s).copy_(work("rounded", e - s, dtype).copy_(acc))
 
     if omega == 0.0:
         out = flat_base.clone()

@@ -8,6 +8,7 @@ the tensor itself (no float64 copy of it).
 
 from __future__ import annotations
 
+import threading
 from typing import Dict, Iterable, Sequence
 
 import torch
@@ -18,16 +19,29 @@ CHUNK = 1 << 20
 WEAK_L2_RATIO = 2.0
 
 
+_LOCAL = threading.local()
+
+
+def _float64(n: int, device: torch.device) -> torch.Tensor:
+    """A float64 buffer of ``n`` entries, reused per thread (a fresh one per chunk
+    costs a page fault per 4 KiB)."""
+    buf = getattr(_LOCAL, "buf", None)
+    if buf is None or buf.device != device or buf.numel() < n:
+        buf = _LOCAL.buf = torch.empty(max(n, CHUNK), dtype=torch.float64, device=device)
+    return buf[:n]
+
+
 def delta_sums(abs_delta: torch.Tensor, core: torch.Tensor) -> tuple[float, float, float, float]:
     """``(core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²)`` of one tensor from its ``|Δ|`` and its
-    core mask (same number of entries)."""
+    core: a mask (same number of entries) or its flat int64 indices (cheaper: no scan)."""
     flat = abs_delta.reshape(-1)
     l1 = l2 = 0.0
     for i in range(0, flat.numel(), CHUNK):
-        c = flat[i : i + CHUNK].to(torch.float64)
+        piece = flat[i : i + CHUNK]
+        c = _float64(piece.numel(), piece.device).copy_(piece)
         l1 += float(c.sum())
         l2 += float(torch.dot(c, c))
-    sel = flat[core.reshape(-1)].to(torch.float64)
+    sel = flat[core.reshape(-1)].to(torch.float64)  # a bool mask or indices
     return float(sel.sum()), l1, float(torch.dot(sel, sel)), l2
 
 

@@ -233,9 +233,10 @@ class ThresholdFinder:
         return self.result
 
 
-def cut_mask(keys: torch.Tensor, key: int, ties: int) -> torch.Tensor:
-    """Keys above ``key``, plus the first ``ties`` entries equal to it (by index)."""
-    mask = keys > key
+def cut_mask(keys: torch.Tensor, key: int, ties: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:
+    """Keys above ``key``, plus the first ``ties`` entries equal to it (by index); into
+    ``out`` (a bool tensor like ``keys``) when given."""
+    mask = keys > key if out is None else torch.gt(keys, key, out=out)
     if ties > 0:
         tied = (keys == key).nonzero().reshape(-1)[:ties]
         mask[tied] = True

@@ -191,6 +191,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
     size = min(numel, CHUNK)
     base32 = torch.empty(size, dtype=torch.float32, device=theta0.device)
     buf = torch.empty(size, dtype=torch.float32, device=theta0.device)
+    flags = torch.empty(size, dtype=torch.bool, device=theta0.device)
     parts: List[List[torch.Tensor]] = [[] for _ in thetas]
     sums = [[0.0] * 4 for _ in thetas]
     taken = [0] * len(thetas)
@@ -201,10 +202,11 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
         for i, t in enumerate(thetas):
             # no finiteness check: the pre-pass passed these exact values
             keys = topk.magnitude_keys(t[start:stop], b, out=d, check=False)
-            mask, took = cut.mask_piece(f"t{i}", name, keys, taken[i])
+            mask, took = cut.mask_piece(f"t{i}", name, keys, taken[i], out=flags[: stop - start])
             taken[i] += took
-            sums[i] = [a + c for a, c in zip(sums[i], localization.delta_sums(d, mask))]  # d holds |Δ|
-            parts[i].append(mask.nonzero().reshape(-1).add_(start))
+            local = mask.nonzero().reshape(-1)
+            sums[i] = [a + c for a, c in zip(sums[i], localization.delta_sums(d, local))]  # d holds |Δ|
+            parts[i].append(local.add_(start))
     return [torch.cat(p) for p in parts], sums
 
 
@@ -250,10 +252,12 @@ def cpi_merge(
         )
     base_entry = group.base
     entries = group.non_base
-    _check_finite(group, name)
     base = base_entry.tensor
     thetas = [e.tensor for e in entries]
     excluded = bool(exclude) and re.search(exclude, name) is not None
+    global_cut = not (excluded or (density == 0.0 and not regions) or regions) and (scope or DEFAULT_SCOPE) == "global"
+    if not global_cut:
+        _check_finite(group, name)
     theta0: Optional[torch.Tensor] = None
     names: List[str] = [_label(e.id) for e in entries]
     sums: Optional[List[list]] = None  # per task: core/total ‖Δ‖₁, ‖Δ‖₂² (cores found here, from theta_0)
@@ -287,6 +291,8 @@ def cpi_merge(
         d = DEFAULT_DENSITY if density is None else density
         paths = [_model_path(e.id) for e in entries]
         cut = global_prepass(_model_path(base_entry.id), paths, d, exclude, progress=not _QUIET)
+        if name not in cut.dtypes or any(DTYPE_NAMES.get(e.tensor.dtype) != cut.dtypes[name] for e in group.entries):
+            _check_finite(group, name)  # values the pre-pass did not see (it read and checked the others)
         if name in cut.dtypes:
             cores, sums = _global_cores(cut, name, base_entry, entries)
         else:

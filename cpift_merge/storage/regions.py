@@ -432,12 +432,15 @@ class GlobalCut:
     def mask(self, task: str, tensor: str, keys: torch.Tensor) -> torch.Tensor:
         return topk.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
 
-    def mask_piece(self, task: str, tensor: str, keys: torch.Tensor, taken: int) -> Tuple[torch.Tensor, int]:
+    def mask_piece(
+        self, task: str, tensor: str, keys: torch.Tensor, taken: int, out: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, int]:
         """:meth:`mask` of a piece of the tensor's keys (pieces in flat order) when ``taken``
-        of its tied entries went to the pieces before: the mask and the ties it takes."""
+        of its tied entries went to the pieces before: the mask (into ``out`` when given)
+        and the ties it takes."""
         key = self.thresholds[task].key
         left = max(self.quotas[task].get(tensor, 0) - taken, 0)
-        m = topk.cut_mask(keys, key, left)
+        m = topk.cut_mask(keys, key, left, out=out)
         return m, (min(left, int(torch.count_nonzero(keys == key))) if left else 0)
 
     @classmethod
