@@ -599,12 +599,12 @@ def test_stock_mergekit_yaml_bad_parameter_is_one_line(params, needle, tiny_mode
 
 
 def _counting(monkeypatch, fail_at: Optional[int] = None, exc: Optional[BaseException] = None):
-    """Wrap the kernel's cpi_fuse (as imported by cpift_merge.mergekit.method) to count calls
+    """Wrap the kernel's fuse_stream (as imported by cpift_merge.mergekit.method) to count calls
     and optionally raise on call ``fail_at``; yields the list of calls."""
     from cpift_merge.mergekit import method
 
     calls: List[int] = []
-    real = method.cpi_fuse
+    real = method.fuse_stream
 
     def fuse(*args, **kwargs):
         calls.append(1)
@@ -612,7 +612,7 @@ def _counting(monkeypatch, fail_at: Optional[int] = None, exc: Optional[BaseExce
             raise exc
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(method, "cpi_fuse", fuse)
+    monkeypatch.setattr(method, "fuse_stream", fuse)
     return calls
 
 
@@ -635,7 +635,7 @@ def test_merge_kernel_error_mid_merge_leaves_nothing(tiny_models, tmp_path, monk
 
     out = str(tmp_path / "out")
     seen: List[List[str]] = []
-    real = method.cpi_fuse
+    real = method.fuse_stream
     calls: List[int] = []
 
     def fuse(*args, **kwargs):
@@ -645,7 +645,7 @@ def test_merge_kernel_error_mid_merge_leaves_nothing(tiny_models, tmp_path, monk
             raise RuntimeError("disk on fire")
         return real(*args, **kwargs)
 
-    monkeypatch.setattr(method, "cpi_fuse", fuse)
+    monkeypatch.setattr(method, "fuse_stream", fuse)
     config = recipe(tmp_path, [tiny_models["a"], tiny_models["b"]], tiny_models["base"], {"density": 0.01})
     options = MergeOptions(out_shard_size=2000, quiet=True, copy_tokenizer=False)
     with pytest.raises(CpiftError, match="merge failed: RuntimeError: disk on fire"):

@@ -365,6 +365,41 @@ def test_global_ties_span_tensors_exactly(tiny_models, make_variant, tmp_path, m
     assert rs.meta["tasks"]["s"]["threshold"] == 0.0
 
 
+def test_global_merge_in_chunks_transplants_exactly_the_region_file_cores(
+    tiny_models, make_variant, tmp_path, monkeypatch
+):
+    """The kernel finds global cores chunk by chunk while it reads the tensors: with
+    chunks of 40 entries and a cut on a huge tie at |Δ| = 0 (split across chunks and
+    tensors), an omega-0 merge keeps exactly the region file's cores of the task, and
+    its cpi_stats count them."""
+    from cpift_merge.core import fusion
+
+    monkeypatch.setattr(fusion, "CHUNK", 40)
+    sparse = make_variant("mlp-only", seed=5, only="mlp")
+    base, ck = Checkpoint(tiny_models["base"]), Checkpoint(sparse)
+    d = torch.cat([(ck.get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
+    density = (int((d > 0).sum()) + 1000) / d.numel()
+    rs = compute_from_paths(tiny_models["base"], {"s": sparse}, str(tmp_path / "reg"), density=density, progress=False)
+    out = cmerge.run(
+        recipe(
+            tmp_path,
+            merge_method="cpi",
+            base_model=tiny_models["base"],
+            models=[{"model": sparse}],
+            parameters={"omega": 0.0, "density": density},
+        ),
+        str(tmp_path / "out"),
+        OPTS,
+    )
+    merged = weights(out)
+    for n in rs.tensor_names:
+        core = rs.mask("s", n)
+        assert torch.equal(merged[n][core], ck.get(n)[core]) and torch.equal(merged[n][~core], base.get(n)[~core])
+    # per tensor, the kernel's cores have the region file's sizes (the ties split alike)
+    sizes = {n: next(iter(method.STATS[n]["core_sizes"].values())) for n in rs.tensor_names}
+    assert sizes == rs.meta["counts"]["s"] and sum(sizes.values()) == rs.k("s")
+
+
 def test_works_with_slices_out_dtype_tokenizer_and_shards(tiny_lm, tmp_path):
     """mergekit features around the kernel: slices, out_dtype, tokenizer, sharded output."""
     import shutil

@@ -21,7 +21,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass
-from typing import List, Optional, Sequence
+from typing import Callable, List, Optional, Sequence
 
 import torch
 
@@ -65,43 +65,40 @@ class _Work:
         return buf[:n]
 
 
-def _slerp_into(
-    out: torch.Tensor,
-    t: float,
-    x_of,
-    y_of,
-    epsilon: float,
-    skip: Optional[torch.Tensor],
-    skip_x: Optional[torch.Tensor] = None,
-    skip_y: Optional[torch.Tensor] = None,
-) -> None:
-    """Write ``SLERP(x, y, t)`` into the flat tensor ``out``, a chunk at a time: one pass
-    for the norms and the dot product (summed in float64 across chunks), one for the
-    output. ``x_of(start, stop)``/``y_of(start, stop)`` give a chunk of each vector in the
-    work dtype (into reused buffers); ``skip`` (flat indices) leaves entries out of the
-    angle and norms, their values given by ``skip_x``/``skip_y``."""
+class _Dots:
+    """``x·x``, ``y·y`` and ``x·y`` summed in float64 over chunks."""
+
+    def __init__(self) -> None:
+        self.xx = self.yy = self.xy = 0.0
+
+    def add(self, x: torch.Tensor, y: torch.Tensor) -> None:
+        self.xx += float(torch.dot(x, x))
+        self.yy += float(torch.dot(y, y))
+        self.xy += float(torch.dot(x, y))
+
+    def coefficients(
+        self, t: float, epsilon: float, work: torch.dtype, device, skip_x=None, skip_y=None
+    ) -> tuple[float, float]:
+        """SLERP weights of x and y, leaving out the entries ``skip_x``/``skip_y`` (their
+        values in x and y) from the angle and the norms."""
+        xx, yy, xy = self.xx, self.yy, self.xy
+        if skip_x is not None and skip_x.numel():
+            xs, ys = skip_x.to(torch.float64), skip_y.to(torch.float64)
+            xx = max(xx - float(torch.dot(xs, xs)), 0.0)
+            yy = max(yy - float(torch.dot(ys, ys)), 0.0)
+            xy = xy - float(torch.dot(xs, ys))
+        norms = (torch.tensor(v, dtype=work, device=device).sqrt() for v in (xx, yy))
+        ca, cb = _coefficients(t, *norms, torch.tensor(xy, dtype=work, device=device), epsilon)
+        return (float(ca) if torch.is_tensor(ca) else ca), (float(cb) if torch.is_tensor(cb) else cb)
+
+
+def _interpolate(out: torch.Tensor, ca: float, cb: float, x_of, y_of) -> None:
+    """``out = ca*x + cb*y`` a chunk at a time (each product rounded, as unchunked)."""
     numel = out.numel()
-    xx = yy = xy = 0.0
     for s in _chunks(numel):
         e = min(s + CHUNK, numel)
         x, y = x_of(s, e), y_of(s, e)
-        xx += float(torch.dot(x, x))
-        yy += float(torch.dot(y, y))
-        xy += float(torch.dot(x, y))
-    if skip is not None and skip.numel():
-        xs, ys = skip_x.to(torch.float64), skip_y.to(torch.float64)
-        xx = max(xx - float(torch.dot(xs, xs)), 0.0)
-        yy = max(yy - float(torch.dot(ys, ys)), 0.0)
-        xy = xy - float(torch.dot(xs, ys))
-    work = out.dtype if out.dtype == torch.float64 else torch.float32
-    norms = (torch.tensor(v, dtype=work, device=out.device).sqrt() for v in (xx, yy))
-    ca, cb = _coefficients(t, *norms, torch.tensor(xy, dtype=work, device=out.device), epsilon)
-    ca = float(ca) if torch.is_tensor(ca) else ca
-    cb = float(cb) if torch.is_tensor(cb) else cb
-    for s in _chunks(numel):
-        e = min(s + CHUNK, numel)
-        x, y = x_of(s, e), y_of(s, e)
-        out[s:e] = x.mul_(ca).add_(y.mul_(cb))  # ca*x + cb*y, each product rounded (as unchunked)
+        out[s:e] = x.mul_(ca).add_(y.mul_(cb))
 
 
 def _flat_reader(flat: torch.Tensor, work: _Work, slot: str):
@@ -134,9 +131,16 @@ def slerp(
     if fa.numel() == 0:
         return a.clone()
     out = torch.empty_like(fa)
-    sx = fa[skip] if skip is not None and skip.numel() else None
-    sy = fb[skip] if sx is not None else None
-    _slerp_into(out, t, _flat_reader(fa, work, "x"), _flat_reader(fb, work, "y"), epsilon, skip, sx, sy)
+    x_of, y_of = _flat_reader(fa, work, "x"), _flat_reader(fb, work, "y")
+    dots = _Dots()
+    for s in _chunks(fa.numel()):
+        e = min(s + CHUNK, fa.numel())
+        dots.add(x_of(s, e), y_of(s, e))
+    skipped = skip is not None and skip.numel()
+    ca, cb = dots.coefficients(
+        t, epsilon, work.dtype, a.device, fa[skip] if skipped else None, fb[skip] if skipped else None
+    )
+    _interpolate(out, ca, cb, x_of, y_of)
     return out.reshape(a.shape)
 
 
@@ -158,6 +162,9 @@ def core_indices(core: torch.Tensor) -> torch.Tensor:
     return flat.to(torch.int64)
 
 
+CoreOf = Callable[[int, int, int, Optional[torch.Tensor]], torch.Tensor]
+
+
 def cpi_fuse(
     base: torch.Tensor,
     thetas: Sequence[torch.Tensor],
@@ -173,10 +180,50 @@ def cpi_fuse(
     pre-trained reference for ``max_delta`` (defaults to ``base``, right when the
     backbone is theta_0).
 
-    Memory: the output, the cores' indices and a few chunk buffers; the non-core SLERP
-    streams the tensor in chunks of ``CHUNK`` entries.
+    Memory: the output, the cores' indices and a few chunk buffers (:func:`fuse_stream`).
     """
     if not thetas or len(thetas) != len(cores):
+        raise ValueError("need one core mask per task model, and at least one task")
+    core_of = given_cores(cores, base.device)
+    return fuse_stream(base, thetas, core_of, omega=omega, epsilon=epsilon, overlap=overlap, theta0=theta0)
+
+
+def given_cores(cores: Sequence[torch.Tensor], device=None) -> CoreOf:
+    """:func:`fuse_stream`'s ``core_of`` for cores known in advance (bool masks or sorted
+    flat indices, as :func:`cpi_fuse` takes them)."""
+    idx = [core_indices(c).to(device) if device is not None else core_indices(c) for c in cores]
+
+    def core_of(task: int, start: int, stop: int, _delta) -> torch.Tensor:
+        i = idx[task]
+        lo, hi = (int(x) for x in torch.searchsorted(i, torch.tensor([start, stop], device=i.device)))
+        return i[lo:hi] - start
+
+    return core_of
+
+
+def fuse_stream(
+    base: torch.Tensor,
+    thetas: Sequence[torch.Tensor],
+    core_of: CoreOf,
+    *,
+    omega: float,
+    epsilon: float = DEFAULT_EPSILON,
+    overlap: str = "max_delta",
+    theta0: Optional[torch.Tensor] = None,
+    with_delta: bool = False,
+) -> tuple[torch.Tensor, FuseStats]:
+    """:func:`cpi_fuse` with the cores found chunk by chunk, in the same pass that reads
+    the tensors: ``core_of(task, start, stop, delta)`` returns the sorted indices (relative
+    to ``start``) of task ``task``'s core among flat entries ``[start, stop)``, chunks in
+    flat order; ``delta`` is ``|theta_task - base|`` there in float32 (a reused buffer)
+    when ``with_delta``, else None.
+
+    One pass reads every input once: it finds the cores, writes the mean of the task
+    models into the output and sums the SLERP norms (float64 across chunks of ``CHUNK``
+    entries); a second pass reads the base and that mean and writes the SLERP. Memory:
+    the output, the cores' indices and a few chunk buffers.
+    """
+    if not thetas:
         raise ValueError("need one core mask per task model, and at least one task")
     if not 0.0 <= omega <= 1.0:
         raise ValueError(f"omega must be in [0, 1], got {omega}")
@@ -185,12 +232,43 @@ def cpi_fuse(
     shape, dtype, device = base.shape, base.dtype, base.device
     flat_base = base.reshape(-1)
     flats = [t.reshape(-1).to(dtype) for t in thetas]
-    idx = [core_indices(c).to(device) for c in cores]
+    numel = flat_base.numel()
+    if any(f.numel() != numel for f in flats):
+        raise ValueError(f"task tensors of shapes {[list(t.shape) for t in thetas]} for a base of {list(shape)}")
+    work = _Work(device, torch.float64 if dtype == torch.float64 else torch.float32)
+    read_base = _flat_reader(flat_base, work, "x")
+    slerping = 0.0 < omega < 1.0
+    # the output holds the target (the tasks' mean, in the tensor's dtype) until the second pass
+    out = flat_base.clone() if omega == 0.0 else torch.empty_like(flat_base)
+    dots = _Dots()
+    parts: List[List[torch.Tensor]] = [[] for _ in flats]
+    for s in _chunks(numel):
+        e = min(s + CHUNK, numel)
+        x = read_base(s, e) if (with_delta or slerping) else None
+        acc = work("acc", e - s) if omega > 0.0 else None
+        for i, f in enumerate(flats):
+            t = work("t", e - s).copy_(f[s:e]) if (with_delta or omega > 0.0) else None
+            delta = torch.sub(t, x, out=work("delta", e - s)).abs_() if with_delta else None
+            parts[i].append(core_of(i, s, e, delta).add(s))
+            if acc is not None:
+                if i == 0:
+                    acc.copy_(t)
+                else:
+                    acc += t
+        if acc is None:
+            continue
+        if len(flats) > 1:
+            acc /= len(flats)
+        out[s:e] = acc  # rounded to the tensor's dtype
+        if slerping:
+            dots.add(x, acc if dtype == acc.dtype else work("y", e - s).copy_(out[s:e]))
+    idx = [torch.cat(p) if p else flat_base.new_zeros(0, dtype=torch.int64) for p in parts]
+
     shared: List[torch.Tensor] = [i[:0] for i in idx]  # per task: its entries in other cores too
     if len(idx) == 1:
         single, multi = idx, idx[0][:0]
     else:
-        owners = torch.zeros(flat_base.numel(), dtype=torch.uint8, device=device)
+        owners = torch.zeros(numel, dtype=torch.uint8, device=device)
         for i in idx:
             owners[i] += 1  # a task's indices are distinct
         counts = [owners[i] for i in idx]
@@ -201,43 +279,11 @@ def cpi_fuse(
     core_idx = torch.cat([*single, multi])  # every core entry once
 
     # ---- non-core: one SLERP over the non-core entries of the whole tensor
-    work = _Work(device, torch.float64 if dtype == torch.float64 else torch.float32)
-    read_base = _flat_reader(flat_base, work, "x")
-    if len(flats) == 1:
-        read_target = _flat_reader(flats[0], work, "y")
-    else:
-
-        def read_target(s: int, e: int) -> torch.Tensor:
-            # the mean of the task models in float32, rounded to the tensor's dtype
-            acc = work("acc", e - s).copy_(flats[0][s:e])
-            for f in flats[1:]:
-                acc += f[s:e]
-            acc /= len(flats)
-            if dtype == acc.dtype:
-                return acc
-            return work("y", e - s).copy_(work("rounded", e - s, dtype).copy_(acc))
-
-    if omega == 0.0:
-        out = flat_base.clone()
-    elif omega == 1.0:
-        out = torch.empty_like(flat_base)
-        for s in _chunks(out.numel()):
-            e = min(s + CHUNK, out.numel())
-            out[s:e] = read_target(s, e)
-    else:
-        out = torch.empty_like(flat_base)
-        if core_idx.numel():
-            skip_x = flat_base[core_idx]
-            if len(flats) == 1:
-                skip_y = flats[0][core_idx]
-            else:
-                acc = flats[0][core_idx].to(torch.float32)
-                for f in flats[1:]:
-                    acc += f[core_idx]
-                skip_y = (acc / len(flats)).to(dtype)
-        else:
-            skip_x = skip_y = None
-        _slerp_into(out, omega, read_base, read_target, epsilon, core_idx, skip_x, skip_y)
+    if slerping:
+        skip_x = flat_base[core_idx] if core_idx.numel() else None
+        skip_y = out[core_idx] if core_idx.numel() else None  # the target, still in the output
+        ca, cb = dots.coefficients(omega, epsilon, work.dtype, device, skip_x, skip_y)
+        _interpolate(out, ca, cb, read_base, _flat_reader(out, work, "y"))
 
     # ---- core: transplant (work on the few core indices only)
     transplanted = [0] * len(flats)

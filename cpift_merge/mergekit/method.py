@@ -1,6 +1,6 @@
 """The mergekit merge method ``cpi``: CPI core transplant plus SLERP of the rest.
 
-A thin adapter around :func:`cpift_merge.core.fusion.cpi_fuse`: it finds each task's core
+A thin adapter around :func:`cpift_merge.core.fusion.fuse_stream`: it finds each task's core
 mask for the tensor at hand (from a region directory, computed per tensor, or from a
 cached global pre-pass) and hands the tensors over.
 
@@ -42,7 +42,7 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 from cpift_merge.core import localization, topk
-from cpift_merge.core.fusion import CHUNK, DEFAULT_EPSILON, cpi_fuse
+from cpift_merge.core.fusion import CHUNK, DEFAULT_EPSILON, fuse_stream, given_cores
 from cpift_merge.errors import CpiftError
 from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
 from cpift_merge.storage.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
@@ -293,7 +293,16 @@ def cpi_merge(
         cut = global_prepass(_model_path(base_entry.id), paths, d, exclude, progress=not _QUIET)
         if name not in cut.dtypes or any(DTYPE_NAMES.get(e.tensor.dtype) != cut.dtypes[name] for e in group.entries):
             _check_finite(group, name)  # values the pre-pass did not see (it read and checked the others)
-        if name in cut.dtypes:
+        if name in cut.dtypes and all(DTYPE_NAMES.get(e.tensor.dtype) == cut.dtypes[name] for e in group.entries):
+            # the pre-pass saw these very values: cores found in the fusion's own pass
+            sums = [[0.0] * 4 for _ in entries]
+            core_of, sizes = _cut_cores(cut, name, sums)
+            out, stats = fuse_stream(
+                base, thetas, core_of, omega=omega, epsilon=epsilon, overlap=overlap, with_delta=True
+            )
+            _record(name, base, names, stats, omega, sums, sizes)
+            return out
+        elif name in cut.dtypes:
             cores, sums = _global_cores(cut, name, base_entry, entries)
         else:
             cores = [base.new_zeros(0, dtype=torch.int64) for _ in entries]  # no core: empty index lists
@@ -304,7 +313,16 @@ def cpi_merge(
                 f"core mask of {n} for {name} has shape {list(c.shape)} but the tensor is"
                 f" {list(base.shape)} (a vocabulary change?); exclude it with `exclude:`"
             )
-    out, stats = cpi_fuse(base, thetas, cores, omega=omega, epsilon=epsilon, overlap=overlap, theta0=theta0)
+    if len(cores) != len(thetas):
+        raise CpiftError(f"cpi: {len(cores)} cores for {len(thetas)} models in {name}")
+    core_of = given_cores(cores, base.device)
+    out, stats = fuse_stream(base, thetas, core_of, omega=omega, epsilon=epsilon, overlap=overlap, theta0=theta0)
+    _record(name, base, names, stats, omega, sums, [_core_size(c) for c in cores] if sums is not None else None)
+    return out
+
+
+def _record(name, base, names, stats, omega, sums, sizes) -> None:
+    """Keep one tensor's merge statistics for ``cpi_stats.json``."""
     with _STATS_LOCK:
         STATS[name] = {
             "numel": base.numel(),
@@ -314,9 +332,30 @@ def cpi_merge(
             "omega": omega,
         }
         if sums is not None:
-            STATS[name]["core_sizes"] = {n: _core_size(c) for n, c in zip(names, cores)}
+            STATS[name]["core_sizes"] = dict(zip(names, sizes))
             STATS[name]["delta_sums"] = dict(zip(names, sums))
-    return out
+
+
+def _cut_cores(cut: GlobalCut, name: str, sums: List[list]):
+    """``fuse_stream``'s ``core_of`` for a global cut: each chunk's core from its |Δ| keys
+    (tie quotas carried across chunks), adding the chunk's ``delta_sums`` to ``sums``.
+    Returns it and the per-task core sizes (filled as the chunks go)."""
+    taken = [0] * len(sums)
+    sizes = [0] * len(sums)
+    flags: List[torch.Tensor] = []
+
+    def core_of(task: int, start: int, stop: int, delta: torch.Tensor) -> torch.Tensor:
+        if not flags or flags[0].numel() < stop - start:
+            flags[:] = [torch.empty(stop - start, dtype=torch.bool, device=delta.device)]
+        keys = delta.view(torch.int32)
+        mask, took = cut.mask_piece(f"t{task}", name, keys, taken[task], out=flags[0][: stop - start])
+        taken[task] += took
+        local = mask.nonzero().reshape(-1)
+        sums[task] = [a + c for a, c in zip(sums[task], localization.delta_sums(delta, local))]
+        sizes[task] += local.numel()
+        return local
+
+    return core_of, sizes
 
 
 def _lazy_theta0(rs: RegionSet, name: str, base: torch.Tensor) -> torch.Tensor:
