@@ -92,22 +92,26 @@ class _Dots:
         return (float(ca) if torch.is_tensor(ca) else ca), (float(cb) if torch.is_tensor(cb) else cb)
 
 
-def _interpolate(out: torch.Tensor, ca: float, cb: float, x_of, y_of) -> None:
-    """``out = ca*x + cb*y`` a chunk at a time (each product rounded, as unchunked)."""
+def _interpolate(out: torch.Tensor, ca: float, cb: float, x_of, y_of, work: _Work) -> None:
+    """``out = ca*x + cb*y`` a chunk at a time (each product rounded, as unchunked); ``y``
+    may read ``out`` itself."""
     numel = out.numel()
     for s in _chunks(numel):
         e = min(s + CHUNK, numel)
-        x, y = x_of(s, e), y_of(s, e)
-        out[s:e] = x.mul_(ca).add_(y.mul_(cb))
+        px = torch.mul(x_of(s, e), ca, out=work("px", e - s))
+        py = torch.mul(y_of(s, e), cb, out=work("py", e - s))
+        if out.dtype == px.dtype:
+            torch.add(px, py, out=out[s:e])
+        else:
+            out[s:e] = px.add_(py)
 
 
 def _flat_reader(flat: torch.Tensor, work: _Work, slot: str):
-    """``(start, stop) -> chunk of flat`` in the work dtype, into a reused buffer."""
-
-    def read(s: int, e: int) -> torch.Tensor:
-        return work(slot, e - s).copy_(flat[s:e])
-
-    return read
+    """``(start, stop) -> chunk of flat`` in the work dtype, to read, not to change: a view
+    when ``flat`` has that dtype, else a copy into a reused buffer."""
+    if flat.dtype == work.dtype:
+        return lambda s, e: flat[s:e]
+    return lambda s, e: work(slot, e - s).copy_(flat[s:e])
 
 
 def slerp(
@@ -140,7 +144,7 @@ def slerp(
     ca, cb = dots.coefficients(
         t, epsilon, work.dtype, a.device, fa[skip] if skipped else None, fb[skip] if skipped else None
     )
-    _interpolate(out, ca, cb, x_of, y_of)
+    _interpolate(out, ca, cb, x_of, y_of, work)
     return out.reshape(a.shape)
 
 
@@ -237,6 +241,7 @@ def fuse_stream(
         raise ValueError(f"task tensors of shapes {[list(t.shape) for t in thetas]} for a base of {list(shape)}")
     work = _Work(device, torch.float64 if dtype == torch.float64 else torch.float32)
     read_base = _flat_reader(flat_base, work, "x")
+    read_tasks = [_flat_reader(f, work, "t") for f in flats]
     slerping = 0.0 < omega < 1.0
     # the output holds the target (the tasks' mean, in the tensor's dtype) until the second pass
     out = flat_base.clone() if omega == 0.0 else torch.empty_like(flat_base)
@@ -246,8 +251,8 @@ def fuse_stream(
         e = min(s + CHUNK, numel)
         x = read_base(s, e) if (with_delta or slerping) else None
         acc = work("acc", e - s) if omega > 0.0 else None
-        for i, f in enumerate(flats):
-            t = work("t", e - s).copy_(f[s:e]) if (with_delta or omega > 0.0) else None
+        for i, read in enumerate(read_tasks):
+            t = read(s, e) if (with_delta or omega > 0.0) else None
             delta = torch.sub(t, x, out=work("delta", e - s)).abs_() if with_delta else None
             parts[i].append(core_of(i, s, e, delta).add(s))
             if acc is not None:
@@ -283,7 +288,7 @@ def fuse_stream(
         skip_x = flat_base[core_idx] if core_idx.numel() else None
         skip_y = out[core_idx] if core_idx.numel() else None  # the target, still in the output
         ca, cb = dots.coefficients(omega, epsilon, work.dtype, device, skip_x, skip_y)
-        _interpolate(out, ca, cb, read_base, _flat_reader(out, work, "y"))
+        _interpolate(out, ca, cb, read_base, _flat_reader(out, work, "y"), work)
 
     # ---- core: transplant (work on the few core indices only)
     transplanted = [0] * len(flats)

@@ -283,9 +283,15 @@ def _child_body(
     # a terminate from the parent unwinds normally (no half-written cache file)
     signal.signal(signal.SIGTERM, lambda *_: sys.exit(143))
     try:
+        # the parent's imports come first: they are on the merge's path until it needs the
+        # cut, while the pre-pass uses whatever CPU is left (all of it once the parent waits)
+        os.nice(10)
+    except (OSError, AttributeError):
+        pass
+    try:
         import torch
 
-        # one thread: the parent is importing mergekit on the other core meanwhile, and
+        # one torch thread per worker (the passes run their own threads, one per core):
         # OpenMP threads that wait on a busy core make each tensor op many times slower
         torch.set_num_threads(1)
         global_prepass(base_path, task_paths, density, exclude, progress=progress)

@@ -386,8 +386,8 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
         twins = {n: finders[n].twin() for n in names}
         lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
         for info, _start, _stop, keys in _stream(
-            base, tasks, part, "", False, samples, in_bucket, scorer, piece=PIECE, bar=bar
-        ):
+            base, tasks, part, "", False, samples, in_bucket, scorer, piece=PIECE, check=not delta_keys, bar=bar
+        ):  # the first pass checked |Δ| for Inf and NaN
             for n, kk in keys.items():
                 low = twins[n].add_low(kk)
                 if low.numel():
