@@ -9,6 +9,7 @@ command lines of ``merge_speed.py``:
 
   regions  cpift regions: global scope, density 0.01, 3 tasks
   cpi      cpift merge:   base_model + 3 variants, density 0.01, scope global (fresh pre-pass cache)
+  cpi_cached  the same merge with the pre-pass's cut already cached (made once, untimed)
   linear   mergekit-yaml: base + 3 variants, equal weights
 
 and reads wall time, peak RSS of the largest process (``ru_maxrss``) and RSS sampled over the
@@ -40,7 +41,7 @@ import merge_speed  # noqa: E402  (same folder: the command lines and the measur
 
 HIDDEN, INTER, VOCAB, HEADS = 4096, 11008, 32000, 32
 TASKS = tuple(merge_speed.VARIANTS)  # math, code, chat: the names merge_speed's commands use
-METHODS = ("regions", "cpi", "linear")
+METHODS = ("regions", "cpi", "cpi_cached", "linear")
 NOISE = 2e-3  # std of a variant's change (the base's entries have std 0.02)
 
 
@@ -269,6 +270,10 @@ def report(rows, methods, base_gb, largest, args) -> int:
             m_ = res["cpi"]["rss_gb"] / res["linear"]["rss_gb"]
             checks.append((f"cpi/linear wall, {layers} layers", w, "<= 1.5", "PASS" if w <= 1.5 else "FAIL"))
             checks.append((f"cpi/linear RSS, {layers} layers", m_, "<= 1.2", "PASS" if m_ <= 1.2 else "FAIL"))
+        if all(res.get(m, {}).get("rc") == 0 for m in ("cpi_cached", "linear")):
+            w = res["cpi_cached"]["wall_s"] / res["linear"]["wall_s"]
+            verdict = "PASS" if w <= 1.5 else "FAIL"
+            checks.append((f"cpi (cut cached)/linear wall, {layers} layers", w, "<= 1.5", verdict))
     if checks:
         print()
         print(format_table(["check", "value", "target", "result"], [[c, f"{v:.3f}", t, r] for c, v, t, r in checks]))

@@ -729,3 +729,28 @@ def test_global_regions_read_in_pieces_are_the_same_regions(tiny_models, tmp_pat
         for name in whole.tensor_names:
             assert torch.equal(whole.mask(t, name), pieces.mask(t, name))
             assert m2["delta_sums"][t][name] == pytest.approx(m1["delta_sums"][t][name], rel=1e-9)
+
+
+@pytest.mark.parametrize("workers", [1, 3])
+def test_global_cut_is_the_same_whatever_the_number_of_threads(
+    tiny_models, make_variant, tmp_path, monkeypatch, workers
+):
+    """The global passes split the tensors into runs, one thread each, and add their counts:
+    1 and 3 threads give the region file of 2 threads bit for bit, also when the cut lands
+    on a tie spread over tensors of different runs."""
+    from cpift_merge.storage import regions as reg
+
+    tasks = {"a": tiny_models["a"], "s": make_variant("mlp-only", seed=5, only="mlp")}
+    base, ck = Checkpoint(tiny_models["base"]), Checkpoint(tasks["s"])
+    d = torch.cat([(ck.get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
+    density = (int((d > 0).sum()) + 1000) / d.numel()  # k reaches 1000 entries into the zeros
+    monkeypatch.setattr(reg, "_workers", lambda: 2)
+    ref = compute_from_paths(tiny_models["base"], tasks, str(tmp_path / "two"), density=density, progress=False)
+    monkeypatch.setattr(reg, "_workers", lambda: workers)
+    got = compute_from_paths(tiny_models["base"], tasks, str(tmp_path / "other"), density=density, progress=False)
+    assert ref.meta["tasks"]["s"]["threshold"] == 0.0  # the cut is on the tie at |Δ| = 0
+    for key in ("counts", "samples", "intersections", "D"):
+        assert ref.meta[key] == got.meta[key], key
+    for t in tasks:
+        for key in ("k", "threshold", "fingerprint", "mask_sha256"):
+            assert ref.meta["tasks"][t][key] == got.meta["tasks"][t][key], (t, key)
