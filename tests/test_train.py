@@ -11,6 +11,7 @@ import signal
 import subprocess
 import sys
 import time
+from typing import Dict, List
 
 import pytest
 import torch
@@ -1017,8 +1018,28 @@ def _start_slow(args, sleep):
     )
 
 
+def _descendants(pid: int) -> List[int]:
+    """Every live process below ``pid`` (from /proc: torchrun starts its workers in
+    sessions of their own, so killing the launcher's process group leaves them running)."""
+    children: Dict[int, List[int]] = {}
+    for entry in os.listdir("/proc"):
+        if entry.isdigit():
+            try:
+                with open(f"/proc/{entry}/stat", encoding="utf-8") as fh:
+                    ppid = int(fh.read().rsplit(")", 1)[1].split()[1])
+            except (OSError, ValueError, IndexError):
+                continue
+            children.setdefault(ppid, []).append(int(entry))
+    out, todo = [], [pid]
+    while todo:
+        for c in children.get(todo.pop(), []):
+            out.append(c)
+            todo.append(c)
+    return out
+
+
 def _kill_at_checkpoint(proc, work, timeout=120):
-    """Wait for a complete checkpoint in ``work``, then kill -9 the run."""
+    """Wait for a complete checkpoint in ``work``, then kill -9 the run (every process of it)."""
     deadline = time.monotonic() + timeout
     try:
         while time.monotonic() < deadline:
@@ -1036,7 +1057,13 @@ def _kill_at_checkpoint(proc, work, timeout=120):
         pytest.fail(f"no checkpoint appeared in {work} within {timeout}s")
     finally:
         if proc.poll() is None:
+            below = _descendants(proc.pid)
             os.killpg(proc.pid, signal.SIGKILL)
+            for pid in below:
+                try:
+                    os.kill(pid, signal.SIGKILL)
+                except ProcessLookupError:
+                    pass
         proc.wait()
         proc.stderr.close()
 
@@ -1079,12 +1106,48 @@ def test_resume_after_kill(tiny_lm, tasks, regions, tmp_path):
         assert log_steps(str(out / f"stage-{k}" / "train_log.jsonl")) == list(range(1, 9))
         assert not (out / f"stage-{k}.work").exists()
     rec2 = read_json(str(out / "stage-2" / "stage.json"))
+    assert rec2["resumed_from_step"] in (2, 4, 6)  # from the checkpoint, not from step 0
     assert rec2["frozen_entries"] == regions.k("a") and rec2["frozen_bit_identical"] is True
     w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
     for t in regions.tensor_names:
         m = regions.mask("a", t)
         assert torch.equal(w2[t][m], w1[t][m]), t
     assert not any(n.startswith(".") for n in os.listdir(out))  # no temporary folders left
+
+
+def test_resume_after_kill_under_torchrun(tiny_lm, tasks, regions, tmp_path):
+    """`cpift train` under torchrun (2 gloo ranks), killed (the whole launcher group) after
+    a checkpoint of stage 2, then launched again under torchrun: it resumes from rank 0's
+    checkpoint instead of starting over (each step logged once), stage 1 is reused, no
+    temporary is left and A's core stays bit-identical."""
+    out = tmp_path / "run"
+    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
+            f"b={tasks['b']}", "--groups", "given:a;b", "--out", out, "--steps", 6, "--save-steps", 2,
+            "--weight-decay", 0.1, "--device", "cpu", *FAST]  # fmt: skip
+
+    def launch(script, sleep, port):
+        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "CPIFT_TEST_STEP_SLEEP": str(sleep)}
+        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
+        return subprocess.Popen(
+            [*cmd, *script, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            stderr=subprocess.PIPE, start_new_session=True,
+        )  # fmt: skip
+
+    slow = [os.path.join(HERE, "workers", "slow_cli.py")]
+    _kill_at_checkpoint(launch(slow, 0.5, 29535), str(out / "stage-2.work"), timeout=240)
+    assert (out / "stage-1" / "stage.json").is_file() and not (out / "stage-2").exists()
+    again = launch(["-m", "cpift_merge"], 0, 29536)
+    _, err = again.communicate(timeout=300)
+    assert again.returncode == 0, err.decode()[-3000:]
+    assert sorted(os.listdir(out)) == ["stage-1", "stage-2", "train.json"]  # no .work or temporary left
+    rec = read_json(str(out / "stage-2" / "stage.json"))
+    assert rec["steps"] == 6 and rec.get("world_size") == 2 and rec["resumed_from_step"] in (2, 4)
+    assert log_steps(str(out / "stage-2" / "train_log.jsonl")) == list(range(1, 7))  # resumed, written once
+    assert rec["frozen_entries"] == regions.k("a") and rec["frozen_bit_identical"] is True
+    w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
+    for t in regions.tensor_names:
+        m = regions.mask("a", t)
+        assert torch.equal(w2[t][m], w1[t][m]), t
 
 
 def test_same_seed_same_weights(tiny_lm, tmp_path):

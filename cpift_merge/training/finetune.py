@@ -571,6 +571,8 @@ def _train_and_save(
         "run": run_id,
         **(extra or {}),
     }
+    if resume_step:  # continued from the checkpoint of an interrupted run
+        rec["resumed_from_step"] = resume_step
     rank, world = rank_world()
     if world > 1:
         rec["world_size"] = world
