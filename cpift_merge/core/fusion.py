@@ -53,7 +53,7 @@ def _chunks(numel: int) -> range:
 
 
 class _Work:
-    """Reusable float32 chunk buffers (one per slot) on one device."""
+    """Reusable chunk buffers (one per slot, in the work dtype unless asked otherwise) on one device."""
 
     def __init__(self, device: torch.device, dtype: torch.dtype):
         self.device, self.dtype, self._bufs = device, dtype, {}

@@ -191,22 +191,16 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
     size = min(numel, CHUNK)
     base32 = torch.empty(size, dtype=torch.float32, device=theta0.device)
     buf = torch.empty(size, dtype=torch.float32, device=theta0.device)
-    flags = torch.empty(size, dtype=torch.bool, device=theta0.device)
-    parts: List[List[torch.Tensor]] = [[] for _ in thetas]
     sums = [[0.0] * 4 for _ in thetas]
-    taken = [0] * len(thetas)
+    core_of, _sizes = _cut_cores(cut, name, sums)
+    parts: List[List[torch.Tensor]] = [[] for _ in thetas]
     for start in range(0, numel, CHUNK):
         stop = min(start + CHUNK, numel)
         b = base32[: stop - start].copy_(theta0[start:stop])
-        d = buf[: stop - start]
         for i, t in enumerate(thetas):
             # no finiteness check: the pre-pass passed these exact values
-            keys = topk.magnitude_keys(t[start:stop], b, out=d, check=False)
-            mask, took = cut.mask_piece(f"t{i}", name, keys, taken[i], out=flags[: stop - start])
-            taken[i] += took
-            local = mask.nonzero().reshape(-1)
-            sums[i] = [a + c for a, c in zip(sums[i], localization.delta_sums(d, local))]  # d holds |Δ|
-            parts[i].append(local.add_(start))
+            delta = topk.magnitude_keys(t[start:stop], b, out=buf[: stop - start], check=False).view(torch.float32)
+            parts[i].append(core_of(i, start, stop, delta).add_(start))
     return [torch.cat(p) for p in parts], sums
 
 
@@ -291,10 +285,8 @@ def cpi_merge(
         d = DEFAULT_DENSITY if density is None else density
         paths = [_model_path(e.id) for e in entries]
         cut = global_prepass(_model_path(base_entry.id), paths, d, exclude, progress=not _QUIET)
-        if name not in cut.dtypes or any(DTYPE_NAMES.get(e.tensor.dtype) != cut.dtypes[name] for e in group.entries):
-            _check_finite(group, name)  # values the pre-pass did not see (it read and checked the others)
         if name in cut.dtypes and all(DTYPE_NAMES.get(e.tensor.dtype) == cut.dtypes[name] for e in group.entries):
-            # the pre-pass saw these very values: cores found in the fusion's own pass
+            # the pre-pass read (and checked) these very values: cores found in the fusion's own pass
             sums = [[0.0] * 4 for _ in entries]
             core_of, sizes = _cut_cores(cut, name, sums)
             out, stats = fuse_stream(
@@ -302,7 +294,8 @@ def cpi_merge(
             )
             _record(name, base, names, stats, omega, sums, sizes)
             return out
-        elif name in cut.dtypes:
+        _check_finite(group, name)  # values the pre-pass did not see
+        if name in cut.dtypes:
             cores, sums = _global_cores(cut, name, base_entry, entries)
         else:
             cores = [base.new_zeros(0, dtype=torch.int64) for _ in entries]  # no core: empty index lists

@@ -247,7 +247,7 @@ def _stream(
     bound_heap()
     own = bar is None
     for info in tqdm(tensors, desc=desc, disable=not progress, unit="tensor", leave=False) if own else tensors:
-        if bar is not None:
+        if not own:
             bar.update(1)
         want = names if wanted is None else wanted(info.name)
         if not want:
