@@ -5,11 +5,11 @@ from __future__ import annotations
 import functools
 import os
 import sys
-from typing import Dict, Sequence, Tuple
+from typing import Any, Dict, Optional, Sequence, Tuple
 
 import click
 
-from cpift_merge.errors import CpiftError
+from cpift_merge.errors import CpiftError, first_line
 from cpift_merge.pipeline.report import format_table, region_report
 
 
@@ -224,6 +224,17 @@ def _train_options(fn):
             help="Checkpoint interval (an interrupted run resumes from the last one).",
         ),
         click.option("--device", type=click.Choice(["auto", "cpu", "cuda"]), default="auto", show_default=True),
+        click.option(
+            "--fsdp",
+            is_flag=True,
+            help="Shard parameters and optimizer state with FSDP2 (GPUs, under torchrun or accelerate launch).",
+        ),
+        click.option(
+            "--fsdp-config",
+            type=click.Path(exists=True, dir_okay=False),
+            default=None,
+            help="YAML or JSON file of the Trainer's FSDP2 settings (fsdp_config keys) on top of ours.",
+        ),
         click.option("--quiet", is_flag=True, help="No progress bars."),
         click.option(
             "--overwrite",
@@ -236,7 +247,23 @@ def _train_options(fn):
     return fn
 
 
-def _config(lora=False, lora_rank=8, lora_alpha=None, lora_targets="", **kw):
+def _fsdp_file(path: Optional[str]) -> Optional[Dict[str, Any]]:
+    """The settings in a --fsdp-config file (YAML, or JSON, which YAML reads too)."""
+    if path is None:
+        return None
+    import yaml
+
+    try:
+        with open(path, encoding="utf-8") as fh:
+            settings = yaml.safe_load(fh)
+    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
+        raise CpiftError(f"--fsdp-config {path}: cannot read it: {first_line(err)}") from None
+    if not isinstance(settings, dict):
+        raise CpiftError(f"--fsdp-config {path}: expected a mapping of FSDP settings")
+    return settings
+
+
+def _config(lora=False, lora_rank=8, lora_alpha=None, lora_targets="", fsdp=False, fsdp_config=None, **kw):
     from cpift_merge.training.finetune import TrainConfig
 
     keys = (
@@ -257,7 +284,13 @@ def _config(lora=False, lora_rank=8, lora_alpha=None, lora_targets="", **kw):
         "report_to",
     )
     cfg = TrainConfig(
-        **{k: kw[k] for k in keys}, lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets
+        **{k: kw[k] for k in keys},
+        lora=lora,
+        lora_rank=lora_rank,
+        lora_alpha=lora_alpha,
+        lora_targets=lora_targets,
+        fsdp=fsdp,
+        fsdp_config=_fsdp_file(fsdp_config),
     )
     cfg.check()
     return cfg

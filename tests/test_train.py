@@ -766,11 +766,13 @@ def test_optimizer_options_leave_default_identities_unchanged():
 
     ident = TrainConfig().identity()
     assert "optimizer" not in ident and "momentum" not in ident
-    later = ("optimizer", "momentum", "report_to", "lora_alpha", "lora_targets")
+    later = ("optimizer", "momentum", "report_to", "lora_alpha", "lora_targets", "fsdp", "fsdp_config")
     assert ident == {k: v for k, v in asdict(TrainConfig()).items() if k not in later}
     sgd = TrainConfig(optimizer="sgd", momentum=0.5)
     assert sgd.identity()["optimizer"] == "sgd" and sgd.identity()["momentum"] == 0.5
     assert sgd.fingerprint() != TrainConfig().fingerprint()
+    sharded = TrainConfig(fsdp=True, fsdp_config={"cpu_offload": True})  # a sharded run is another run
+    assert sharded.identity()["fsdp"] is True and sharded.fingerprint() != TrainConfig().fingerprint()
 
 
 def test_sgd_probe_uses_plain_sgd_and_records_it(tiny_lm, tasks, tmp_path, monkeypatch):
@@ -1001,6 +1003,67 @@ def test_train_under_torchrun_writes_once_and_keeps_frozen_bits(tiny_lm, tasks, 
             assert torch.equal(w2[name][m], w1[name][m]), name
     lines = {r: len(open(tmp_path / r / "stage-2" / "train_log.jsonl").readlines()) for r in ("one", "two")}
     assert lines["one"] == lines["two"]  # written once, not once per rank
+
+
+def test_train_with_fsdp_under_torchrun_keeps_frozen_bits(tiny_lm, tasks, regions, tmp_path):
+    """`cpift train --fsdp` on 2 gloo ranks: the parameters and AdamW state are FSDP2 shards
+    (DTensors) during training, rank 0 writes the gathered model once, and A's core stays
+    bit-identical through stage 2 while the rest trains. accelerate applies FSDP only to
+    GPUs; the worker lifts that gate and ours, nothing else (see tests/workers/fsdp_cpu_cli.py)."""
+    settings = tmp_path / "fsdp.yml"
+    settings.write_text("fsdp_reshard_after_forward: false\n")
+    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
+            f"b={tasks['b']}", "--groups", "given:a;b", "--steps", "2", "--weight-decay", "0.1", "--device", "cpu",
+            "--batch-size", "4", "--max-length", "64", "--lr", "1e-2", "--fsdp", "--fsdp-config",
+            str(settings)]  # fmt: skip
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    run = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29534",
+         os.path.join(HERE, "workers", "fsdp_cpu_cli.py"), *args, "--out", str(tmp_path / "fsdp")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    out = tmp_path / "fsdp"
+    assert sorted(os.listdir(out)) == ["stage-1", "stage-2", "train.json"]
+    rec = read_json(str(out / "stage-2" / "stage.json"))
+    assert rec["frozen_bit_identical"] is True and rec["frozen_entries"] == regions.k("a")
+    assert rec["world_size"] == 2 and rec["config"]["fsdp"] is True
+    assert rec["config"]["fsdp_config"] == {"fsdp_reshard_after_forward": False}
+    base, w1, w2 = weights(tiny_lm), weights(str(out / "stage-1")), weights(str(out / "stage-2"))
+    assert set(w2) == set(base)  # the whole model was gathered and written, not one shard
+    moved = 0
+    for name in regions.tensor_names:
+        m = regions.mask("a", name)
+        assert torch.equal(w2[name][m], w1[name][m]), name
+        moved += int((w2[name][~m] != w1[name][~m]).sum())
+    assert moved > 0.5 * sum(int((~regions.mask("a", n)).sum()) for n in regions.tensor_names)  # stage 2 trained
+    logged = [json.loads(line) for line in open(out / "stage-2" / "train_log.jsonl")]
+    assert [r["step"] for r in logged if "loss" in r] == [1, 2]  # one line per step, written once
+
+
+def test_fsdp_refuses_what_it_cannot_do(tiny_lm, tasks, tmp_path):
+    """--fsdp on a machine without CUDA, FSDP1-only or unknown settings, --fsdp-config alone,
+    and --fsdp with --lora: one line each, before any work."""
+    base = ["train", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--groups", "given:a", "--steps", "1"]
+    cases = [
+        ({}, ["--fsdp"], "--fsdp needs CUDA GPUs"),
+        ({"fsdp_backward_prefetch": "BACKWARD_PRE"}, ["--fsdp"], "backward_prefetch is an FSDP1 setting"),
+        ({"sharding_strategy": "HYBRID_SHARD"}, ["--fsdp"], "use reshard_after_forward"),
+        ({"version": 1}, ["--fsdp"], "--fsdp uses FSDP2"),
+        ({"reshard_after_forward": "full_shard"}, ["--fsdp"], "reshard_after_forward must be true or false"),
+        ({"shard_everything": True}, ["--fsdp"], "unknown FSDP2 setting 'shard_everything'"),
+        ({"version": 2}, [], "--fsdp-config applies to --fsdp only"),
+    ]
+    for i, (settings, flags, match) in enumerate(cases):
+        path = tmp_path / f"s{i}.json"
+        path.write_text(json.dumps(settings))
+        extra = ["--fsdp-config", path] if settings else []
+        res = cli(*base, *flags, *extra, "--out", tmp_path / f"o{i}", code=2)
+        one_line_error(res, match)
+        assert not os.path.exists(tmp_path / f"o{i}") and not os.path.exists(tmp_path / f"o{i}.work")
+    res = cli("probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--out", tmp_path / "lora", "--steps", 1,
+              "--lora", "--fsdp", code=2)  # fmt: skip
+    one_line_error(res, "--fsdp and --lora together are not supported")
 
 
 # ------------------------------------------------------------ resume after kill

@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import os
 import re
-from typing import Annotated, Dict, List, Literal, Optional, Sequence
+from typing import Annotated, Any, Dict, List, Literal, Optional, Sequence
 
 from pydantic import (
     BaseModel,
@@ -116,6 +116,8 @@ class Budget(_Strict):
     optimizer: Optional[Literal["adamw", "sgd"]] = None  # adamw: the papers' recipe; sgd: plain SGD
     momentum: Optional[float] = Field(None, ge=0, lt=1)  # sgd only
     report_to: Optional[str] = None  # the Trainer's loggers: none (default), all, tensorboard,wandb, ...
+    fsdp: Optional[bool] = None  # FSDP2 sharding (GPUs, under torchrun / accelerate launch)
+    fsdp_config: Optional[Dict[str, Any]] = None  # the Trainer's FSDP2 settings (fsdp only)
 
     @field_validator("scheduler")
     @classmethod

@@ -6,7 +6,7 @@ imported only when there are several processes."""
 from __future__ import annotations
 
 import os
-from typing import Callable, List, Optional, Tuple
+from typing import Any, Callable, Dict, List, Optional, Sequence, Tuple
 
 from cpift_merge.errors import CpiftError
 
@@ -79,3 +79,68 @@ def on_main(fn: Callable[[], None]) -> None:
     dist.broadcast_object_list(message, src=0)
     if message[0] is not None:
         raise CpiftError(message[0])
+
+
+# ------------------------------------------------------------------ FSDP2 through the Trainer
+
+# The Trainer's ``fsdp_config`` keys (a leading ``fsdp_`` is dropped, as the Trainer does) that
+# FSDP2 uses, and those that only FSDP1 reads: the Trainer and accelerate drop the latter with a
+# warning under FSDP2, which would leave a user believing a setting took effect.
+FSDP2_SETTINGS = (
+    "version",
+    "reshard_after_forward",
+    "cpu_offload",
+    "auto_wrap_policy",
+    "transformer_layer_cls_to_wrap",
+    "min_num_params",
+    "state_dict_type",
+    "cpu_ram_efficient_loading",
+    "activation_checkpointing",
+)
+FSDP1_ONLY = (
+    "sharding_strategy",
+    "backward_prefetch",
+    "forward_prefetch",
+    "use_orig_params",
+    "sync_module_states",
+    "limit_all_gathers",
+    "xla",
+    "xla_fsdp_settings",
+    "xla_fsdp_grad_ckpt",
+)
+
+
+def fsdp_settings(given: Optional[Dict[str, Any]], layer_classes: Sequence[str] = ()) -> Dict[str, Any]:
+    """The Trainer's ``fsdp_config`` for ``--fsdp``: FSDP2, each decoder layer (``layer_classes``,
+    a model's ``_no_split_modules``) sharded on its own, parameters resharded after forward,
+    full state dicts in checkpoints; then the user's ``given`` settings on top. FSDP1-only,
+    unknown or malformed settings are refused in one line (FSDP1's flattened parameters do not
+    keep the per-tensor shapes the frozen masks index)."""
+    if given is not None and not isinstance(given, dict):
+        raise CpiftError(f"--fsdp-config must be a mapping of FSDP settings, got {type(given).__name__}")
+    user = {(k[5:] if isinstance(k, str) and k.startswith("fsdp_") else k): v for k, v in (given or {}).items()}
+    for key in user:
+        if key in FSDP1_ONLY:
+            hint = "; use reshard_after_forward (true or false)" if key == "sharding_strategy" else ""
+            raise CpiftError(f"--fsdp-config: {key} is an FSDP1 setting and --fsdp uses FSDP2{hint}")
+        if key not in FSDP2_SETTINGS:
+            raise CpiftError(f"--fsdp-config: unknown FSDP2 setting {key!r}; known: {', '.join(FSDP2_SETTINGS)}")
+    if str(user.get("version", 2)) != "2":
+        raise CpiftError(f"--fsdp-config: version {user['version']!r} is not supported; --fsdp uses FSDP2 (version 2)")
+    if not isinstance(user.get("reshard_after_forward", True), bool):
+        raise CpiftError("--fsdp-config: reshard_after_forward must be true or false under FSDP2")
+    if str(user.get("state_dict_type", "FULL_STATE_DICT")).upper() not in ("FULL_STATE_DICT", "SHARDED_STATE_DICT"):
+        raise CpiftError("--fsdp-config: state_dict_type must be FULL_STATE_DICT or SHARDED_STATE_DICT under FSDP2")
+    out: Dict[str, Any] = {"version": 2, "reshard_after_forward": True, "state_dict_type": "FULL_STATE_DICT"}
+    if layer_classes:
+        out.update(auto_wrap_policy="TRANSFORMER_BASED_WRAP", transformer_layer_cls_to_wrap=list(layer_classes))
+    out.update(user)
+    return out
+
+
+def fsdp_available(device: str = "auto") -> bool:
+    """Whether ``--fsdp`` can shard here: accelerate applies FSDP only to CUDA devices (on CPU it
+    keeps plain data parallelism and ignores the Trainer's FSDP settings)."""
+    import torch
+
+    return device != "cpu" and torch.cuda.is_available()

@@ -25,6 +25,7 @@ from transformers.trainer_callback import PrinterCallback, ProgressCallback
 from cpift_merge.core.topk import all_finite
 from cpift_merge.errors import CpiftError, first_line
 from cpift_merge.storage.files import atomic_dir, ensure_apart, file_stamps, read_json
+from cpift_merge.training import distributed
 from cpift_merge.training.data import Collator, encode_all
 from cpift_merge.training.distributed import agree, barrier, is_main, on_main, rank_world
 from cpift_merge.training.freeze import MaskedUpdate, unwrap_optimizer
@@ -60,10 +61,19 @@ class TrainConfig:
     report_to: str = "none"  # the Trainer's report_to: none, all, or integrations (tensorboard,wandb)
     lora_alpha: Optional[float] = None  # None: 2 x lora_rank
     lora_targets: str = ""  # comma-separated module names; "": every attention and MLP projection present
+    fsdp: bool = False  # shard parameters and optimizer state with FSDP2 (GPUs, under torchrun / accelerate)
+    fsdp_config: Optional[Dict[str, Any]] = None  # the Trainer's FSDP2 settings on top of ours (fsdp only)
 
     # Options added after runs were recorded: left out of a run's identity while at their
     # defaults, so finished runs made before them are still recognised as the same run.
-    LATER_DEFAULTS = {"optimizer": "adamw", "momentum": 0.0, "lora_alpha": None, "lora_targets": ""}
+    LATER_DEFAULTS = {
+        "optimizer": "adamw",
+        "momentum": 0.0,
+        "lora_alpha": None,
+        "lora_targets": "",
+        "fsdp": False,
+        "fsdp_config": None,
+    }
     # Learning rate when none is given. SGD's is measured on SmolLM2-135M probes (README,
     # "Probe optimizer"): with clipping at 1.0 its loss drop matches the AdamW probe's.
     DEFAULT_LR = {"adamw": 1e-4, "sgd": 0.1}
@@ -128,6 +138,19 @@ class TrainConfig:
             raise CpiftError(f"--device must be auto, cpu or cuda, got {self.device!r}")
         if self.device == "cuda" and not torch.cuda.is_available():
             raise CpiftError("--device cuda asked for, but no CUDA device is available")
+        if self.fsdp_config is not None and not self.fsdp:
+            raise CpiftError("--fsdp-config applies to --fsdp only")
+        if not isinstance(self.fsdp, bool):
+            raise CpiftError(f"fsdp must be true or false, got {self.fsdp!r}")
+        if self.fsdp:
+            if self.lora:
+                raise CpiftError("--fsdp and --lora together are not supported; use one of them")
+            distributed.fsdp_settings(self.fsdp_config)  # refuses FSDP1-only or unknown settings
+            if not distributed.fsdp_available(self.device):
+                raise CpiftError(
+                    "--fsdp needs CUDA GPUs (accelerate shards only there); on CPU drop --fsdp:"
+                    " torchrun still trains data-parallel"
+                )
 
     def fingerprint(self) -> str:
         return hashlib.sha256(json.dumps(self.identity(), sort_keys=True).encode()).hexdigest()[:16]
@@ -523,6 +546,7 @@ def _train_and_save(
         remove_unused_columns=False,
         logging_nan_inf_filter=False,  # log a NaN loss as NaN (FiniteTraining stops there)
         **({"optim": "sgd", "optim_args": f"momentum={cfg.momentum}"} if cfg.optimizer == "sgd" else {}),
+        **_fsdp_arguments(cfg, model),
     )
     resume = _last_checkpoint(work)
     resume_step = 0
@@ -544,15 +568,22 @@ def _train_and_save(
     # loss in the bar's postfix instead (train_log.jsonl keeps every log)
     trainer.remove_callback(PrinterCallback)
     trainer.remove_callback(ProgressCallback)
+    if cfg.fsdp and not trainer.is_fsdp_enabled:  # e.g. one process started without a launcher
+        raise CpiftError("--fsdp: accelerate did not turn FSDP on; launch with torchrun or accelerate launch on GPUs")
     if progress:
         trainer.add_callback(LossBar(desc))
     result = trainer.train(resume_from_checkpoint=resume)
     if cfg.lora:
         model = model.merge_and_unload()
-    model = model.to("cpu")
-    identical = all(
-        torch.equal(p.detach()[frozen[n]], reference[n]) for n, p in model.named_parameters() if n in reference
-    )
+    if cfg.fsdp:  # every rank gathers the shards; rank 0 gets the whole state, on the CPU
+        weights = trainer.accelerator.get_state_dict(trainer.model)
+        held = bool(weights) or not is_main()
+    else:
+        model = model.to("cpu")
+        weights, held = {n: p.detach() for n, p in model.named_parameters()}, True
+    identical = all(torch.equal(weights[n][frozen[n]], reference[n]) for n in reference if n in weights)
+    identical = identical and (not weights or all(n in weights for n in reference))
+    agree(held, f"internal error: rank 0 gathered no weights for {out} under --fsdp; please report")
     agree(not frozen or identical, f"internal error: frozen entries moved in {out}; please report")
     losses = [json.loads(line).get("loss") for line in open(os.path.join(work, "train_log.jsonl"), encoding="utf-8")]
     losses = [x for x in losses if x is not None]
@@ -578,7 +609,7 @@ def _train_and_save(
         rec["world_size"] = world
     if is_main():
         with atomic_dir(out, overwrite=True) as tmp:
-            model.save_pretrained(tmp, safe_serialization=True)
+            model.save_pretrained(tmp, safe_serialization=True, state_dict=weights if cfg.fsdp else None)
             tok.save_pretrained(tmp)
             shutil.copy(os.path.join(work, "train_log.jsonl"), os.path.join(tmp, "train_log.jsonl"))
             if os.path.isdir(os.path.join(work, "runs")):  # --report-to tensorboard writes its events there
@@ -587,8 +618,9 @@ def _train_and_save(
                 json.dump(rec, fh, indent=1)
             with open(os.path.join(tmp, "README.md"), "w", encoding="utf-8") as fh:
                 fh.write(model_card(base, rec))
-    if world > 1:  # every replica must hold the weights rank 0 wrote, bit for bit
-        barrier()  # rank 0 has written out
+    if world > 1:
+        barrier()  # rank 0 has written out, and every rank has read the log it is about to remove
+    if world > 1 and not cfg.fsdp:  # every replica must hold the weights rank 0 wrote, bit for bit
         same = True
         if rank:
             from cpift_merge.storage.checkpoint import Checkpoint
@@ -601,6 +633,14 @@ def _train_and_save(
         shutil.rmtree(work, ignore_errors=True)
     barrier()
     return rec
+
+
+def _fsdp_arguments(cfg: TrainConfig, model) -> Dict[str, Any]:
+    """The Trainer's FSDP2 arguments for ``--fsdp`` (none without it)."""
+    if not cfg.fsdp:
+        return {}
+    layers = getattr(model, "_no_split_modules", None) or ()
+    return {"fsdp": True, "fsdp_config": distributed.fsdp_settings(cfg.fsdp_config, layers)}
 
 
 def run_probes(
