@@ -1039,6 +1039,17 @@ def test_train_with_fsdp_under_torchrun_keeps_frozen_bits(tiny_lm, tasks, region
     assert moved > 0.5 * sum(int((~regions.mask("a", n)).sum()) for n in regions.tensor_names)  # stage 2 trained
     logged = [json.loads(line) for line in open(out / "stage-2" / "train_log.jsonl")]
     assert [r["step"] for r in logged if "loss" in r] == [1, 2]  # one line per step, written once
+    probe = subprocess.run(
+        [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", "29535",
+         os.path.join(HERE, "workers", "fsdp_cpu_cli.py"), "probe", "--base", tiny_lm, "--task", f"a={tasks['a']}",
+         "--steps", "2", "--device", "cpu", "--batch-size", "4", "--max-length", "64", "--fsdp", "--quiet",
+         "--out", str(tmp_path / "probe")],
+        capture_output=True, text=True, env=env, timeout=300,
+    )  # fmt: skip
+    assert probe.returncode == 0, probe.stderr[-3000:]
+    rec = read_json(str(tmp_path / "probe" / "a" / "probe.json"))
+    assert rec["world_size"] == 2 and rec["config"]["fsdp"] is True and rec["steps"] == 2
+    assert set(weights(str(tmp_path / "probe" / "a"))) == set(base)
 
 
 def test_fsdp_refuses_what_it_cannot_do(tiny_lm, tasks, tmp_path):
