@@ -731,6 +731,60 @@ def test_global_regions_read_in_pieces_are_the_same_regions(tiny_models, tmp_pat
             assert m2["delta_sums"][t][name] == pytest.approx(m1["delta_sums"][t][name], rel=1e-9)
 
 
+@pytest.mark.parametrize("case", ["guess held", "guess missed", "too many keys kept"])
+def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch, case):
+    """The global cut guesses the threshold's bucket from a sample and keeps the keys around
+    it in the first pass. Held: no second pass, the same thresholds and per-tensor ties as
+    two passes; missed, or more distinct keys than it may keep: the second pass runs and
+    the result is still the same. Task s's cut lands on the tie at |Δ| = 0, across tensors."""
+    from cpift_merge.core import topk
+    from cpift_merge.storage import regions as reg
+
+    paths = {"a": tiny_models["a"], "s": make_variant("mlp-only", seed=5, only="mlp")}
+    base = Checkpoint(tiny_models["base"])
+    tasks = {n: Checkpoint(p) for n, p in paths.items()}
+    tensors = [base.infos[n] for n in base.names()]
+    d = torch.cat([(tasks["s"].get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
+    k = int((d > 0).sum()) + 1000  # k reaches 1000 entries into the zeros of s
+
+    def cut(guess):
+        return reg._histogram_cut(base, tasks, tensors, k, False, {n: {} for n in ["__base__", *tasks]}, guess=guess)
+
+    ref = cut(False)
+    monkeypatch.setattr(reg, "SAMPLE_FRACTION", 1.0)  # a sample of everything: the guess is right
+    if case == "guess missed":
+        monkeypatch.setattr(topk, "guess_window", lambda hist, k, margin=0.05: (0x7000, 0x7001))
+    if case == "too many keys kept":
+        monkeypatch.setattr(reg, "WINDOW_PAIRS", 2)
+    second = []
+    stream = reg._stream
+
+    def spy(*args, **kwargs):
+        if (args[6] if len(args) > 6 else kwargs.get("wanted")) is not None:  # pass 2 names the tensors it wants
+            second.append(1)
+        return stream(*args, **kwargs)
+
+    monkeypatch.setattr(reg, "_stream", spy)
+    got = cut(True)
+    assert ref[0]["s"].key == 0 and ref[0]["s"].ties > 0
+    assert got == ref
+    assert bool(second) == (case != "guess held")
+
+
+def test_guess_window_brackets_the_sample_threshold():
+    """The guessed buckets hold the sample's k-th largest key, widened by the margin."""
+    from cpift_merge.core import topk
+
+    keys = (torch.rand(200_000, generator=torch.Generator().manual_seed(0)) * 3).view(torch.int32)
+    hist = torch.bincount(keys >> 16, minlength=topk.HIGH_BUCKETS)
+    for k in (1, 50, 2000, 20_000, 199_999):
+        lo, hi = topk.guess_window(hist, k)
+        kth = int(keys.sort(descending=True).values[k - 1]) >> 16
+        assert lo <= kth <= hi and (hi - lo < 64 or k > 190_000), (k, lo, kth, hi)  # near all: down to 0
+        wider = topk.guess_window(hist, k, margin=0.5)
+        assert wider[0] <= lo and wider[1] >= hi
+
+
 @pytest.mark.parametrize("workers", [1, 3])
 def test_global_cut_is_the_same_whatever_the_number_of_threads(
     tiny_models, make_variant, tmp_path, monkeypatch, workers

@@ -18,7 +18,7 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 from fractions import Fraction
-from typing import List, Optional, Sequence
+from typing import List, Optional, Sequence, Tuple
 
 import torch
 
@@ -221,6 +221,19 @@ class ThresholdFinder:
             self._low += _bincount(low, LOW_BUCKETS)
         return low
 
+    def add_low_counts(self, keys: torch.Tensor, counts: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Pass 2 without reading the stream again: ``keys`` (distinct full keys, any order)
+        seen ``counts`` times, e.g. those :func:`window_counts` kept in pass 1 around the
+        threshold. Counts the ones in the threshold's bucket as :meth:`add_low` would, and
+        returns their low bits and counts (for ties per tensor)."""
+        if self._bucket is None:
+            raise RuntimeError("end_high() must be called before add_low_counts()")
+        inside = (keys >> 16) == self._bucket
+        low, counts = (keys[inside] & 0xFFFF).to(torch.int64), counts[inside].to(torch.int64)
+        if low.numel():
+            self._low.index_add_(0, low, counts)
+        return low, counts
+
     def end_low(self) -> Threshold:
         if self.result is not None:
             return self.result
@@ -231,6 +244,37 @@ class ThresholdFinder:
         key = (self._bucket << 16) | low
         self.result = Threshold(k=self.k, key=key, ties=self.k - self._above - greater_in_bucket)
         return self.result
+
+
+def guess_window(sample_high: torch.Tensor, k: float, margin: float = 0.05) -> Tuple[int, int]:
+    """High-16-bit buckets ``(lo, hi)``, inclusive, likely to hold the k-th largest key of a
+    stream, from the high-bit histogram of a uniform sample of it (``k`` scaled to the
+    sample). The rank is widened by ``margin`` of itself plus three standard deviations,
+    and by one bucket on each side. Only a guess: :class:`ThresholdFinder` is exact either way."""
+    counts = sample_high.flip(0).cumsum(0).flip(0)  # counts[b] = #sample keys >= bucket b
+    slack = margin * k + 3 * math.sqrt(max(k, 1.0)) + 1
+
+    def bucket_at(rank: float) -> int:
+        reached = (counts >= max(rank, 1.0)).nonzero()
+        return int(reached.max()) if reached.numel() else 0
+
+    lo, hi = bucket_at(k + slack) - 1, bucket_at(k - slack) + 1
+    return max(lo, 0), min(hi, NONFINITE_BUCKET - 1)
+
+
+def window_counts(
+    keys: torch.Tensor, window: Tuple[int, int], flags: torch.Tensor
+) -> Tuple[torch.Tensor, torch.Tensor]:
+    """The distinct keys whose high 16 bits lie in ``window`` (inclusive buckets) and how
+    often each occurs. ``flags``: a bool buffer of at least ``keys.numel()`` entries.
+    One pass over ``keys`` (those from the window's low edge up are few: the window lies
+    near a top-k threshold), the upper edge is applied to those."""
+    flat = keys.reshape(-1)
+    first = window[0] << 16
+    above = flat[torch.ge(flat, first, out=flags[: flat.numel()])]
+    picked = above[above < ((window[1] + 1) << 16)]
+    values, counts = torch.unique(picked, return_counts=True)  # a sort of the few picked keys
+    return values.to(torch.int64), counts
 
 
 def cut_mask(keys: torch.Tensor, key: int, ties: int, out: Optional[torch.Tensor] = None) -> torch.Tensor:

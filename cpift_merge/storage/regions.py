@@ -337,25 +337,79 @@ def _in_threads(fn, parts: Sequence) -> List:
         torch.set_num_threads(before)
 
 
-def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
-    """Two-pass exact cut (high-bit histogram, then low bits in the threshold's bucket,
-    reading only tensors whose keys reach it). Returns thresholds and, per task, the
-    count of keys equal to the threshold in each tensor (stream order). Each pass runs
-    in threads (:func:`_workers`), each over its own run of tensors; the counts add up."""
+SAMPLE_FRACTION = 1 / 64  # of each tensor, read to guess where the threshold lies
+SAMPLE_RUN = 4096  # entries per sampled run (two pages of bf16)
+WINDOW_PAIRS = 1 << 22  # distinct keys a task may keep around its guess (~48 MB) before it needs pass 2
+
+
+def _sample_runs(numel: int) -> List[Tuple[int, int]]:
+    """Evenly spaced runs of entries covering about ``SAMPLE_FRACTION`` of a tensor."""
+    want = max(1, round(numel * SAMPLE_FRACTION))
+    runs = max(1, math.ceil(want / SAMPLE_RUN))
+    length = max(1, want // runs)
+    starts = ((2 * i + 1) * numel // (2 * runs) - length // 2 for i in range(runs))
+    return [(s, s + length) for s in (min(max(0, s), numel - length) for s in starts)]
+
+
+def _guess_windows(base, tasks, tensors, k: int) -> Dict[str, Tuple[int, int]]:
+    """Per task, the high-16-bit buckets likely to hold its threshold: the |Δ| keys of a
+    uniform sample of every tensor (:func:`_sample_runs`) through :func:`topk.guess_window`."""
+    scratch = Scratch()
+    hists = {n: torch.zeros(topk.HIGH_BUCKETS, dtype=torch.int64) for n in tasks}
+    seen = total = 0
+    for info in tensors:
+        total += info.numel
+        for start, stop in _sample_runs(info.numel):
+            theta0 = _read(base, info.name, scratch, "__base__", start, stop).reshape(-1).to(torch.float32)
+            for n, src in tasks.items():
+                keys = topk.magnitude_keys(_read(src, info.name, scratch, n, start, stop), theta0, check=False)
+                hists[n] += torch.bincount(keys >> 16, minlength=topk.HIGH_BUCKETS)
+            seen += stop - start
+    return {n: topk.guess_window(h, k * seen / total) for n, h in hists.items()}
+
+
+def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, guess=True):
+    """Exact cut: a high-bit histogram, then the low bits in the threshold's bucket. Returns
+    thresholds and, per task, the count of keys equal to the threshold in each tensor
+    (stream order). Each pass runs in threads (:func:`_workers`), each over its own run of
+    tensors; the counts add up.
+
+    With |Δ| keys (and ``guess``) the threshold's bucket is first guessed from a 1/64
+    sample, and the first pass also keeps the distinct keys around the guess with their
+    counts: when the guess holds (the usual case), the low bits come from those and the
+    stream is read once. When it misses, or a task's window holds too many distinct keys,
+    a second pass reads the tensors whose keys reach the bucket, as without a guess."""
     names = list(tasks)
     parts = _split(tensors, _workers())
     # with |Δ| keys the stream skips its finiteness check (a pass over each piece): the
     # histogram shows an Inf or NaN for free
     delta_keys = scorer is None or scorer.score == "delta"
+    total = sum(t.numel for t in tensors)
+    windows = _guess_windows(base, tasks, tensors, k) if guess and delta_keys and 0 < k < total else {}
+    cap = WINDOW_PAIRS // len(parts)
 
     def high(part: List[TensorInfo], bar) -> tuple:
         finders = {n: topk.ThresholdFinder(k) for n in names}
         spans: Dict[str, Dict[str, tuple[int, int]]] = {n: {} for n in names}
+        kept: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
+        pairs = dict.fromkeys(names, 0)
+        dropped: set = set()
+        flags: Optional[torch.Tensor] = None
         stream = _stream(
             base, tasks, part, "", False, samples, scorer=scorer, piece=PIECE, check=not delta_keys, bar=bar
         )
         for info, start, stop, keys in stream:
             for n, kk in keys.items():
+                if n in windows and n not in dropped:
+                    if flags is None or flags.numel() < kk.numel():
+                        flags = torch.empty(kk.numel(), dtype=torch.bool)
+                    values, counts = topk.window_counts(kk, windows[n], flags)
+                    if values.numel():
+                        kept[n].setdefault(info.name, []).append(torch.stack([values, counts]))
+                        pairs[n] += values.numel()
+                        if pairs[n] > cap:  # too many distinct keys around the guess: pass 2 for this task
+                            dropped.add(n)
+                            kept[n] = {}
                 hist = finders[n].add_high(kk, in_place=True)  # the keys are spent here
                 used = hist.nonzero()
                 if not used.numel():  # an empty tensor
@@ -365,17 +419,30 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
                     _nonfinite(base, tasks[n], info.name, start, stop)
                 seen = spans[n].get(info.name)
                 spans[n][info.name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
-        return finders, spans
+        return finders, spans, kept, dropped
 
     with tqdm(total=len(tensors), desc="regions: histogram", disable=not progress, unit="tensor", leave=False) as bar:
         results = _in_threads(lambda part: high(part, bar), parts)
-    finders, spans = results[0]
-    for more, more_spans in results[1:]:
+    finders, spans, kept, dropped = results[0]
+    for more, more_spans, more_kept, more_dropped in results[1:]:
+        dropped |= more_dropped
         for n in names:
             finders[n].absorb(more[n])
             spans[n].update(more_spans[n])
+            kept[n].update(more_kept[n])
     for f in finders.values():
         f.end_high()
+    lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
+    for n in windows:  # the guess held: the low bits from the keys kept in the first pass
+        f = finders[n]
+        if f.needs_low and n not in dropped and windows[n][0] <= f.bucket <= windows[n][1]:
+            for tensor, found in kept[n].items():
+                both = torch.cat(found, dim=1)
+                low, counts = f.add_low_counts(both[0], both[1])
+                if low.numel():
+                    lows[n][tensor] = [torch.stack([low, counts])]
+            f.end_low()
+        kept[n] = {}
 
     def in_bucket(tensor: str) -> List[str]:
         return [
@@ -395,7 +462,6 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None):
                     lows[n].setdefault(info.name, []).append(torch.stack([values.to(torch.int64), counts]))
         return twins, lows
 
-    lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
     if any(f.needs_low for f in finders.values()):
         bar = tqdm(total=len(tensors), desc="regions: threshold", disable=not progress, unit="tensor", leave=False)
         with bar:
