@@ -731,7 +731,7 @@ def test_global_regions_read_in_pieces_are_the_same_regions(tiny_models, tmp_pat
             assert m2["delta_sums"][t][name] == pytest.approx(m1["delta_sums"][t][name], rel=1e-9)
 
 
-@pytest.mark.parametrize("case", ["guess held", "guess missed", "too many keys kept"])
+@pytest.mark.parametrize("case", ["guess held", "guess missed", "too many keys kept", "a tensor the sample missed"])
 def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch, case):
     """The global cut guesses the threshold's bucket from a sample and keeps the keys around
     it in the first pass. Held: no second pass, the same thresholds and per-tensor ties as
@@ -752,10 +752,21 @@ def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch
 
     ref = cut(False)
     monkeypatch.setattr(reg, "SAMPLE_FRACTION", 1.0)  # a sample of everything: the guess is right
+    monkeypatch.setattr(reg, "SPECULATE_SHARE", 0.0)  # and kept for every task
+    monkeypatch.setattr(reg, "GUESS_MIN_ENTRIES", 0)  # tiny models too
     if case == "guess missed":
         monkeypatch.setattr(topk, "guess_window", lambda hist, k, margin=0.05: (0x7000, 0x7001))
     if case == "too many keys kept":
         monkeypatch.setattr(reg, "WINDOW_PAIRS", 2)
+    if case == "a tensor the sample missed":  # its keys were not kept: pass 2 reads it alone
+        guess = reg._guess_windows
+
+        def partial(*args):
+            windows, reach = guess(*args)
+            reach["a"].discard(max(reach["a"], key=lambda t: base.infos[t].numel))
+            return windows, reach
+
+        monkeypatch.setattr(reg, "_guess_windows", partial)
     second = []
     stream = reg._stream
 

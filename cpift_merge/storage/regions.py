@@ -340,6 +340,14 @@ def _in_threads(fn, parts: Sequence) -> List:
 SAMPLE_FRACTION = 1 / 64  # of each tensor, read to guess where the threshold lies
 SAMPLE_RUN = 4096  # entries per sampled run (two pages of bf16)
 WINDOW_PAIRS = 1 << 22  # distinct keys a task may keep around its guess (~48 MB) before it needs pass 2
+# Keep keys in the first pass only for a task whose sampled keys reach its window in at least this
+# share of the entries: below it, a second pass over those tensors costs less than keeping keys
+# (SmolLM2-135M, fp32 variants, 31% reached: 1.46 s with keeping, 1.26 s with two passes; 1 layer of
+# Llama-7B shapes in bf16, every tensor reached: 6.7 s with keeping, 9.1-9.5 s with two passes)
+SPECULATE_SHARE = 0.5
+# Guess only for models of at least this many entries: the sample costs ~0.15 s at SmolLM2-135M
+# size, where two passes take ~1.25 s in all and run hidden behind a merge's imports
+GUESS_MIN_ENTRIES = 1 << 28
 
 
 def _sample_runs(numel: int) -> List[Tuple[int, int]]:
@@ -351,21 +359,31 @@ def _sample_runs(numel: int) -> List[Tuple[int, int]]:
     return [(s, s + length) for s in (min(max(0, s), numel - length) for s in starts)]
 
 
-def _guess_windows(base, tasks, tensors, k: int) -> Dict[str, Tuple[int, int]]:
-    """Per task, the high-16-bit buckets likely to hold its threshold: the |Δ| keys of a
-    uniform sample of every tensor (:func:`_sample_runs`) through :func:`topk.guess_window`."""
+def _guess_windows(base, tasks, tensors, k: int) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, set]]:
+    """Per task, the high-16-bit buckets likely to hold its threshold (the |Δ| keys of a
+    uniform sample of every tensor, :func:`_sample_runs`, through :func:`topk.guess_window`),
+    and the tensors whose sampled keys reach those buckets; only for the tasks whose keys
+    reach them in at least ``SPECULATE_SHARE`` of the entries."""
     scratch = Scratch()
     hists = {n: torch.zeros(topk.HIGH_BUCKETS, dtype=torch.int64) for n in tasks}
+    tops: Dict[str, Dict[str, int]] = {n: {} for n in tasks}
     seen = total = 0
     for info in tensors:
         total += info.numel
-        for start, stop in _sample_runs(info.numel):
-            theta0 = _read(base, info.name, scratch, "__base__", start, stop).reshape(-1).to(torch.float32)
-            for n, src in tasks.items():
-                keys = topk.magnitude_keys(_read(src, info.name, scratch, n, start, stop), theta0, check=False)
-                hists[n] += torch.bincount(keys >> 16, minlength=topk.HIGH_BUCKETS)
-            seen += stop - start
-    return {n: topk.guess_window(h, k * seen / total) for n, h in hists.items()}
+        runs = _sample_runs(info.numel)
+        theta0 = torch.cat([_read(base, info.name, scratch, "__base__", a, b).reshape(-1) for a, b in runs])
+        theta0 = theta0.to(torch.float32)
+        for n, src in tasks.items():
+            theta = torch.cat([_read(src, info.name, scratch, n, a, b).reshape(-1) for a, b in runs])
+            high = topk.magnitude_keys(theta, theta0, check=False) >> 16
+            hists[n] += torch.bincount(high, minlength=topk.HIGH_BUCKETS)
+            tops[n][info.name] = int(high.max())
+        seen += theta0.numel()
+    windows = {n: topk.guess_window(h, k * seen / total) for n, h in hists.items()}
+    reach = {n: {t for t, top in tops[n].items() if top >= windows[n][0]} for n in tasks}
+    sizes = {t.name: t.numel for t in tensors}
+    wide = [n for n in tasks if sum(sizes[t] for t in reach[n]) >= SPECULATE_SHARE * total]
+    return {n: windows[n] for n in wide}, {n: reach[n] for n in wide}
 
 
 def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, guess=True):
@@ -375,17 +393,19 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
     tensors; the counts add up.
 
     With |Δ| keys (and ``guess``) the threshold's bucket is first guessed from a 1/64
-    sample, and the first pass also keeps the distinct keys around the guess with their
-    counts: when the guess holds (the usual case), the low bits come from those and the
-    stream is read once. When it misses, or a task's window holds too many distinct keys,
-    a second pass reads the tensors whose keys reach the bucket, as without a guess."""
+    sample, and the first pass also keeps the distinct keys around the guess, with their
+    counts, of the tensors whose sample reached it. When the guess holds, the low bits of
+    those tensors come from what was kept, and a second pass reads only the tensors that
+    reach the bucket beyond them (none, usually). When it misses, or a task's window holds
+    too many distinct keys, the second pass reads every tensor that reaches the bucket."""
     names = list(tasks)
     parts = _split(tensors, _workers())
     # with |Δ| keys the stream skips its finiteness check (a pass over each piece): the
     # histogram shows an Inf or NaN for free
     delta_keys = scorer is None or scorer.score == "delta"
     total = sum(t.numel for t in tensors)
-    windows = _guess_windows(base, tasks, tensors, k) if guess and delta_keys and 0 < k < total else {}
+    guess = guess and delta_keys and 0 < k < total and total >= GUESS_MIN_ENTRIES
+    windows, reach = _guess_windows(base, tasks, tensors, k) if guess else ({}, {})
     cap = WINDOW_PAIRS // len(parts)
 
     def high(part: List[TensorInfo], bar) -> tuple:
@@ -400,7 +420,7 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
         )
         for info, start, stop, keys in stream:
             for n, kk in keys.items():
-                if n in windows and n not in dropped:
+                if n in windows and n not in dropped and info.name in reach[n]:
                     if flags is None or flags.numel() < kk.numel():
                         flags = torch.empty(kk.numel(), dtype=torch.bool)
                     values, counts = topk.window_counts(kk, windows[n], flags)
@@ -433,6 +453,12 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
     for f in finders.values():
         f.end_high()
     lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
+    covered: Dict[str, set] = {n: set() for n in names}  # tensors whose low bits the first pass kept
+
+    def reaches(n: str, tensor: str) -> bool:
+        span = spans[n].get(tensor)
+        return span is not None and span[0] <= finders[n].bucket <= span[1]
+
     for n in windows:  # the guess held: the low bits from the keys kept in the first pass
         f = finders[n]
         if f.needs_low and n not in dropped and windows[n][0] <= f.bucket <= windows[n][1]:
@@ -441,13 +467,13 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
                 low, counts = f.add_low_counts(both[0], both[1])
                 if low.numel():
                     lows[n][tensor] = [torch.stack([low, counts])]
-            f.end_low()
+            covered[n] = reach[n]
+            if not any(reaches(n, t.name) and t.name not in covered[n] for t in tensors):
+                f.end_low()
         kept[n] = {}
 
     def in_bucket(tensor: str) -> List[str]:
-        return [
-            n for n in names if finders[n].needs_low and spans[n][tensor][0] <= finders[n].bucket <= spans[n][tensor][1]
-        ]
+        return [n for n in names if finders[n].needs_low and tensor not in covered[n] and reaches(n, tensor)]
 
     def low(part: List[TensorInfo], bar) -> tuple:
         twins = {n: finders[n].twin() for n in names}
