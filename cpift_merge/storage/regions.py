@@ -941,11 +941,18 @@ def _verify_masks(rs: RegionSet) -> None:
             raise CpiftError(
                 f"{what} is corrupt, truncated or edited (checksum mismatch); recompute it with cpift regions"
             )
-        handle = rs._handle(task)
+        # positioned reads, one mask at a time: a memory map (safe_open) would keep every page of
+        # the file it touched resident, growing RSS by the mask files' size with the model
+        try:
+            reader = Checkpoint(file, label=what)
+        except CpiftError:
+            reader = None
         total = 0
         for name in rs.tensor_names:
             try:
-                n = masks.count(handle.get_tensor(name), math.prod(rs.shape(name)))
+                if reader is None:
+                    raise ValueError("unreadable safetensors header")
+                n = masks.count(reader.get(name), math.prod(rs.shape(name)))
             except Exception as err:
                 raise CpiftError(f"{what} has a bad mask for {name} ({err}); recompute it with cpift regions") from None
             if task in counts and counts[task].get(name, 0) != n:
