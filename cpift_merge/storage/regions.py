@@ -26,7 +26,6 @@ from dataclasses import dataclass
 from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
-from safetensors import safe_open
 from tqdm.auto import tqdm
 
 from cpift_merge.core import groups, localization, masks, topk
@@ -782,7 +781,9 @@ class RegionSet:
         if task not in self._handles:
             file = os.path.join(self.path, self.meta["tasks"][task]["mask_file"])
             try:
-                self._handles[task] = safe_open(file, framework="pt", device="cpu")
+                # positioned reads: a memory map (safe_open) keeps every page it touched resident,
+                # so a merge or a check reading all masks would grow by the mask files' size
+                self._handles[task] = Checkpoint(file)
             except Exception as err:
                 raise CpiftError(
                     f"region file {self.path}: mask file of task {task} is unreadable ({err});"
@@ -806,7 +807,7 @@ class RegionSet:
         for s in shape:
             numel *= s
         try:
-            data = handle.get_tensor(tensor)
+            data = handle.get(tensor)
             flat = masks.decode(data.to(device) if device else data, numel)
         except Exception as err:
             raise CpiftError(
@@ -941,18 +942,11 @@ def _verify_masks(rs: RegionSet) -> None:
             raise CpiftError(
                 f"{what} is corrupt, truncated or edited (checksum mismatch); recompute it with cpift regions"
             )
-        # positioned reads, one mask at a time: a memory map (safe_open) would keep every page of
-        # the file it touched resident, growing RSS by the mask files' size with the model
-        try:
-            reader = Checkpoint(file, label=what)
-        except CpiftError:
-            reader = None
+        handle = rs._handle(task)
         total = 0
         for name in rs.tensor_names:
             try:
-                if reader is None:
-                    raise ValueError("unreadable safetensors header")
-                n = masks.count(reader.get(name), math.prod(rs.shape(name)))
+                n = masks.count(handle.get(name), math.prod(rs.shape(name)))
             except Exception as err:
                 raise CpiftError(f"{what} has a bad mask for {name} ({err}); recompute it with cpift regions") from None
             if task in counts and counts[task].get(name, 0) != n:
