@@ -9,7 +9,7 @@ from typing import Any, Dict, Optional, Sequence, Tuple
 
 import click
 
-from cpift_merge.errors import CpiftError, first_line
+from cpift_merge.errors import CpiftError, load_yaml_mapping
 from cpift_merge.pipeline.report import format_table, region_report
 
 
@@ -251,16 +251,7 @@ def _fsdp_file(path: Optional[str]) -> Optional[Dict[str, Any]]:
     """The settings in a --fsdp-config file (YAML, or JSON, which YAML reads too)."""
     if path is None:
         return None
-    import yaml
-
-    try:
-        with open(path, encoding="utf-8") as fh:
-            settings = yaml.safe_load(fh)
-    except (OSError, UnicodeDecodeError, yaml.YAMLError) as err:
-        raise CpiftError(f"--fsdp-config {path}: cannot read it: {first_line(err)}") from None
-    if not isinstance(settings, dict):
-        raise CpiftError(f"--fsdp-config {path}: expected a mapping of FSDP settings")
-    return settings
+    return load_yaml_mapping(path, "--fsdp-config", "FSDP2 settings, e.g. reshard_after_forward: false")
 
 
 def _config(lora=False, lora_rank=8, lora_alpha=None, lora_targets="", fsdp=False, fsdp_config=None, **kw):

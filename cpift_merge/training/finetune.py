@@ -581,8 +581,8 @@ def _train_and_save(
     else:
         model = model.to("cpu")
         weights, held = {n: p.detach() for n, p in model.named_parameters()}, True
-    identical = all(torch.equal(weights[n][frozen[n]], reference[n]) for n in reference if n in weights)
-    identical = identical and (not weights or all(n in weights for n in reference))
+    # under --fsdp only rank 0 holds the weights: the other ranks have nothing to check
+    identical = not weights or all(n in weights and torch.equal(weights[n][frozen[n]], reference[n]) for n in reference)
     agree(held, f"internal error: rank 0 gathered no weights for {out} under --fsdp; please report")
     agree(not frozen or identical, f"internal error: frozen entries moved in {out}; please report")
     losses = [json.loads(line).get("loss") for line in open(os.path.join(work, "train_log.jsonl"), encoding="utf-8")]
