@@ -782,6 +782,21 @@ def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch
     assert bool(second) == (case != "guess held")
 
 
+def test_threshold_sample_reads_every_run(tiny_models, monkeypatch):
+    """The guess's sample is each run's own entries: a read buffer reused for the next run
+    must not leave every run holding the last one's values (which made guesses miss)."""
+    from cpift_merge.storage import regions as reg
+    from cpift_merge.storage.checkpoint import Scratch
+
+    monkeypatch.setattr(reg, "SAMPLE_RUN", 7)
+    base = Checkpoint(tiny_models["base"])
+    name = max(base.names(), key=lambda n: base.infos[n].numel)
+    runs = reg._sample_runs(base.infos[name].numel)
+    flat = base.get(name).reshape(-1)
+    assert len(runs) >= 10
+    assert torch.equal(reg._sampled(base, name, runs, Scratch()), torch.cat([flat[a:b] for a, b in runs]))
+
+
 def test_guess_window_brackets_the_sample_threshold():
     """The guessed buckets hold the sample's k-th largest key, widened by the margin."""
     from cpift_merge.core import topk

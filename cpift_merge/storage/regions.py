@@ -175,7 +175,7 @@ def check_task_names(names: Sequence[str]) -> None:
 
 # Entries per piece when a global-scope pass reads a tensor in pieces: memory then grows with
 # the piece, not with the largest tensor. A multiple of 8 (packed mask bytes concatenate).
-PIECE = 1 << 22
+PIECE = 1 << 20
 
 
 _HEAP_BOUNDED = False
@@ -358,6 +358,12 @@ def _sample_runs(numel: int) -> List[Tuple[int, int]]:
     return [(s, s + length) for s in (min(max(0, s), numel - length) for s in starts)]
 
 
+def _sampled(source: TensorSource, tensor: str, runs: Sequence[Tuple[int, int]], scratch: Scratch) -> torch.Tensor:
+    """The flat entries of ``tensor`` in ``runs``, one after the other. Each run is copied out
+    of the read buffer before the next read reuses it."""
+    return torch.cat([_read(source, tensor, scratch, "__sample__", a, b).reshape(-1).clone() for a, b in runs])
+
+
 def _guess_windows(base, tasks, tensors, k: int) -> Tuple[Dict[str, Tuple[int, int]], Dict[str, set]]:
     """Per task, the high-16-bit buckets likely to hold its threshold (the |Δ| keys of a
     uniform sample of every tensor, :func:`_sample_runs`, through :func:`topk.guess_window`),
@@ -370,10 +376,9 @@ def _guess_windows(base, tasks, tensors, k: int) -> Tuple[Dict[str, Tuple[int, i
     for info in tensors:
         total += info.numel
         runs = _sample_runs(info.numel)
-        theta0 = torch.cat([_read(base, info.name, scratch, "__base__", a, b).reshape(-1) for a, b in runs])
-        theta0 = theta0.to(torch.float32)
+        theta0 = _sampled(base, info.name, runs, scratch).to(torch.float32)
         for n, src in tasks.items():
-            theta = torch.cat([_read(src, info.name, scratch, n, a, b).reshape(-1) for a, b in runs])
+            theta = _sampled(src, info.name, runs, scratch)
             high = topk.magnitude_keys(theta, theta0, check=False) >> 16
             hists[n] += torch.bincount(high, minlength=topk.HIGH_BUCKETS)
             tops[n][info.name] = int(high.max())
