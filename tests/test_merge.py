@@ -215,7 +215,8 @@ def test_global_without_regions_matches_precomputed(tiny_models, tmp_path):
 
 def test_region_localization_matches_a_direct_computation(tiny_models, tmp_path):
     """core_share_l1/l2 in regions.json against |Δ| summed over the whole model in
-    float64, with the masks read back; per-layer sums add up to the totals."""
+    float64, with the masks read back (the file sums float32 chunks: relative error
+    ~1e-6 allowed); per-layer sums add up to the totals."""
     base = Checkpoint(tiny_models["base"])
     rs = compute_from_paths(
         tiny_models["base"],
@@ -233,14 +234,14 @@ def test_region_localization_matches_a_direct_computation(tiny_models, tmp_path)
             c1, t1 = c1 + float(d[m].sum()), t1 + float(d.sum())
             c2, t2 = c2 + float((d[m] ** 2).sum()), t2 + float((d**2).sum())
         loc = rs.localization(t)
-        assert loc["core_share_l1"] == pytest.approx(c1 / t1, rel=1e-9)
-        assert loc["core_share_l2"] == pytest.approx(c2 / t2, rel=1e-9)
+        assert loc["core_share_l1"] == pytest.approx(c1 / t1, rel=1e-6)
+        assert loc["core_share_l2"] == pytest.approx(c2 / t2, rel=1e-6)
         assert loc["random_share"] == rs.k(t) / rs.meta["D"] and loc["l2_ratio"] == pytest.approx(
             c2 / t2 / loc["random_share"]
         )
         assert 0 < loc["core_share_l1"] < loc["core_share_l2"] < 1  # the top of |Δ| weighs more in ‖Δ‖²
         per = rs.meta["delta_sums"][t]
-        assert sum(v[3] for v in per.values()) == pytest.approx(t2, rel=1e-12)
+        assert sum(v[3] for v in per.values()) == pytest.approx(t2, rel=1e-6)
 
 
 def test_stock_run_merge_computes_global_prepass_in_kernel(tiny_models, tmp_path):
@@ -728,7 +729,7 @@ def test_global_regions_read_in_pieces_are_the_same_regions(tiny_models, tmp_pat
             assert m1["tasks"][t][key] == m2["tasks"][t][key], (t, key)
         for name in whole.tensor_names:
             assert torch.equal(whole.mask(t, name), pieces.mask(t, name))
-            assert m2["delta_sums"][t][name] == pytest.approx(m1["delta_sums"][t][name], rel=1e-9)
+            assert m2["delta_sums"][t][name] == pytest.approx(m1["delta_sums"][t][name], rel=1e-6)
 
 
 @pytest.mark.parametrize("case", ["guess held", "guess missed", "too many keys kept", "a tensor the sample missed"])

@@ -2,12 +2,13 @@
 
 A random set of the same size holds, in expectation, ``k / D`` of either norm, so the
 ratio share / (k / D) says how strongly the core concentrates the update (1: no more
-than chance). Sums are accumulated in float64 a chunk at a time, so memory stays at
-the tensor itself (no float64 copy of it).
+than chance). Sums are accumulated a chunk at a time (float32 within a chunk, float64
+across chunks), so memory stays at the tensor itself.
 """
 
 from __future__ import annotations
 
+import math
 import threading
 from typing import Dict, Iterable, Sequence
 
@@ -31,16 +32,29 @@ def _float64(n: int, device: torch.device) -> torch.Tensor:
     return buf[:n]
 
 
+def _chunk_sums(piece: torch.Tensor) -> tuple[float, float]:
+    """``(Σ piece, Σ piece²)`` of one chunk of non-negative values, in the chunk's own float32
+    (a cascaded sum and a dot product: relative error ~1e-6, a sixth of the time of a
+    float64 copy); in float64 when the squares overflow or the chunk is float64."""
+    if piece.dtype == torch.float32:
+        l1, l2 = float(piece.sum()), float(torch.dot(piece, piece))
+        if math.isfinite(l2):
+            return l1, l2
+    c = _float64(piece.numel(), piece.device).copy_(piece)
+    return float(c.sum()), float(torch.dot(c, c))
+
+
 def delta_sums(abs_delta: torch.Tensor, core: torch.Tensor) -> tuple[float, float, float, float]:
     """``(core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²)`` of one tensor from its ``|Δ|`` and its
-    core: a mask (same number of entries) or its flat int64 indices (cheaper: no scan)."""
+    core: a mask (same number of entries) or its flat int64 indices (cheaper: no scan).
+    The whole-tensor norms add float32 chunk sums in float64 (:func:`_chunk_sums`); the
+    core's few entries are summed in float64."""
     flat = abs_delta.reshape(-1)
     l1 = l2 = 0.0
     for i in range(0, flat.numel(), CHUNK):
-        piece = flat[i : i + CHUNK]
-        c = _float64(piece.numel(), piece.device).copy_(piece)
-        l1 += float(c.sum())
-        l2 += float(torch.dot(c, c))
+        a, b = _chunk_sums(flat[i : i + CHUNK])
+        l1 += a
+        l2 += b
     sel = flat[core.reshape(-1)].to(torch.float64)  # a bool mask or indices
     return float(sel.sum()), l1, float(torch.dot(sel, sel)), l2
 
