@@ -306,9 +306,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"work dir {work}; base {paths['base']}", flush=True)
         results: Dict[str, List[Dict]] = {m: [] for m in methods}
         for rep in range(args.repeat):
-            # rotate the order so a neighbour's load does not always hit the same method
-            order = methods[rep % len(methods) :] + methods[: rep % len(methods)]
-            for m in order:
+            for m in rotated(methods, rep):
                 r = run_one(m, rep, work, paths, recipes, args.keep)
                 results[m].append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}"
@@ -326,23 +324,32 @@ def main(argv: Optional[List[str]] = None) -> int:
             shutil.rmtree(temp, ignore_errors=True)
 
 
+def rotated(methods: List[str], rep: int) -> List[str]:
+    """The methods in run ``rep``'s order: rotated each round, so a neighbour's load does not
+    always hit the same method."""
+    return methods[rep % len(methods) :] + methods[: rep % len(methods)]
+
+
+def median_of(runs: List[Dict]) -> Dict:
+    """Medians of the measured figures over the runs that succeeded, and every run's wall and RSS
+    (``rc`` 0 when one run succeeded at least, else the first failure's)."""
+    ok = [r for r in runs if r["rc"] == 0]
+    keys = ("wall_s", "rss_gb", "cpu_s", "anon_gb", "file_gb", "tree_gb")
+    out: Dict = {k: statistics.median(r[k] for r in ok) if ok else None for k in keys}
+    out.update(
+        runs=len(runs),
+        failed=len(runs) - len(ok),
+        rc=0 if ok else runs[0]["rc"],
+        error=runs[0].get("error", "") if not ok and runs else "",
+        all_wall_s=[round(r["wall_s"], 3) for r in runs],
+        all_rss_gb=[round(r["rss_gb"], 4) for r in runs],
+        cmd=runs[0]["cmd"] if runs else None,
+    )
+    return out
+
+
 def report(results: Dict[str, List[Dict]], args, work: str) -> int:
-    summary = {}
-    for m, runs in results.items():
-        ok = [r for r in runs if r["rc"] == 0]
-        summary[m] = {
-            "runs": len(runs),
-            "failed": len(runs) - len(ok),
-            "wall_s": statistics.median(r["wall_s"] for r in ok) if ok else None,
-            "rss_gb": statistics.median(r["rss_gb"] for r in ok) if ok else None,
-            "cpu_s": statistics.median(r["cpu_s"] for r in ok) if ok else None,
-            "anon_gb": statistics.median(r["anon_gb"] for r in ok) if ok else None,
-            "file_gb": statistics.median(r["file_gb"] for r in ok) if ok else None,
-            "tree_gb": statistics.median(r["tree_gb"] for r in ok) if ok else None,
-            "all_wall_s": [round(r["wall_s"], 3) for r in runs],
-            "all_rss_gb": [round(r["rss_gb"], 4) for r in runs],
-            "cmd": runs[0]["cmd"] if runs else None,
-        }
+    summary = {m: median_of(runs) for m, runs in results.items()}
     print()
     label = "median " if args.repeat > 1 else ""
     print(

@@ -171,6 +171,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--methods", default=",".join(METHODS))
     ap.add_argument("--keep-models", action="store_true", help="keep each size's models (default: delete after)")
     ap.add_argument("--json", help="also write the numbers here")
+    ap.add_argument("--repeat", type=int, default=1, help="runs per method and size, order rotated; medians reported")
     args = ap.parse_args(argv)
     sizes = sorted({int(x) for x in args.layers.split(",") if x.strip()})
     methods = [m for m in args.methods.split(",") if m]
@@ -196,15 +197,17 @@ def main(argv: Optional[List[str]] = None) -> int:
         print(f"{layers} layers ({params:.2f} B parameters, {model_bytes(layers) / 1e9:.1f} GB a model):", flush=True)
         paths = build(work, layers)
         recipes = merge_speed.write_recipes(os.path.join(work, f"L{layers}"), paths, dtype="bfloat16")
-        rows[layers] = {}
-        for m in methods:
-            r = merge_speed.run_one(m, 0, os.path.join(work, f"L{layers}"), paths, recipes, keep=False)
-            rows[layers][m] = r
-            status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-300:]}"
-            print(
-                f"  {m:<8} {r['wall_s']:8.1f} s  peak {r['rss_gb']:.3f} GB  tree {r['tree_gb']:.3f} GB  {status}",
-                flush=True,
-            )
+        runs: Dict[str, List[Dict]] = {m: [] for m in methods}
+        for rep in range(args.repeat):
+            for m in merge_speed.rotated(methods, rep):
+                r = merge_speed.run_one(m, rep, os.path.join(work, f"L{layers}"), paths, recipes, keep=False)
+                runs[m].append(r)
+                status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-300:]}"
+                print(
+                    f"  {m:<8} {r['wall_s']:8.1f} s  peak {r['rss_gb']:.3f} GB  tree {r['tree_gb']:.3f} GB  {status}",
+                    flush=True,
+                )
+        rows[layers] = {m: merge_speed.median_of(rs) for m, rs in runs.items()}
         if not args.keep_models:
             shutil.rmtree(os.path.join(work, f"L{layers}"), ignore_errors=True)
     return report(rows, methods, base_gb, largest, args)
