@@ -195,6 +195,13 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         params = model_bytes(layers) / 2e9
         print(f"{layers} layers ({params:.2f} B parameters, {model_bytes(layers) / 1e9:.1f} GB a model):", flush=True)
+        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+        need_ram = 6.5 * model_bytes(layers)  # 4 inputs, the output, mergekit's ~1.5 models (measured to 8 layers)
+        if ram and need_ram > 0.9 * ram:
+            # inputs, output and the merge's own memory then no longer stay in the page cache
+            # together: merges read from disk, and a fresh pre-pass reads every input twice
+            print(f"  (inputs, output and merge ~{need_ram / 1e9:.0f} GB, memory {ram / 1e9:.0f} GB:"
+                  " merges read partly from disk)", flush=True)  # fmt: skip
         paths = build(work, layers)
         recipes = merge_speed.write_recipes(os.path.join(work, f"L{layers}"), paths, dtype="bfloat16")
         runs: Dict[str, List[Dict]] = {m: [] for m in methods}
