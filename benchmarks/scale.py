@@ -184,6 +184,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     largest = 2 * VOCAB * HIDDEN  # the embedding (and the head), bf16 bytes
     print(f"interpreter baseline {base_gb:.3f} GB; largest tensor {largest / 1e9:.3f} GB (bf16)", flush=True)
     rows: Dict[int, Dict[str, Dict[str, float]]] = {}
+    ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
     for layers in sizes:
         need = 5 * model_bytes(layers) * 1.05
         free = shutil.disk_usage(work).free
@@ -195,7 +196,6 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         params = model_bytes(layers) / 2e9
         print(f"{layers} layers ({params:.2f} B parameters, {model_bytes(layers) / 1e9:.1f} GB a model):", flush=True)
-        ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
         need_ram = 6.5 * model_bytes(layers)  # 4 inputs, the output, mergekit's ~1.5 models (measured to 8 layers)
         if ram and need_ram > 0.9 * ram:
             # inputs, output and the merge's own memory then no longer stay in the page cache
