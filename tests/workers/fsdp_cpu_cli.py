@@ -7,8 +7,12 @@ own ``fully_shard`` (DTensor parameters, reduce-scattered gradients, sharded Ada
 through the HF Trainer, our FreezeCallback and our gathered save, as on GPUs.
 
     torchrun --nproc-per-node 2 tests/workers/fsdp_cpu_cli.py train --fsdp ...
+
+With CPIFT_TEST_STEP_SLEEP set, every training step is also slowed down as in slow_cli.py,
+so that a test can kill an FSDP run between two checkpoints.
 """
 
+import os
 import sys
 
 import accelerate.state
@@ -26,6 +30,9 @@ def _init_with_fsdp_on_cpu(self, *args, fsdp_plugin=None, **kwargs):
 
 
 accelerate.state.AcceleratorState.__init__ = _init_with_fsdp_on_cpu
+
+if "CPIFT_TEST_STEP_SLEEP" in os.environ:
+    import slow_cli  # noqa: F401  (this folder is sys.path[0]: the patch, not its main)
 
 from cpift_merge.training import distributed  # noqa: E402
 
