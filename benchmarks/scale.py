@@ -16,7 +16,8 @@ and reads wall time, peak RSS of the largest process (``ru_maxrss``) and RSS sam
 whole process tree. Prints a table (size, wall, peak RSS, RSS / largest tensor's bytes), the
 fitted growth (seconds per billion parameters, and peak RSS at the largest size over the
 smallest), and the issue's targets with PASS/FAIL. Sizes that do not fit on the disk (five
-models: four inputs and one output) are skipped with a line saying so. Each size's models
+models: four inputs and one output; four with ``--methods regions``) are skipped with a line
+saying so. Each size's models
 are deleted after it is measured unless ``--keep-models``.
 
     python benchmarks/scale.py --layers 1,2,4 --work /tmp/scale [--json scale.json]
@@ -185,8 +186,9 @@ def main(argv: Optional[List[str]] = None) -> int:
     print(f"interpreter baseline {base_gb:.3f} GB; largest tensor {largest / 1e9:.3f} GB (bf16)", flush=True)
     rows: Dict[int, Dict[str, Dict[str, float]]] = {}
     ram = os.sysconf("SC_PAGE_SIZE") * os.sysconf("SC_PHYS_PAGES") if hasattr(os, "sysconf") else 0
+    outputs = int(any(m != "regions" for m in methods))  # a merge writes a fifth model
     for layers in sizes:
-        need = 5 * model_bytes(layers) * 1.05
+        need = (4 + outputs) * model_bytes(layers) * 1.05
         free = shutil.disk_usage(work).free
         have = sum(
             os.path.getsize(os.path.join(r, f)) for r, _d, fs in os.walk(os.path.join(work, f"L{layers}")) for f in fs
@@ -197,7 +199,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         params = model_bytes(layers) / 2e9
         print(f"{layers} layers ({params:.2f} B parameters, {model_bytes(layers) / 1e9:.1f} GB a model):", flush=True)
         need_ram = 6.5 * model_bytes(layers)  # 4 inputs, the output, mergekit's ~1.5 models (measured to 8 layers)
-        if ram and need_ram > 0.9 * ram:
+        if outputs and ram and need_ram > 0.9 * ram:
             # inputs, output and the merge's own memory then no longer stay in the page cache
             # together: merges read from disk, and a fresh pre-pass reads every input twice
             print(f"  (inputs, output and merge ~{need_ram / 1e9:.0f} GB, memory {ram / 1e9:.0f} GB:"
