@@ -13,9 +13,11 @@ Per variant it prints, mean ± std over the seeds that finished:
   probe with its core reset to θ0 (mean over tasks);
 * Table 1's average normalized score (0-10) of the CPI-FT merge before calibration, CPI-FT,
   DPI, and full SFT at CPI-FT's step count, beside full SFT;
-* Table 2 by held-out loss: the cut in A's forgetting against plain SFT for the frozen core
-  and for the transplant, and the share of plain SFT's learning of B they keep (mean of the
-  two directions; the per-direction figures follow in a second table).
+* Table 2 by held-out loss: the cut in A's forgetting against plain SFT (the ``paper`` run's,
+  with no option) for the variant's own sequential SFT with nothing frozen (not 0 only where
+  the option changes sequential training, as replay does), for the frozen core and for the
+  transplant, and the share of plain SFT's learning of B they keep (mean of the two
+  directions; the per-direction figures follow in a second table).
 
 Runs are seed-major (every variant's seed 0 first), each in its own process; a finished run
 (``results.json`` there) is read back, not rerun, so an interrupted ablation continues where
@@ -141,10 +143,13 @@ def row_of(work, variant, seeds):
         paper = read(work, "paper", s)
         full = paper["methods"]["full_sft"]["avg_normalized"] if paper and "full_sft" in paper["methods"] else None
         fg = r.get("forgetting") or {}
-        cut = {"frozen": [], "plain_transplant": []}
-        keep_b = {"frozen": [], "plain_transplant": []}
-        for rows in fg.values():
-            plain = rows["plain"]
+        # against plain SFT without any option (the paper run's, same seed and direction): a
+        # variant that changes sequential training itself (replay) changes its own plain row
+        ref = (paper or {}).get("forgetting") or fg
+        cut = {"plain": [], "frozen": [], "plain_transplant": []}
+        keep_b = {"plain": [], "frozen": [], "plain_transplant": []}
+        for direction, rows in fg.items():
+            plain = (ref.get(direction) or rows)["plain"]
             for v in cut:
                 if v in rows and "delta_first_loss" in rows[v]:
                     cut[v].append(1 - rows[v]["delta_first_loss"] / plain["delta_first_loss"])
@@ -162,6 +167,8 @@ def row_of(work, variant, seeds):
                 "dpi": scores.get("dpi"),
                 "matched": scores.get("full_sft_matched"),
                 "full_sft": full,
+                "cut_plain": statistics.fmean(cut["plain"]) if cut["plain"] else None,
+                "b_plain": statistics.fmean(keep_b["plain"]) if keep_b["plain"] else None,
                 "cut_frozen": statistics.fmean(cut["frozen"]) if cut["frozen"] else None,
                 "b_frozen": statistics.fmean(keep_b["frozen"]) if keep_b["frozen"] else None,
                 "cut_transplant": statistics.fmean(cut["plain_transplant"]) if cut["plain_transplant"] else None,
@@ -189,6 +196,8 @@ COLUMNS = (
     ("dpi", "DPI (T1)", "f2"),
     ("matched", "full SFT, same steps (T1)", "f2"),
     ("full_sft", "full SFT (T1)", "f2"),
+    ("cut_plain", "forgetting cut, nothing frozen", "pct"),
+    ("b_plain", "B's gain kept, nothing frozen", "pct"),
     ("cut_frozen", "forgetting cut, frozen", "pct"),
     ("b_frozen", "B's gain kept, frozen", "pct"),
     ("cut_transplant", "forgetting cut, transplant", "pct"),
