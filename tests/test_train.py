@@ -1005,6 +1005,40 @@ def test_train_under_torchrun_writes_once_and_keeps_frozen_bits(tiny_lm, tasks, 
     assert lines["one"] == lines["two"]  # written once, not once per rank
 
 
+def test_train_and_probe_under_accelerate_launch(tiny_lm, tasks, regions, tmp_path):
+    """`accelerate launch --multi_gpu --num_processes 2 -m cpift_merge` on a machine without
+    GPUs (accelerate then starts torch's launcher; we pick gloo for the CPU): `cpift train`
+    and `cpift probe` run on 2 ranks, write each output once, and A's core stays
+    bit-identical. (`accelerate launch --cpu` starts one process whatever --num_processes.)"""
+    env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
+    launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
+              "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
+              "--main_process_port", "29562", "-m", "cpift_merge"]  # fmt: skip
+    common = ["--device", "cpu", "--batch-size", "4", "--max-length", "64", "--lr", "1e-2"]
+    train = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
+             f"b={tasks['b']}", "--groups", "given:a;b", "--steps", "2", "--weight-decay", "0.1", *common]  # fmt: skip
+    run = subprocess.run([*launch, *train, "--out", str(tmp_path / "two")], capture_output=True, text=True, env=env,
+                         timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert run.stdout.count("final model:") == 1  # rank 0 prints, once
+    out = tmp_path / "two"
+    assert sorted(os.listdir(out)) == ["stage-1", "stage-2", "train.json"]
+    rec = read_json(str(out / "stage-2" / "stage.json"))
+    assert rec["world_size"] == 2 and rec["frozen_bit_identical"] is True and rec["frozen_entries"] == regions.k("a")
+    w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
+    for name in regions.tensor_names:
+        m = regions.mask("a", name)
+        assert torch.equal(w2[name][m], w1[name][m]), name
+    assert log_steps(str(out / "stage-2" / "train_log.jsonl")) == [1, 2]  # one line per step, written once
+    probe = ["probe", "--base", tiny_lm, "--task", f"a={tasks['a']}", "--steps", "2", "--quiet", *common]
+    run = subprocess.run([*launch, *probe, "--out", str(tmp_path / "probe")], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    rec = read_json(str(tmp_path / "probe" / "a" / "probe.json"))
+    assert rec["world_size"] == 2 and rec["steps"] == 2
+    assert log_steps(str(tmp_path / "probe" / "a" / "train_log.jsonl")) == [1, 2]
+
+
 def test_train_with_fsdp_under_torchrun_keeps_frozen_bits(tiny_lm, tasks, regions, tmp_path):
     """`cpift train --fsdp` on 2 gloo ranks: the parameters and AdamW state are FSDP2 shards
     (DTensors) during training, rank 0 writes the gathered model once, and A's core stays
