@@ -188,6 +188,15 @@ def _hush(quiet: bool) -> None:
     datasets.disable_progress_bars()  # "Generating train split" when a data file is read
 
 
+def _launched() -> None:
+    """Say so (even with --quiet) when a launcher started one process where several were asked for."""
+    from cpift_merge.training.distributed import lone_launch
+
+    note = lone_launch()
+    if note:
+        click.echo(f"warning: {note}", err=True)
+
+
 def _train_options(fn):
     """Training options shared by probe and train."""
     opts = [
@@ -343,6 +352,7 @@ def probe(base, tasks, out, lora, lora_rank, lora_alpha, lora_targets, regions_d
 
     quiet = quiet or not _main_rank()
     _hush(quiet)
+    _launched()
     cfg = _config(lora=lora, lora_rank=lora_rank, lora_alpha=lora_alpha, lora_targets=lora_targets, **kw)
     if (sparse_lr is not None or mask_epochs is not None) and not sparse:
         raise CpiftError("--sparse-lr and --mask-epochs apply to --sparse probes only")
@@ -404,6 +414,7 @@ def train(base, regions_dir, tasks, groups, sample, out, quiet, overwrite, allow
 
     quiet = quiet or not _main_rank()
     _hush(quiet)
+    _launched()
     cfg = _config(**kw)
     if sample is not None and sample < 1:
         raise CpiftError(f"--sample must be at least 1, got {sample}")
@@ -598,6 +609,7 @@ def run_cmd(pipeline_file, out, device, seed, methods, sets, quiet):
         "methods": [m.strip() for m in methods.split(",") if m.strip()] if methods else None,
     }
     pipe = load_pipeline(pipeline_file, overrides, sets)
+    _launched()
     import transformers
 
     transformers.logging.set_verbosity_error()

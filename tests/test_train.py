@@ -1009,7 +1009,8 @@ def test_train_and_probe_under_accelerate_launch(tiny_lm, tasks, regions, tmp_pa
     """`accelerate launch --multi_gpu --num_processes 2 -m cpift_merge` on a machine without
     GPUs (accelerate then starts torch's launcher; we pick gloo for the CPU): `cpift train`
     and `cpift probe` run on 2 ranks, write each output once, and A's core stays
-    bit-identical. (`accelerate launch --cpu` starts one process whatever --num_processes.)"""
+    bit-identical. `accelerate launch --cpu` starts one process whatever --num_processes
+    says: the command warns in one line and runs."""
     env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
     launch = [os.path.join(os.path.dirname(sys.executable), "accelerate"), "launch", "--multi_gpu",
               "--num_processes", "2", "--num_machines", "1", "--mixed_precision", "no", "--dynamo_backend", "no",
@@ -1037,6 +1038,13 @@ def test_train_and_probe_under_accelerate_launch(tiny_lm, tasks, regions, tmp_pa
     rec = read_json(str(tmp_path / "probe" / "a" / "probe.json"))
     assert rec["world_size"] == 2 and rec["steps"] == 2
     assert log_steps(str(tmp_path / "probe" / "a" / "train_log.jsonl")) == [1, 2]
+    # --cpu: accelerate starts one process whatever --num_processes says; we say so, and run
+    alone = [launch[0], "launch", "--cpu", *launch[3:]]
+    run = subprocess.run([*alone, *probe, "--out", str(tmp_path / "alone")], capture_output=True, text=True,
+                         env=env, timeout=300)  # fmt: skip
+    assert run.returncode == 0, run.stderr[-3000:]
+    assert "warning: accelerate launch --cpu started one process" in run.stderr
+    assert "world_size" not in read_json(str(tmp_path / "alone" / "a" / "probe.json"))
 
 
 def test_train_with_fsdp_under_torchrun_keeps_frozen_bits(tiny_lm, tasks, regions, tmp_path):

@@ -16,6 +16,20 @@ def rank_world() -> Tuple[int, int]:
     return int(os.environ.get("RANK", "0")), int(os.environ.get("WORLD_SIZE", "1"))
 
 
+def lone_launch() -> Optional[str]:
+    """A one-line warning when a launcher was asked for several processes and started this
+    one alone: ``accelerate launch --cpu --num_processes N`` runs the command once (its
+    multi-CPU mode needs MPI) without saying so. None otherwise."""
+    env = os.environ
+    asked = env.get("ACCELERATE_USE_CPU", "").lower() == "true" and "MASTER_ADDR" in env
+    if asked and "WORLD_SIZE" not in env and not any(k in env for k in ("OMPI_COMM_WORLD_SIZE", "PMI_SIZE")):
+        return (
+            "accelerate launch --cpu started one process (several need MPI there), so this runs in one;"
+            " for several processes on CPU use accelerate launch --multi_gpu or torchrun"
+        )
+    return None
+
+
 def is_main() -> bool:
     """Whether this process writes outputs (rank 0, or the only process)."""
     return rank_world()[0] == 0
