@@ -17,8 +17,7 @@ whole process tree. Prints a table (size, wall, peak RSS, RSS / largest tensor's
 fitted growth (seconds per billion parameters, and peak RSS at the largest size over the
 smallest), and the issue's targets with PASS/FAIL. Sizes that do not fit on the disk (five
 models: four inputs and one output; four with ``--methods regions``) are skipped with a line
-saying so. Each size's models
-are deleted after it is measured unless ``--keep-models``.
+saying so. Each size's models are deleted after it is measured unless ``--keep-models``.
 
     python benchmarks/scale.py --layers 1,2,4 --work /tmp/scale [--json scale.json]
 """
