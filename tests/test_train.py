@@ -1231,83 +1231,56 @@ def test_resume_after_kill(tiny_lm, tasks, regions, tmp_path):
     assert not any(n.startswith(".") for n in os.listdir(out))  # no temporary folders left
 
 
-def test_resume_after_kill_under_torchrun(tiny_lm, tasks, regions, tmp_path):
-    """`cpift train` under torchrun (2 gloo ranks), killed (the whole launcher group) after
-    a checkpoint of stage 2, then launched again under torchrun: it resumes from rank 0's
-    checkpoint instead of starting over (each step logged once), stage 1 is reused, no
-    temporary is left and A's core stays bit-identical."""
-    out = tmp_path / "run"
-    args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
-            f"b={tasks['b']}", "--groups", "given:a;b", "--out", out, "--steps", 6, "--save-steps", 2,
-            "--weight-decay", 0.1, "--device", "cpu", *FAST]  # fmt: skip
-
-    def launch(script, sleep, port):
-        env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1", "CPIFT_TEST_STEP_SLEEP": str(sleep)}
-        cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
-        return subprocess.Popen(
-            [*cmd, *script, *map(str, args)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
-            stderr=subprocess.PIPE, start_new_session=True,
-        )  # fmt: skip
-
-    slow = [os.path.join(HERE, "workers", "slow_cli.py")]
-    _kill_at_checkpoint(launch(slow, 0.5, 29535), str(out / "stage-2.work"), timeout=240)
-    assert (out / "stage-1" / "stage.json").is_file() and not (out / "stage-2").exists()
-    again = launch(["-m", "cpift_merge"], 0, 29536)
-    _, err = again.communicate(timeout=300)
-    assert again.returncode == 0, err.decode()[-3000:]
-    assert sorted(os.listdir(out)) == ["stage-1", "stage-2", "train.json"]  # no .work or temporary left
-    rec = read_json(str(out / "stage-2" / "stage.json"))
-    assert rec["steps"] == 6 and rec.get("world_size") == 2 and rec["resumed_from_step"] in (2, 4)
-    assert log_steps(str(out / "stage-2" / "train_log.jsonl")) == list(range(1, 7))  # resumed, written once
-    assert rec["frozen_entries"] == regions.k("a") and rec["frozen_bit_identical"] is True
-    w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
-    for t in regions.tensor_names:
-        m = regions.mask("a", t)
-        assert torch.equal(w2[t][m], w1[t][m]), t
-
-
-def test_resume_after_kill_under_fsdp(tiny_lm, tasks, regions, tmp_path):
-    """`cpift train --fsdp` on 2 gloo ranks, killed after a checkpoint of stage 2 and launched
-    again with --fsdp: the sharded model and AdamW state are restored from that checkpoint
-    (each step logged once, resumed_from_step > 0), A's core stays bit-identical, and the
-    result is bit for bit the run that was never interrupted."""
+@pytest.mark.parametrize("fsdp", [False, True], ids=["ddp", "fsdp"])
+def test_resume_after_kill_under_torchrun(fsdp, tiny_lm, tasks, regions, tmp_path):
+    """`cpift train` under torchrun (2 gloo ranks; replicas, or FSDP2 shards with --fsdp),
+    killed (the whole launcher group) after a checkpoint of stage 2, then launched again
+    the same way: it resumes from rank 0's checkpoint instead of starting over (each step
+    logged once), stage 1 is reused, no temporary is left and A's core stays bit-identical.
+    Under --fsdp the sharded model and AdamW state are restored, and the result is bit for
+    bit the run that was never interrupted."""
     out = tmp_path / "run"
     args = ["train", "--base", tiny_lm, "--regions", regions.path, "--task", f"a={tasks['a']}", "--task",
             f"b={tasks['b']}", "--groups", "given:a;b", "--steps", 6, "--save-steps", 2,
-            "--weight-decay", 0.1, "--device", "cpu", "--fsdp", *FAST]  # fmt: skip
-    worker = os.path.join(HERE, "workers", "fsdp_cpu_cli.py")
+            "--weight-decay", 0.1, "--device", "cpu", *(["--fsdp"] if fsdp else []), *FAST]  # fmt: skip
+    fsdp_worker = [os.path.join(HERE, "workers", "fsdp_cpu_cli.py")]  # also slows steps when asked
+    slow, plain = (
+        (fsdp_worker, fsdp_worker) if fsdp else ([os.path.join(HERE, "workers", "slow_cli.py")], ["-m", "cpift_merge"])
+    )
+    port = 29537 if fsdp else 29535
 
-    def launch(sleep, port, to=out):
+    def launch(script, sleep, port, to=out):
         env = {**os.environ, "PYTHONPATH": ROOT, "OMP_NUM_THREADS": "1"}
         if sleep:
             env["CPIFT_TEST_STEP_SLEEP"] = str(sleep)
         cmd = [sys.executable, "-m", "torch.distributed.run", "--nproc-per-node", "2", "--master-port", str(port)]
         return subprocess.Popen(
-            [*cmd, worker, *map(str, args), "--out", str(to)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
+            [*cmd, *script, *map(str, args), "--out", str(to)], cwd=ROOT, env=env, stdout=subprocess.DEVNULL,
             stderr=subprocess.PIPE, start_new_session=True,
         )  # fmt: skip
 
-    _kill_at_checkpoint(launch(0.5, 29537), str(out / "stage-2.work"), timeout=240)
+    _kill_at_checkpoint(launch(slow, 0.5, port), str(out / "stage-2.work"), timeout=240)
     assert (out / "stage-1" / "stage.json").is_file() and not (out / "stage-2").exists()
-    again = launch(0, 29538)
+    again = launch(plain, 0, port + 1)
     _, err = again.communicate(timeout=300)
     assert again.returncode == 0, err.decode()[-3000:]
     assert sorted(os.listdir(out)) == ["stage-1", "stage-2", "train.json"]  # no .work or temporary left
     rec = read_json(str(out / "stage-2" / "stage.json"))
-    assert rec["steps"] == 6 and rec.get("world_size") == 2 and rec["config"]["fsdp"] is True
-    assert rec["resumed_from_step"] in (2, 4)
+    assert rec["steps"] == 6 and rec.get("world_size") == 2 and rec["resumed_from_step"] in (2, 4)
+    assert rec["config"]["fsdp"] is fsdp
     assert log_steps(str(out / "stage-2" / "train_log.jsonl")) == list(range(1, 7))  # resumed, written once
     assert rec["frozen_entries"] == regions.k("a") and rec["frozen_bit_identical"] is True
     w1, w2 = weights(str(out / "stage-1")), weights(str(out / "stage-2"))
     for t in regions.tensor_names:
         m = regions.mask("a", t)
         assert torch.equal(w2[t][m], w1[t][m]), t
-    whole = launch(0, 29539, tmp_path / "whole")  # the same run, never interrupted
-    _, err = whole.communicate(timeout=300)
-    assert whole.returncode == 0, err.decode()[-3000:]
-    assert read_json(str(tmp_path / "whole" / "stage-2" / "stage.json"))["losses"] == rec["losses"]
-    w = weights(str(tmp_path / "whole" / "stage-2"))
-    assert all(torch.equal(w[k], w2[k]) for k in w)
+    if fsdp:
+        whole = launch(plain, 0, port + 2, tmp_path / "whole")  # the same run, never interrupted
+        _, err = whole.communicate(timeout=300)
+        assert whole.returncode == 0, err.decode()[-3000:]
+        assert read_json(str(tmp_path / "whole" / "stage-2" / "stage.json"))["losses"] == rec["losses"]
+        w = weights(str(tmp_path / "whole" / "stage-2"))
+        assert all(torch.equal(w[k], w2[k]) for k in w)
 
 
 def test_same_seed_same_weights(tiny_lm, tmp_path):
