@@ -16,6 +16,8 @@ RSS sampled from /proc and summed over the command's process tree (``tree``):
   regions  cpift regions: density 0.01, 3 tasks, alone
   cpi_cached  cpift merge as cpi, with the pre-pass's cut already cached (a second merge of
            the same models: another omega, a re-run); the cut is made once, untimed
+  cpi_spin as cpi_cached, with OpenMP's own default wait (GOMP_SPINCOUNT=300000: threads
+           spin before they sleep) instead of the passive wait `cpift merge` sets
 
 Prints a table (median over ``--repeat`` runs) and the target ratios with PASS/FAIL.
 Always exits 0 when every command ran (it is a benchmark); exits 1 if a command failed.
@@ -44,7 +46,8 @@ from cpift_merge.pipeline.report import format_table
 VARIANTS = {"math": range(0, 12), "code": range(9, 21), "chat": range(18, 30)}
 SEED0 = 1000
 DENSITY = 0.01
-METHODS = ("linear", "ties", "cpi", "regions", "cpi_cached")
+METHODS = ("linear", "ties", "cpi", "regions", "cpi_cached", "cpi_spin")
+SPIN_DEFAULT = "300000"  # GNU OpenMP's spin count when no wait policy is set
 # (name, numerator, denominator, metric, op, target)
 TARGETS = (
     ("cpi/linear wall", "cpi", "linear", "wall_s", "<=", 1.5),
@@ -132,7 +135,7 @@ def command(method: str, work: str, paths: Dict[str, str], recipes: Dict[str, st
             "--quiet",
             *shard,
         ]
-    if method in ("cpi", "cpi_cached"):
+    if method in ("cpi", "cpi_cached", "cpi_spin"):
         return [
             _script("cpift"),
             "merge",
@@ -252,9 +255,11 @@ def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool) -> Dic
         # names the models by absolute path, so the converted base is still used as is.
         fresh_cache = tempfile.mkdtemp(prefix="cpift-cache-", dir=runs)
         env["CPIFT_CACHE"] = fresh_cache
-    elif method == "cpi_cached":
+    elif method in ("cpi_cached", "cpi_spin"):
         env["CPIFT_CACHE"] = os.path.join(runs, "cut-cache")
         cut_once(paths, env)
+        if method == "cpi_spin":
+            env["GOMP_SPINCOUNT"] = SPIN_DEFAULT
     log = os.path.join(runs, f"{method}-{rep}.log")
     cmd = command(method, work, paths, recipes, out)
     res = measure(cmd, env, log)

@@ -11,6 +11,8 @@ command lines of ``merge_speed.py``:
   cpi      cpift merge:   base_model + 3 variants, density 0.01, scope global (fresh pre-pass cache)
   cpi_cached  the same merge with the pre-pass's cut already cached (made once, untimed)
   linear   mergekit-yaml: base + 3 variants, equal weights
+  cpi_spin    cpi_cached with OpenMP's default spin-then-sleep wait, as `cpift merge` ran
+              before it set OMP_WAIT_POLICY=PASSIVE (see --busy)
 
 and reads wall time, peak RSS of the largest process (``ru_maxrss``) and RSS sampled over the
 whole process tree. Prints a table (size, wall, peak RSS, RSS / largest tensor's bytes), the
@@ -18,6 +20,8 @@ fitted growth (seconds per billion parameters, and peak RSS at the largest size 
 smallest), and the issue's targets with PASS/FAIL. Sizes that do not fit on the disk (five
 models: four inputs and one output; four with ``--methods regions``) are skipped with a line
 saying so. Each size's models are deleted after it is measured unless ``--keep-models``.
+``--busy`` runs every timed command beside a peer that keeps all cores busy (a torch
+matrix-product loop with one thread per core, as a training job on the same machine).
 
     python benchmarks/scale.py --layers 1,2,4 --work /tmp/scale [--json scale.json]
 """
@@ -25,11 +29,13 @@ saying so. Each size's models are deleted after it is measured unless ``--keep-m
 from __future__ import annotations
 
 import argparse
+import contextlib
 import json
 import multiprocessing
 import os
 import shutil
 import statistics
+import subprocess
 import sys
 import time
 from typing import Dict, List, Optional
@@ -41,7 +47,9 @@ import merge_speed  # noqa: E402  (same folder: the command lines and the measur
 
 HIDDEN, INTER, VOCAB, HEADS = 4096, 11008, 32000, 32
 TASKS = tuple(merge_speed.VARIANTS)  # math, code, chat: the names merge_speed's commands use
-METHODS = ("regions", "cpi", "cpi_cached", "linear")
+METHODS = ("regions", "cpi", "cpi_cached", "linear", "cpi_spin")
+# the --busy peer: every core multiplying matrices until it is killed
+BUSY = "import os, torch\ntorch.set_num_threads(os.cpu_count())\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a"
 NOISE = 2e-3  # std of a variant's change (the base's entries have std 0.02)
 
 
@@ -154,6 +162,21 @@ def baseline_rss(work: str) -> float:
     return res["rss_gb"]
 
 
+@contextlib.contextmanager
+def busy_peer(on: bool):
+    """A process keeping every core busy for the duration (nothing when ``on`` is false)."""
+    if not on:
+        yield
+        return
+    peer = subprocess.Popen([sys.executable, "-c", BUSY], stdin=subprocess.DEVNULL)
+    try:
+        time.sleep(2)  # torch imported, the loop running
+        yield
+    finally:
+        peer.kill()
+        peer.wait()
+
+
 def fit(xs: List[float], ys: List[float]):
     """Least-squares slope and intercept of ys on xs (one point: slope through zero)."""
     if len(xs) == 1:
@@ -172,6 +195,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--keep-models", action="store_true", help="keep each size's models (default: delete after)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and size, order rotated; medians reported")
+    ap.add_argument("--busy", action="store_true", help="time every command beside a process using all cores")
     args = ap.parse_args(argv)
     sizes = sorted({int(x) for x in args.layers.split(",") if x.strip()})
     methods = [m for m in args.methods.split(",") if m]
@@ -208,7 +232,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         runs: Dict[str, List[Dict]] = {m: [] for m in methods}
         for rep in range(args.repeat):
             for m in merge_speed.rotated(methods, rep):
-                r = merge_speed.run_one(m, rep, os.path.join(work, f"L{layers}"), paths, recipes, keep=False)
+                with busy_peer(args.busy):
+                    r = merge_speed.run_one(m, rep, os.path.join(work, f"L{layers}"), paths, recipes, keep=False)
                 runs[m].append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-300:]}"
                 print(
@@ -285,6 +310,10 @@ def report(rows, methods, base_gb, largest, args) -> int:
             w = res["cpi_cached"]["wall_s"] / res["linear"]["wall_s"]
             verdict = "PASS" if w <= 1.5 else "FAIL"
             checks.append((f"cpi (cut cached)/linear wall, {layers} layers", w, "<= 1.5", verdict))
+    for layers, res in rows.items():
+        if all(res.get(m, {}).get("rc") == 0 for m in ("cpi_cached", "cpi_spin")):
+            w = res["cpi_cached"]["wall_s"] / res["cpi_spin"]["wall_s"]
+            print(f"passive / spinning OpenMP wait (cut cached), {layers} layers: wall {w:.2f}x")
     if checks:
         print()
         print(format_table(["check", "value", "target", "result"], [[c, f"{v:.3f}", t, r] for c, v, t, r in checks]))
@@ -299,6 +328,7 @@ def report(rows, methods, base_gb, largest, args) -> int:
                     "rows": {str(k): v for k, v in rows.items()},
                     "growth": growth,
                     "checks": checks,
+                    "busy": args.busy,
                 },
                 fh,
                 indent=1,

@@ -42,6 +42,24 @@ def _pairs(values: Sequence[str], flag: str) -> Dict[str, str]:
     return out
 
 
+# commands that stream tensors through many short multi-threaded torch ops (chunks of a
+# million entries): OpenMP's default busy-wait at the end of each one then makes them 4-9x
+# slower whenever another process wants the same cores (benchmarks/README.md, "Beside
+# other work"), at a cost within run-to-run noise on an idle machine
+_STREAMING = ("merge", "regions", "merge-demo")
+
+
+def _passive_threads(command: str) -> None:
+    """Let OpenMP threads sleep, not spin, between the streaming commands' torch ops
+    (``OMP_WAIT_POLICY=PASSIVE``), unless the user set the policy or GNU OpenMP's spin
+    count (``GOMP_SPINCOUNT``, which wins over the policy). Read once, when torch loads its
+    OpenMP runtime: a process that already imported torch is left as it is."""
+    if command not in _STREAMING or "torch" in sys.modules:
+        return
+    if not any(v in os.environ for v in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")):
+        os.environ["OMP_WAIT_POLICY"] = "PASSIVE"
+
+
 class _Cli(click.Group):
     """``merge`` takes mergekit's options, and importing mergekit (peft, transformers)
     takes seconds: that command is built only when it is used, after its global
@@ -56,6 +74,8 @@ class _Cli(click.Group):
         return sorted({*super().list_commands(ctx), "merge"})
 
     def resolve_command(self, ctx, args):
+        if args:
+            _passive_threads(args[0])
         if args and args[0] == "merge":
             from cpift_merge.mergekit.recipe import prestart
 

@@ -2,6 +2,7 @@
 
 import json
 import os
+import sys
 
 import pytest
 import torch
@@ -835,3 +836,40 @@ def test_global_cut_is_the_same_whatever_the_number_of_threads(
     for t in tasks:
         for key in ("k", "threshold", "fingerprint", "mask_sha256"):
             assert ref.meta["tasks"][t][key] == got.meta["tasks"][t][key], (t, key)
+
+
+@pytest.mark.parametrize(
+    "user, spins",
+    [({}, "0"), ({"OMP_WAIT_POLICY": "active"}, "30000000000"), ({"GOMP_SPINCOUNT": "300000"}, "300000")],
+)
+def test_streaming_commands_start_openmp_with_sleeping_threads(tiny_models, tmp_path, user, spins):
+    """`cpift regions` (like `cpift merge`) loads torch's OpenMP runtime with
+    OMP_WAIT_POLICY=PASSIVE, so its threads sleep between the chunked ops instead of
+    spinning against other work on the same cores; a policy the user set wins. The
+    runtime itself reports how long its threads spin before sleeping (OMP_DISPLAY_ENV):
+    0 spins when passive; what the user set otherwise (300000 is OpenMP's own default)."""
+    import re
+    import subprocess
+
+    env = {k: v for k, v in os.environ.items() if k not in ("OMP_WAIT_POLICY", "GOMP_SPINCOUNT")}
+    env.update(user, OMP_DISPLAY_ENV="VERBOSE")
+    models = [f"--model={n}={tiny_models[n]}" for n in "ab"]
+    cmd = [sys.executable, "-m", "cpift_merge", "regions", "--base", tiny_models["base"], *models]
+    cmd += ["--density", "0.05", "--out", str(tmp_path / "regions"), "--quiet"]
+    proc = subprocess.run(cmd, env=env, capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert (tmp_path / "regions" / "regions.json").is_file()
+    assert set(re.findall(r"GOMP_SPINCOUNT = '(\d+)'", proc.stderr)) == {spins}
+
+
+def test_passive_threads_only_for_streaming_commands_before_torch_loads(monkeypatch):
+    from cpift_merge import cli
+
+    monkeypatch.delenv("OMP_WAIT_POLICY", raising=False)
+    cli._passive_threads("regions")  # torch is loaded in this process: too late to matter
+    assert "OMP_WAIT_POLICY" not in os.environ
+    monkeypatch.delitem(sys.modules, "torch")
+    cli._passive_threads("train")  # training is not a streaming command
+    assert "OMP_WAIT_POLICY" not in os.environ
+    cli._passive_threads("merge")
+    assert os.environ["OMP_WAIT_POLICY"] == "PASSIVE"
