@@ -191,7 +191,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", default="1,2,4", help="comma-separated layer counts (32: Llama-7B, ~54 GB of inputs)")
     ap.add_argument("--work", required=True, help="folder for the synthetic models and outputs")
-    ap.add_argument("--methods", default=",".join(METHODS))
+    ap.add_argument("--methods", default=",".join(METHODS[:-1]), help=f"comma list, subset of {','.join(METHODS)}")
     ap.add_argument("--keep-models", action="store_true", help="keep each size's models (default: delete after)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and size, order rotated; medians reported")
