@@ -43,9 +43,9 @@ def _pairs(values: Sequence[str], flag: str) -> Dict[str, str]:
 
 
 # commands that stream tensors through many short multi-threaded torch ops (chunks of a
-# million entries): OpenMP's default busy-wait at the end of each one then makes them 4-9x
-# slower whenever another process wants the same cores (benchmarks/README.md, "Beside
-# other work"), at a cost within run-to-run noise on an idle machine
+# million entries): OpenMP's default spin at the end of each one made a 16-layer merge 3-4.5x
+# slower than a passive wait while another process used the same cores; the passive wait
+# costs about 9% on an idle machine (benchmarks/README.md, scale.py's 16-layer rows)
 _STREAMING = ("merge", "regions", "merge-demo")
 
 
