@@ -191,7 +191,11 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--layers", default="1,2,4", help="comma-separated layer counts (32: Llama-7B, ~54 GB of inputs)")
     ap.add_argument("--work", required=True, help="folder for the synthetic models and outputs")
-    ap.add_argument("--methods", default=",".join(METHODS[:-1]), help=f"comma list, subset of {','.join(METHODS)}")
+    ap.add_argument(
+        "--methods",
+        default=",".join(m for m in METHODS if m not in merge_speed.ON_REQUEST),
+        help=f"comma list, subset of {','.join(METHODS)}",
+    )
     ap.add_argument("--keep-models", action="store_true", help="keep each size's models (default: delete after)")
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and size, order rotated; medians reported")
@@ -310,7 +314,6 @@ def report(rows, methods, base_gb, largest, args) -> int:
             w = res["cpi_cached"]["wall_s"] / res["linear"]["wall_s"]
             verdict = "PASS" if w <= 1.5 else "FAIL"
             checks.append((f"cpi (cut cached)/linear wall, {layers} layers", w, "<= 1.5", verdict))
-    for layers, res in rows.items():
         if all(res.get(m, {}).get("rc") == 0 for m in ("cpi_cached", "cpi_spin")):
             w = res["cpi_cached"]["wall_s"] / res["cpi_spin"]["wall_s"]
             print(f"passive / spinning OpenMP wait (cut cached), {layers} layers: wall {w:.2f}x")

@@ -76,10 +76,10 @@ class _Cli(click.Group):
     def resolve_command(self, ctx, args):
         if args:
             _passive_threads(args[0])
-        if args and args[0] == "merge":
-            from cpift_merge.mergekit.recipe import prestart
+            if args[0] == "merge":
+                from cpift_merge.mergekit.recipe import prestart
 
-            prestart(args[1:], ctx)
+                prestart(args[1:], ctx)
         return super().resolve_command(ctx, args)
 
 
