@@ -124,8 +124,12 @@ def write_recipes(work: str, paths: Dict[str, str], dtype: str = "float32") -> D
     return out
 
 
-def command(method: str, work: str, paths: Dict[str, str], recipes: Dict[str, str], out: str) -> List[str]:
-    shard = ["--out-shard-size", "100B"]  # one output file whatever the model
+def command(
+    method: str, work: str, paths: Dict[str, str], recipes: Dict[str, str], out: str, shard_size: str = "100B"
+) -> List[str]:
+    # mergekit's writer holds a whole output shard in memory before writing it: 100B (the
+    # default here) gives one output file, and holds the whole merged model
+    shard = ["--out-shard-size", shard_size]
     if method in ("linear", "ties"):
         return [
             _script("mergekit-yaml"),
@@ -243,7 +247,7 @@ def cut_once(paths: Dict[str, str], env: Dict[str, str]) -> None:
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool) -> Dict[str, float]:
+def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool, shard_size: str = "100B") -> Dict[str, float]:
     runs = os.path.join(work, "runs")
     os.makedirs(runs, exist_ok=True)
     out = os.path.join(runs, f"{method}-{rep}")
@@ -262,12 +266,12 @@ def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool) -> Dic
         if method == "cpi_spin":
             env["GOMP_SPINCOUNT"] = SPIN_DEFAULT
     log = os.path.join(runs, f"{method}-{rep}.log")
-    cmd = command(method, work, paths, recipes, out)
+    cmd = command(method, work, paths, recipes, out, shard_size)
     res = measure(cmd, env, log)
     res["cmd"] = " ".join(cmd)
     if res["rc"] == 0:
         want = "regions.json" if method == "regions" else "model.safetensors"
-        if not os.path.isfile(os.path.join(out, want)):
+        if not any(os.path.isfile(os.path.join(out, w)) for w in (want, f"{want}.index.json")):
             res["rc"] = -1
             res["error"] = f"{want} missing from {out}"
     if res["rc"] != 0:

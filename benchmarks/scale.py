@@ -20,6 +20,9 @@ fitted growth (seconds per billion parameters, and peak RSS at the largest size 
 smallest), and the issue's targets with PASS/FAIL. Sizes that do not fit on the disk (five
 models: four inputs and one output; four with ``--methods regions``) are skipped with a line
 saying so. Each size's models are deleted after it is measured unless ``--keep-models``.
+The merges write shards of ``--out-shard-size`` (mergekit's default, 5B bytes): mergekit's
+writer holds the shard it is filling in memory, so a merge's peak RSS grows with the model
+up to that size, for ``linear`` and ``cpi`` alike, and is flat beyond it.
 ``--busy`` runs every timed command beside a peer that keeps all cores busy (a torch
 matrix-product loop with one thread per core, as a training job on the same machine).
 
@@ -200,8 +203,17 @@ def main(argv: Optional[List[str]] = None) -> int:
     ap.add_argument("--json", help="also write the numbers here")
     ap.add_argument("--repeat", type=int, default=1, help="runs per method and size, order rotated; medians reported")
     ap.add_argument("--busy", action="store_true", help="time every command beside a process using all cores")
+    ap.add_argument(
+        "--out-shard-size",
+        default="5B",
+        help="the merges' --out-shard-size (mergekit's default 5B; its writer holds one output shard in memory,"
+        " so 100B holds the whole merged model)",
+    )
     args = ap.parse_args(argv)
+    from mergekit.options import parse_kmb
+
     sizes = sorted({int(x) for x in args.layers.split(",") if x.strip()})
+    shard_bytes = parse_kmb(args.out_shard_size)
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad or not sizes or min(sizes) < 1:
@@ -225,7 +237,8 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         params = model_bytes(layers) / 2e9
         print(f"{layers} layers ({params:.2f} B parameters, {model_bytes(layers) / 1e9:.1f} GB a model):", flush=True)
-        need_ram = 6.5 * model_bytes(layers)  # 4 inputs, the output, mergekit's ~1.5 models (measured to 8 layers)
+        # 4 inputs and the output in the page cache, plus the output shard mergekit's writer holds
+        need_ram = 5 * model_bytes(layers) + min(model_bytes(layers), shard_bytes)
         if outputs and ram and need_ram > 0.9 * ram:
             # inputs, output and the merge's own memory then no longer stay in the page cache
             # together: merges read from disk, and a fresh pre-pass reads every input twice
@@ -237,7 +250,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         for rep in range(args.repeat):
             for m in merge_speed.rotated(methods, rep):
                 with busy_peer(args.busy):
-                    r = merge_speed.run_one(m, rep, os.path.join(work, f"L{layers}"), paths, recipes, keep=False)
+                    r = merge_speed.run_one(
+                        m, rep, os.path.join(work, f"L{layers}"), paths, recipes, False, args.out_shard_size
+                    )
                 runs[m].append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-300:]}"
                 print(
