@@ -213,7 +213,10 @@ def main(argv: Optional[List[str]] = None) -> int:
     from mergekit.options import parse_kmb
 
     sizes = sorted({int(x) for x in args.layers.split(",") if x.strip()})
-    shard_bytes = parse_kmb(args.out_shard_size)
+    try:
+        shard_bytes = parse_kmb(args.out_shard_size)
+    except ValueError:
+        ap.error(f"--out-shard-size {args.out_shard_size!r}: a size like 1B, 500M or 5000000000")
     methods = [m for m in args.methods.split(",") if m]
     bad = [m for m in methods if m not in METHODS]
     if bad or not sizes or min(sizes) < 1:
