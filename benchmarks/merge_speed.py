@@ -49,6 +49,9 @@ DENSITY = 0.01
 METHODS = ("linear", "ties", "cpi", "regions", "cpi_cached", "cpi_spin")
 SPIN_DEFAULT = "300000"  # GNU OpenMP's spin count when no wait policy is set
 ON_REQUEST = ("cpi_spin",)  # run only when --methods names them
+# mergekit's writer holds the output shard it is filling in memory: one 100B shard gives one
+# output file, and holds the whole merged model
+ONE_FILE = "100B"
 # (name, numerator, denominator, metric, op, target)
 TARGETS = (
     ("cpi/linear wall", "cpi", "linear", "wall_s", "<=", 1.5),
@@ -125,10 +128,8 @@ def write_recipes(work: str, paths: Dict[str, str], dtype: str = "float32") -> D
 
 
 def command(
-    method: str, work: str, paths: Dict[str, str], recipes: Dict[str, str], out: str, shard_size: str = "100B"
+    method: str, work: str, paths: Dict[str, str], recipes: Dict[str, str], out: str, shard_size: str = ONE_FILE
 ) -> List[str]:
-    # mergekit's writer holds a whole output shard in memory before writing it: 100B (the
-    # default here) gives one output file, and holds the whole merged model
     shard = ["--out-shard-size", shard_size]
     if method in ("linear", "ties"):
         return [
@@ -247,7 +248,9 @@ def cut_once(paths: Dict[str, str], env: Dict[str, str]) -> None:
     subprocess.run(cmd, env=env, check=True, stdout=subprocess.DEVNULL)
 
 
-def run_one(method: str, rep: int, work: str, paths, recipes, keep: bool, shard_size: str = "100B") -> Dict[str, float]:
+def run_one(
+    method: str, rep: int, work: str, paths, recipes, keep: bool, shard_size: str = ONE_FILE
+) -> Dict[str, float]:
     runs = os.path.join(work, "runs")
     os.makedirs(runs, exist_ok=True)
     out = os.path.join(runs, f"{method}-{rep}")

@@ -253,9 +253,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         for rep in range(args.repeat):
             for m in merge_speed.rotated(methods, rep):
                 with busy_peer(args.busy):
-                    r = merge_speed.run_one(
-                        m, rep, os.path.join(work, f"L{layers}"), paths, recipes, False, args.out_shard_size
-                    )
+                    where = os.path.join(work, f"L{layers}")
+                    r = merge_speed.run_one(m, rep, where, paths, recipes, keep=False, shard_size=args.out_shard_size)
                 runs[m].append(r)
                 status = "ok" if r["rc"] == 0 else f"FAILED rc={r['rc']}: {r.get('error', '')[-300:]}"
                 print(
