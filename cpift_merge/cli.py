@@ -45,7 +45,7 @@ def _pairs(values: Sequence[str], flag: str) -> Dict[str, str]:
 # commands that stream tensors through many short multi-threaded torch ops (chunks of a
 # million entries): OpenMP's default spin at the end of each one made a 16-layer merge 3-4.5x
 # slower than a passive wait while another process used the same cores; the passive wait
-# costs about 9% on an idle machine (benchmarks/README.md, scale.py's 16-layer rows)
+# costs about 9% on an idle machine at 16 layers, ~20% at 4 (benchmarks/README.md, scale.py)
 _STREAMING = ("merge", "regions", "merge-demo")
 
 
