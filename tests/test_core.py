@@ -54,6 +54,23 @@ def test_ties_across_tensors_follow_stream_order():
     assert sum(map(sum, got)) == 6
 
 
+@pytest.mark.parametrize("ties", [0, 1, 3, 100])
+def test_cut_indices_are_the_cut_masks_entries(ties):
+    """The kernel's cut as sorted indices (NumPy on the CPU, torch on an accelerator) is
+    the mask's nonzero entries, ties taken by lower index."""
+    g = torch.Generator().manual_seed(9)
+    values = torch.randint(0, 6, (500,), generator=g).float()  # many ties at every key
+    keys = topk.magnitude_keys(values, torch.zeros(500))
+    key = int(topk.magnitude_keys(torch.tensor([3.0]), torch.zeros(1))[0])
+    want = topk.cut_mask(keys, key, ties).nonzero().reshape(-1)
+    took = min(ties, int((keys == key).sum()))
+    flags = torch.empty(500, dtype=torch.bool)
+    for cut in (topk.cut_indices, topk._cut_indices_numpy, topk._cut_indices_torch):
+        for buf in (None, flags):
+            got, n = cut(keys, key, ties, buf)
+            assert got.dtype == torch.int64 and torch.equal(got, want) and n == took, (cut, buf)
+
+
 def test_global_threshold_equals_concatenated_top_k():
     g = torch.Generator().manual_seed(3)
     parts = [torch.randn(n, generator=g) * s for n, s in [(500, 1.0), (300, 0.1), (1200, 3.0)]]

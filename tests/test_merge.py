@@ -214,6 +214,39 @@ def test_global_without_regions_matches_precomputed(tiny_models, tmp_path):
             assert found[tiny_models[t]][key] == pytest.approx(value, rel=1e-9), key
 
 
+def test_a_cut_cached_without_norm_totals_still_merges(tiny_models, tmp_path, monkeypatch):
+    """The pre-pass caches each tensor's ‖Δ‖₁ and ‖Δ‖₂² with its cut, so a merge from the
+    cache sums only the cores' entries. Cuts cached before that carry no totals: the
+    kernel then sums |Δ| itself, to the same weights and localization figures (to float32
+    rounding; tensors in 40-entry chunks: the totals count once per tensor, not per chunk)."""
+    from cpift_merge.core import fusion
+    from cpift_merge.mergekit import prepass
+
+    monkeypatch.setattr(fusion, "CHUNK", 40)
+    monkeypatch.setenv("CPIFT_CACHE", str(tmp_path / "cache"))
+    monkeypatch.setattr(prepass, "_CUTS", {})
+    models = [{"model": tiny_models[t]} for t in "ab"]
+    cfg = recipe(tmp_path, merge_method="cpi", base_model=tiny_models["base"], models=models,
+                 parameters={"omega": 0.6, "density": 0.04})  # fmt: skip
+    o1 = cmerge.run(cfg, str(tmp_path / "o1"), OPTS)
+    cuts = os.listdir(tmp_path / "cache" / "cuts")
+    assert len(cuts) == 1
+    path = tmp_path / "cache" / "cuts" / cuts[0]
+    data = json.loads(path.read_text())
+    names = Checkpoint(tiny_models["base"]).infos
+    assert sorted(data["totals"]) == ["t0", "t1"] and set(data["totals"]["t0"]) <= set(names)
+    del data["totals"]
+    path.write_text(json.dumps(data))
+    monkeypatch.setattr(prepass, "_CUTS", {})
+    o2 = cmerge.run(cfg, str(tmp_path / "o2"), OPTS)
+    w1, w2 = weights(o1), weights(o2)
+    assert all(torch.equal(w1[n], w2[n]) for n in w1)
+    s1, s2 = (json.load(open(os.path.join(o, "cpi_stats.json")))["localization"] for o in (o1, o2))
+    for model, loc in s1.items():
+        for key, value in loc.items():
+            assert s2[model][key] == pytest.approx(value, rel=1e-6), key  # float32 chunk sums
+
+
 def test_region_localization_matches_a_direct_computation(tiny_models, tmp_path):
     """core_share_l1/l2 in regions.json against |Δ| summed over the whole model in
     float64, with the masks read back (the file sums float32 chunks: relative error

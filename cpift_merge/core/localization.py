@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import math
 import threading
-from typing import Dict, Iterable, Sequence
+from typing import Dict, Iterable, Optional, Sequence
 
 import torch
 
@@ -44,19 +44,36 @@ def _chunk_sums(piece: torch.Tensor) -> tuple[float, float]:
     return float(c.sum()), float(torch.dot(c, c))
 
 
-def delta_sums(abs_delta: torch.Tensor, core: torch.Tensor) -> tuple[float, float, float, float]:
-    """``(core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²)`` of one tensor from its ``|Δ|`` and its
-    core: a mask (same number of entries) or its flat int64 indices (cheaper: no scan).
-    The whole-tensor norms add float32 chunk sums in float64 (:func:`_chunk_sums`); the
-    core's few entries are summed in float64."""
+def norm_sums(abs_delta: torch.Tensor) -> tuple[float, float]:
+    """``(‖Δ‖₁, ‖Δ‖₂²)`` of one tensor's ``|Δ|``: float32 chunk sums (:func:`_chunk_sums`)
+    added in float64."""
     flat = abs_delta.reshape(-1)
     l1 = l2 = 0.0
     for i in range(0, flat.numel(), CHUNK):
         a, b = _chunk_sums(flat[i : i + CHUNK])
         l1 += a
         l2 += b
-    sel = flat[core.reshape(-1)].to(torch.float64)  # a bool mask or indices
-    return float(sel.sum()), l1, float(torch.dot(sel, sel)), l2
+    return l1, l2
+
+
+def core_sums(abs_delta: torch.Tensor, core: Optional[torch.Tensor]) -> tuple[float, float]:
+    """``(core ‖Δ‖₁, core ‖Δ‖₂²)``: the core's few entries (a mask, or flat int64 indices:
+    cheaper, no scan; None: ``abs_delta`` holds just the core's entries) summed in float64."""
+    flat = abs_delta.reshape(-1)
+    if core is None:
+        sel = flat.to(torch.float64)
+    else:
+        idx = core.reshape(-1)
+        sel = (flat[idx] if idx.dtype == torch.bool else flat.index_select(0, idx)).to(torch.float64)
+    return float(sel.sum()), float(torch.dot(sel, sel))
+
+
+def delta_sums(abs_delta: torch.Tensor, core: torch.Tensor) -> tuple[float, float, float, float]:
+    """``(core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²)`` of one tensor from its ``|Δ|`` and its
+    core (:func:`core_sums`, :func:`norm_sums`)."""
+    l1, l2 = norm_sums(abs_delta)
+    c1, c2 = core_sums(abs_delta, core)
+    return c1, l1, c2, l2
 
 
 def add_sums(parts: Iterable[Sequence[float]]) -> tuple[float, float, float, float]:

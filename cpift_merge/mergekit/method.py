@@ -192,7 +192,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
     base32 = torch.empty(size, dtype=torch.float32, device=theta0.device)
     buf = torch.empty(size, dtype=torch.float32, device=theta0.device)
     sums = [[0.0] * 4 for _ in thetas]
-    core_of, _sizes = _cut_cores(cut, name, sums)
+    core_of, _sizes = _cut_cores(cut, name, sums, numel)
     parts: List[List[torch.Tensor]] = [[] for _ in thetas]
     for start in range(0, numel, CHUNK):
         stop = min(start + CHUNK, numel)
@@ -288,7 +288,7 @@ def cpi_merge(
         if name in cut.dtypes and all(DTYPE_NAMES.get(e.tensor.dtype) == cut.dtypes[name] for e in group.entries):
             # the pre-pass read (and checked) these very values: cores found in the fusion's own pass
             sums = [[0.0] * 4 for _ in entries]
-            core_of, sizes = _cut_cores(cut, name, sums)
+            core_of, sizes = _cut_cores(cut, name, sums, base.numel())
             out, stats = fuse_stream(
                 base, thetas, core_of, omega=omega, epsilon=epsilon, overlap=overlap, with_delta=True
             )
@@ -329,22 +329,36 @@ def _record(name, base, names, stats, omega, sums, sizes) -> None:
             STATS[name]["delta_sums"] = dict(zip(names, sums))
 
 
-def _cut_cores(cut: GlobalCut, name: str, sums: List[list]):
-    """``fuse_stream``'s ``core_of`` for a global cut: each chunk's core from its |Δ| keys
-    (tie quotas carried across chunks), adding the chunk's ``delta_sums`` to ``sums``.
-    Returns it and the per-task core sizes (filled as the chunks go)."""
+def _cut_cores(cut: GlobalCut, name: str, sums: List[list], numel: int):
+    """``fuse_stream``'s ``core_of`` for a global cut of a tensor of ``numel`` entries: each
+    chunk's core from its |Δ| keys (tie quotas carried across chunks), adding the tensor's
+    ``delta_sums`` to ``sums``: the whole tensor's norms from the cut when it has them (else
+    summed chunk by chunk), the core's entries gathered chunk by chunk and summed once the
+    last chunk is in. Returns it and the per-task core sizes (filled as the chunks go)."""
     taken = [0] * len(sums)
     sizes = [0] * len(sums)
     flags: List[torch.Tensor] = []
+    totals = [cut.totals.get(f"t{i}", {}).get(name) for i in range(len(sums))]
+    picked: List[List[torch.Tensor]] = [[] for _ in sums]  # per task: |Δ| at its core entries
 
     def core_of(task: int, start: int, stop: int, delta: torch.Tensor) -> torch.Tensor:
         if not flags or flags[0].numel() < stop - start:
             flags[:] = [torch.empty(stop - start, dtype=torch.bool, device=delta.device)]
         keys = delta.view(torch.int32)
-        mask, took = cut.mask_piece(f"t{task}", name, keys, taken[task], out=flags[0][: stop - start])
+        local, took = cut.indices_piece(f"t{task}", name, keys, taken[task], flags[0][: stop - start])
         taken[task] += took
-        local = mask.nonzero().reshape(-1)
-        sums[task] = [a + c for a, c in zip(sums[task], localization.delta_sums(delta, local))]
+        picked[task].append(delta.index_select(0, local))
+        known = totals[task]
+        if known is None:
+            known = localization.norm_sums(delta)
+        elif start:
+            known = (0.0, 0.0)  # counted with the first chunk
+        if stop == numel:
+            c1, c2 = localization.core_sums(torch.cat(picked[task]), None)
+            picked[task] = []
+        else:
+            c1 = c2 = 0.0
+        sums[task] = [a + c for a, c in zip(sums[task], (c1, known[0], c2, known[1]))]
         sizes[task] += local.numel()
         return local
 

@@ -77,7 +77,7 @@ def _compute(base_path: str, task_paths: Sequence[str], density: float, exclude:
     tensors = participating_tensors(base, tasks, [exclude] if exclude else [])
     if not tensors:
         raise CpiftError("no floating-point tensors take part; check exclude")
-    return GlobalCut.find(base, tasks, tensors, density, progress=progress)
+    return GlobalCut.find(base, tasks, tensors, density, progress=progress, totals=True)
 
 
 def _write_cut(path: str, cut: GlobalCut) -> None:

@@ -22,7 +22,8 @@ import math
 import os
 import struct
 import sys
-from dataclasses import dataclass
+import threading
+from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
 import torch
@@ -394,11 +395,15 @@ def _guess_windows(base, tasks, tensors, k: int) -> Tuple[Dict[str, Tuple[int, i
     return {n: windows[n] for n in wide}, {n: reach[n] for n in wide}
 
 
-def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, guess=True):
+_TOTALS_LOCK = threading.Lock()
+
+
+def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, guess=True, totals=None):
     """Exact cut: a high-bit histogram, then the low bits in the threshold's bucket. Returns
     thresholds and, per task, the count of keys equal to the threshold in each tensor
-    (stream order). Each pass runs in threads (:func:`_workers`), each over its own run of
-    tensors; the counts add up.
+    (stream order). ``totals`` (a dict, filled when given): per task and tensor, the
+    ``(‖Δ‖₁, ‖Δ‖₂²)`` of its |Δ| keys, summed in the first pass. Each pass runs in threads
+    (:func:`_workers`), each over its own run of tensors; the counts add up.
 
     With |Δ| keys (and ``guess``) the threshold's bucket is first guessed from a 1/64
     sample, and the first pass also keeps the distinct keys around the guess, with their
@@ -426,8 +431,14 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
         stream = _stream(
             base, tasks, part, "", False, samples, scorer=scorer, piece=PIECE, check=not delta_keys, bar=bar
         )
+        norms: Dict[str, Dict[str, List[float]]] = {n: {} for n in names}
         for info, start, stop, keys in stream:
             for n, kk in keys.items():
+                if totals is not None:
+                    l1, l2 = localization.norm_sums(kk.view(torch.float32))
+                    seen = norms[n].setdefault(info.name, [0.0, 0.0])
+                    seen[0] += l1
+                    seen[1] += l2
                 if n in windows and n not in dropped and info.name in reach[n]:
                     if flags is None or flags.numel() < kk.numel():
                         flags = torch.empty(kk.numel(), dtype=torch.bool)
@@ -447,6 +458,10 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
                     _nonfinite(base, tasks[n], info.name, start, stop)
                 seen = spans[n].get(info.name)
                 spans[n][info.name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
+        if totals is not None:
+            with _TOTALS_LOCK:
+                for n in names:
+                    totals.setdefault(n, {}).update(norms[n])
         return finders, spans, kept, dropped
 
     with tqdm(total=len(tensors), desc="regions: histogram", disable=not progress, unit="tensor", leave=False) as bar:
@@ -528,6 +543,8 @@ class GlobalCut:
     thresholds: Dict[str, topk.Threshold]
     quotas: Dict[str, Dict[str, int]]
     samples: Dict[str, Dict[str, List[float]]]
+    # per task and tensor: (‖Δ‖₁, ‖Δ‖₂²) of its |Δ|, when the cut was found with ``totals``
+    totals: Dict[str, Dict[str, List[float]]] = field(default_factory=dict)
 
     def mask(self, task: str, tensor: str, keys: torch.Tensor) -> torch.Tensor:
         return topk.cut_mask(keys, self.thresholds[task].key, self.quotas[task].get(tensor, 0))
@@ -543,6 +560,13 @@ class GlobalCut:
         m = topk.cut_mask(keys, key, left, out=out)
         return m, (min(left, int(torch.count_nonzero(keys == key))) if left else 0)
 
+    def indices_piece(
+        self, task: str, tensor: str, keys: torch.Tensor, taken: int, flags: Optional[torch.Tensor] = None
+    ) -> Tuple[torch.Tensor, int]:
+        """:meth:`mask_piece` as the piece's sorted flat indices (:func:`topk.cut_indices`)."""
+        left = max(self.quotas[task].get(tensor, 0) - taken, 0)
+        return topk.cut_indices(keys, self.thresholds[task].key, left, flags)
+
     @classmethod
     def find(
         cls,
@@ -552,14 +576,18 @@ class GlobalCut:
         density: float,
         progress: bool = True,
         scorer: Optional[Scorer] = None,
+        totals: bool = False,
     ) -> GlobalCut:
         """Thresholds and tie quotas, exactly: two histogram passes over the high and
         low 16 bits of the keys (the second reads only tensors that reach the
-        threshold's bucket). Memory: two fixed histograms per task."""
+        threshold's bucket). Memory: two fixed histograms per task. ``totals``: also
+        sum each tensor's ‖Δ‖₁ and ‖Δ‖₂² (|Δ| keys only), which a merge from this cut
+        then need not recompute."""
         names = list(tasks)
         k = topk.budget(density, sum(t.numel for t in tensors))
         samples: Dict[str, Dict[str, List[float]]] = {n: {} for n in ["__base__", *names]}
-        thresholds, tied = _histogram_cut(base, tasks, tensors, k, progress, samples, scorer)
+        sums: Optional[Dict[str, Dict[str, List[float]]]] = {} if totals and scorer is None else None
+        thresholds, tied = _histogram_cut(base, tasks, tensors, k, progress, samples, scorer, totals=sums)
         quotas: Dict[str, Dict[str, int]] = {}
         for n in names:
             th = thresholds[n]
@@ -570,6 +598,7 @@ class GlobalCut:
             thresholds=thresholds,
             quotas=quotas,
             samples=samples,
+            totals=sums or {},
         )
 
     def to_json(self) -> Dict:
@@ -578,6 +607,7 @@ class GlobalCut:
             "dtypes": self.dtypes,
             "thresholds": {n: {"k": t.k, "key": t.key, "ties": t.ties} for n, t in self.thresholds.items()},
             "quotas": self.quotas,
+            "totals": self.totals,
         }
 
     @classmethod
@@ -588,6 +618,7 @@ class GlobalCut:
             thresholds={n: topk.Threshold(**t) for n, t in data["thresholds"].items()},
             quotas={n: dict(q) for n, q in data["quotas"].items()},
             samples={},
+            totals={n: {t: list(v) for t, v in per.items()} for n, per in data.get("totals", {}).items()},
         )
 
 
