@@ -220,7 +220,7 @@ class _Cores:
         # the entries left out of the SLERP, in the order: task 0's own entries (all chunks),
         # task 1's, ..., then the shared ones
         self._skip: List[List[tuple]] = [[] for _ in range(tasks + 1)]
-        self._groups: List[List[torch.Tensor]] = []  # per chunk: [own_0, ..., own_n, shared]
+        self._sizes: List[List[int]] = []  # per chunk: the lengths of own_0, ..., own_n, shared in places
         self.entries = self.overlap_entries = 0
         self.transplanted = [0] * tasks
 
@@ -259,7 +259,7 @@ class _Cores:
                 for t in range(self.tasks):
                     self.transplanted[t] += int(member[t].sum())
         groups = [*own, multi]
-        self._groups.append(groups)
+        self._sizes.append([g.numel() for g in groups])
         self.places.append(torch.cat(groups))
         self.values.append(torch.cat(values) if values else pieces[0][:0])
         self.entries += self.places[-1].numel()
@@ -269,7 +269,7 @@ class _Cores:
     def skip(self, chunk: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Keep the base's (``x``) and the target's (``y``) values at chunk ``chunk``'s core
         entries, for :meth:`skipped`."""
-        for slot, idx in zip(self._skip, self._groups[chunk]):
+        for slot, idx in zip(self._skip, self.places[chunk].split(self._sizes[chunk])):
             if idx.numel():
                 slot.append((x.index_select(0, idx), y.index_select(0, idx)))
 
