@@ -692,6 +692,27 @@ def graft(base, model_pair, test_data, metric, regions_dir, density, scope, excl
     click.echo(f"wrote {os.path.join(os.path.abspath(out), 'graft.json')}")
 
 
+@main.command("transplant")
+@click.option("--regions", "regions_dir", required=True, help="Region directory holding the task's core.")
+@click.option("--task", required=True, help="The region-file task whose core is copied back.")
+@click.option("--from", "donor", required=True, help="Model to take the core's values from (e.g. after training A).")
+@click.option("--into", "backbone", required=True, help="Model to copy them into (e.g. after training A, then B).")
+@click.option("--out", required=True, help="Folder for the result (a model folder like --into).")
+@click.option("--overwrite", is_flag=True, help="Replace --out if it exists.")
+@_friendly
+def transplant(regions_dir, task, donor, backbone, out, overwrite):
+    """Copy a task's core back: write --into with --task's core entries taken from --from,
+    bit for bit, and every other entry unchanged (the cpi fusion at omega 0). After
+    fine-tuning on A and then on B, this undoes what B's training did to A's core; how
+    much of A it keeps depends on the core (see "Isolation options" in the README)."""
+    from cpift_merge.mergekit.graft import transplant as copy_core
+    from cpift_merge.storage.regions import load_regions
+
+    rs = load_regions(regions_dir)
+    path = copy_core(backbone, donor, rs, task, out, overwrite=overwrite)
+    click.echo(f"wrote {path}: {task}'s core ({rs.k(task)} entries, {rs.score} score) from {donor} into {backbone}")
+
+
 @main.command("merge-demo")
 @click.option("--out", default="merge-demo", show_default=True, help="Folder for the demo's models and outputs.")
 @click.option("--density", type=float, default=0.01, show_default=True)

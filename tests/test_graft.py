@@ -114,3 +114,15 @@ def test_transplant_copies_the_core_back_bit_for_bit(pair, tmp_path):
     with pytest.raises(CpiftError, match="has no task 'b'"):
         transplant(after_ab, after_a, rs, "b", str(tmp_path / "t2"))
     assert not os.path.exists(tmp_path / "t2")
+    # the same through the command line, bit for bit; bad input is one line, nothing written
+    args = ["transplant", "--regions", rs.path, "--task", "a", "--from", after_a, "--into", after_ab]
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 0 and "a's core" in res.output, res.output
+    cli = load_file(os.path.join(str(tmp_path / "cli"), "model.safetensors"))
+    assert all(torch.equal(cli[n], got[n]) for n in got)
+    res = CliRunner().invoke(main, [*args, "--out", str(tmp_path / "cli")])
+    assert res.exit_code == 2 and "exists" in res.output and "--overwrite" in res.output, res.output
+    bad = [a if a != "a" else "b" for a in args]
+    res = CliRunner().invoke(main, [*bad, "--out", str(tmp_path / "cli2")])
+    assert res.exit_code == 2 and "has no task 'b'" in res.output and len(res.output.strip().splitlines()) == 1
+    assert not os.path.exists(tmp_path / "cli2")
