@@ -436,9 +436,9 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
             for n, kk in keys.items():
                 if totals is not None:
                     l1, l2 = localization.norm_sums(kk.view(torch.float32))
-                    seen = norms[n].setdefault(info.name, [0.0, 0.0])
-                    seen[0] += l1
-                    seen[1] += l2
+                    norm = norms[n].setdefault(info.name, [0.0, 0.0])
+                    norm[0] += l1
+                    norm[1] += l2
                 if n in windows and n not in dropped and info.name in reach[n]:
                     if flags is None or flags.numel() < kk.numel():
                         flags = torch.empty(kk.numel(), dtype=torch.bool)
