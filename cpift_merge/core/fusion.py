@@ -261,7 +261,7 @@ class _Cores:
         groups = [*own, multi]
         self._sizes.append([g.numel() for g in groups])
         self.places.append(torch.cat(groups))
-        self.values.append(torch.cat(values) if values else pieces[0][:0])
+        self.values.append(torch.cat(values))
         self.entries += self.places[-1].numel()
         self.overlap_entries += multi.numel()
         return len(self.places) - 1

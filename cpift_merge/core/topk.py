@@ -315,13 +315,8 @@ def _cut_indices_numpy(flat: torch.Tensor, key: int, ties: int, flags: Optional[
 
 
 def _cut_indices_torch(flat: torch.Tensor, key: int, ties: int, flags: Optional[torch.Tensor]):
-    mask = flat > key if flags is None else torch.gt(flat, key, out=flags)
-    took = 0
-    if ties > 0:
-        tied = (flat == key).nonzero().reshape(-1)[:ties]
-        took = int(tied.numel())
-        mask[tied] = True
-    return mask.nonzero().reshape(-1), took
+    took = min(ties, int(torch.count_nonzero(flat == key))) if ties > 0 else 0
+    return cut_mask(flat, key, ties, out=flags).nonzero().reshape(-1), took
 
 
 def tie_quotas(threshold: Threshold, tied_counts: Sequence[int]) -> List[int]:

@@ -22,7 +22,6 @@ import math
 import os
 import struct
 import sys
-import threading
 from dataclasses import dataclass, field
 from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, Tuple
 
@@ -395,9 +394,6 @@ def _guess_windows(base, tasks, tensors, k: int) -> Tuple[Dict[str, Tuple[int, i
     return {n: windows[n] for n in wide}, {n: reach[n] for n in wide}
 
 
-_TOTALS_LOCK = threading.Lock()
-
-
 def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, guess=True, totals=None):
     """Exact cut: a high-bit histogram, then the low bits in the threshold's bucket. Returns
     thresholds and, per task, the count of keys equal to the threshold in each tensor
@@ -458,21 +454,21 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
                     _nonfinite(base, tasks[n], info.name, start, stop)
                 seen = spans[n].get(info.name)
                 spans[n][info.name] = (lo, hi) if seen is None else (min(seen[0], lo), max(seen[1], hi))
-        if totals is not None:
-            with _TOTALS_LOCK:
-                for n in names:
-                    totals.setdefault(n, {}).update(norms[n])
-        return finders, spans, kept, dropped
+        return finders, spans, kept, dropped, norms
 
     with tqdm(total=len(tensors), desc="regions: histogram", disable=not progress, unit="tensor", leave=False) as bar:
         results = _in_threads(lambda part: high(part, bar), parts)
-    finders, spans, kept, dropped = results[0]
-    for more, more_spans, more_kept, more_dropped in results[1:]:
+    finders, spans, kept, dropped, norms = results[0]
+    for more, more_spans, more_kept, more_dropped, more_norms in results[1:]:
         dropped |= more_dropped
         for n in names:
             finders[n].absorb(more[n])
             spans[n].update(more_spans[n])
             kept[n].update(more_kept[n])
+            norms[n].update(more_norms[n])
+    if totals is not None:
+        for n in names:
+            totals.setdefault(n, {}).update(norms[n])
     for f in finders.values():
         f.end_high()
     lows: Dict[str, Dict[str, List[torch.Tensor]]] = {n: {} for n in names}
