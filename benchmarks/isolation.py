@@ -21,7 +21,11 @@ Per variant it prints, mean ± std over the seeds that finished:
 
 Runs are seed-major (every variant's seed 0 first), each in its own process; a finished run
 (``results.json`` there) is read back, not rerun, so an interrupted ablation continues where
-it stopped. Model weights are deleted after each run unless ``--keep-models``.
+it stopped. A run starts from a copy of a finished same-seed sibling whose weights are still
+there (same probe optimizer preferred): the pipeline's fingerprinted steps then reuse what is
+the same (the base's evaluation, plain sequential SFT, the probes) and rerun the rest
+(``--no-reuse`` starts every run from nothing). Model weights are deleted when a seed's
+variants are done, unless ``--keep-models``.
 
     python benchmarks/isolation.py --work runs/isolation                  # all variants, seeds 0,1,2
     python benchmarks/isolation.py --work runs/isolation --seeds 0 --variants paper,sgd_fisher
@@ -33,6 +37,7 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -96,7 +101,63 @@ def prune(folder):
     return freed
 
 
-def launch(args, variant, seed):
+WEIGHTS = (".safetensors", ".bin", ".pt")
+RUN_LEVEL = ("results.json", "report.md")  # written at the end of a run: never copied from a donor
+
+
+def has_weights(folder):
+    return any(f.endswith(WEIGHTS) for _root, _dirs, files in os.walk(folder) for f in files)
+
+
+def donor_for(work, variant, seed, variants):
+    """A finished same-seed run of another variant whose weights are still there, to start from.
+
+    The pipeline's steps are fingerprinted (base, data, every setting a step depends on), so
+    a run that starts from a copy of a sibling reuses exactly the steps whose inputs are the
+    same (the base model's evaluation, plain sequential SFT, and, with the same probe
+    optimizer, the probes) and reruns the rest. Preference: same probe optimizer, then the
+    most ``--set`` overrides in common."""
+    mine = set(VARIANTS[variant][1])
+    opt = "probe.optimizer=sgd" in mine
+    best = None
+    for other in variants:
+        d = run_dir(work, other, seed)
+        if other == variant or read(work, other, seed) is None or not has_weights(d):
+            continue
+        theirs = set(VARIANTS[other][1])
+        key = (("probe.optimizer=sgd" in theirs) == opt, len(mine & theirs), -len(theirs - mine))
+        if best is None or key > best[0]:
+            best = (key, other)
+    return None if best is None else best[1]
+
+
+def stamp(path):
+    st = os.stat(path)
+    return st.st_size, st.st_mtime_ns
+
+
+def seed_from(donor_dir, dest):
+    """Copies a finished run folder as the start of another: weight files hard-linked (steps
+    write to a temporary sibling and rename, so a rerun step never writes into a shared
+    file), everything else copied, the run-level results left out. Returns the linked files'
+    (size, mtime) stamps, to check afterwards that the donor's weights were not touched."""
+    stamps = {}
+    for root, _dirs, files in os.walk(donor_dir):
+        rel = os.path.relpath(root, donor_dir)
+        os.makedirs(os.path.join(dest, rel), exist_ok=True)
+        for f in files:
+            src, dst = os.path.join(root, f), os.path.join(dest, rel, f)
+            if rel == "." and f in RUN_LEVEL:
+                continue
+            if f.endswith(WEIGHTS):
+                os.link(src, dst)
+                stamps[src] = stamp(src)
+            else:
+                shutil.copy2(src, dst)
+    return stamps
+
+
+def launch(args, variant, seed, variants=()):
     sets = COMMON + VARIANTS[variant][1]
     methods = METHODS + (",full_sft" if variant == "paper" else "")
     out = os.path.join(args.work, variant)
@@ -105,15 +166,26 @@ def launch(args, variant, seed):
     cmd += ["--methods", methods] + [a for s in sets for a in ("--set", s)]
     cmd += ["--device", args.device] if args.device else []
     log = os.path.join(out, f"seed-{seed}.log")
+    here = run_dir(args.work, variant, seed)
+    donor, stamps = None, {}
+    if args.reuse and not os.path.exists(here):
+        donor = donor_for(args.work, variant, seed, variants)
+        if donor:
+            stamps = seed_from(run_dir(args.work, donor, seed), here)
+            with open(os.path.join(here, "reused_from.txt"), "w", encoding="utf-8") as fh:
+                fh.write(f"started from a copy of {donor}/seed-{seed}; its matching steps were reused\n")
+            print(f"== {variant} seed {seed}: starting from {donor} seed {seed}'s finished steps", flush=True)
     t0 = time.time()
     with open(log, "w", encoding="utf-8") as fh:
         rc = subprocess.run(cmd, stdout=fh, stderr=subprocess.STDOUT).returncode
     took = time.time() - t0
+    touched = [p for p, s in stamps.items() if not os.path.exists(p) or stamp(p) != s]
+    if touched:
+        print(f"== WARNING: {len(touched)} of {donor}'s weight files changed in the run, e.g. {touched[0]}", flush=True)
     if rc != 0:
         print(f"== {variant} seed {seed}: FAILED (rc {rc}) after {took:.0f} s, see {log}", flush=True)
         return False
-    freed = 0 if args.keep_models else prune(run_dir(args.work, variant, seed))
-    print(f"== {variant} seed {seed}: done in {took:.0f} s (weights deleted: {freed / 2**30:.1f} GiB)", flush=True)
+    print(f"== {variant} seed {seed}: done in {took:.0f} s", flush=True)
     return True
 
 
@@ -250,6 +322,12 @@ def main(argv=None) -> int:
     ap.add_argument("--variants", default=",".join(VARIANTS), help=f"comma-separated, of: {', '.join(VARIANTS)}")
     ap.add_argument("--device", choices=["auto", "cpu", "cuda"], default=None)
     ap.add_argument("--keep-models", action="store_true", help="keep every run's model weights (about 5 GB a run)")
+    ap.add_argument(
+        "--no-reuse",
+        dest="reuse",
+        action="store_false",
+        help="start every run from nothing instead of from a same-seed sibling's finished steps",
+    )
     ap.add_argument("--report-only", action="store_true", help="print the table of the finished runs, run nothing")
     ap.add_argument("--json", default=None, help="also write the aggregate here")
     args = ap.parse_args(argv)
@@ -263,7 +341,11 @@ def main(argv=None) -> int:
         for s in seeds:
             for v in variants:
                 if read(args.work, v, s) is None:
-                    launch(args, v, s)
+                    launch(args, v, s, list(VARIANTS))
+            # weights stay until the seed's variants are done, so later ones can start from them
+            if not args.keep_models:
+                freed = sum(prune(run_dir(args.work, v, s)) for v in variants)
+                print(f"== seed {s}: weights deleted ({freed / 2**30:.1f} GiB)", flush=True)
     rows = {v: row_of(args.work, v, seeds) for v in variants}
     rows = {v: r for v, r in rows.items() if r is not None}
     if not rows:
