@@ -49,6 +49,19 @@ def save_variant(
     return out_dir
 
 
+@pytest.fixture(scope="session", autouse=True)
+def _children_tmpdir(tmp_path_factory):
+    """Child processes (torchrun leaves a ``torchelastic_*`` log folder per launch) make
+    their temporary files under pytest's own temporary root, not loose in the system's."""
+    old = os.environ.get("TMPDIR")
+    os.environ["TMPDIR"] = str(tmp_path_factory.mktemp("children"))
+    yield
+    if old is None:
+        os.environ.pop("TMPDIR", None)
+    else:
+        os.environ["TMPDIR"] = old
+
+
 @pytest.fixture(scope="session")
 def tiny_models(tmp_path_factory) -> Dict[str, str]:
     """base + three task variants (a, b, c) of a tiny random Llama."""
