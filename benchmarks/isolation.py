@@ -89,24 +89,26 @@ def read(work, variant, seed):
         return json.load(fh)
 
 
+WEIGHTS = (".safetensors", ".bin", ".pt")
+
+
+def weight_files(folder):
+    """Model weight files under a run folder (region masks are not weights)."""
+    for root, _dirs, files in os.walk(folder):
+        if "masks" not in root:
+            yield from (os.path.join(root, f) for f in files if f.endswith(WEIGHTS))
+
+
 def prune(folder):
     """Deletes model weights under a finished run; its results and region files stay."""
     freed = 0
-    for root, _dirs, files in os.walk(folder):
-        for f in files:
-            if f.endswith((".safetensors", ".bin", ".pt")) and "masks" not in root:
-                p = os.path.join(root, f)
-                freed += os.path.getsize(p)
-                os.remove(p)
+    for p in list(weight_files(folder)):
+        freed += os.path.getsize(p)
+        os.remove(p)
     return freed
 
 
-WEIGHTS = (".safetensors", ".bin", ".pt")
 RUN_LEVEL = ("results.json", "report.md")  # written at the end of a run: never copied from a donor
-
-
-def has_weights(folder):
-    return any(f.endswith(WEIGHTS) for _root, _dirs, files in os.walk(folder) for f in files)
 
 
 def donor_for(work, variant, seed, variants):
@@ -122,7 +124,7 @@ def donor_for(work, variant, seed, variants):
     best = None
     for other in variants:
         d = run_dir(work, other, seed)
-        if other == variant or read(work, other, seed) is None or not has_weights(d):
+        if other == variant or read(work, other, seed) is None or next(weight_files(d), None) is None:
             continue
         theirs = set(VARIANTS[other][1])
         key = (("probe.optimizer=sgd" in theirs) == opt, len(mine & theirs), -len(theirs - mine))
