@@ -232,6 +232,18 @@ def test_rerun_reuses_and_redoes_only_what_changed(lm, tmp_path, capsys):
     assert os.stat(probe_file).st_mtime_ns == stamps[probe_file]
     assert os.stat(full_file).st_mtime_ns != stamps[full_file]
     assert res["settings"]["stage"]["lr"] == 5e-4
+    # weights deleted to free disk (a probe's, a staged run's final model): those steps are
+    # redone, the same bits, and the steps after them, whose inputs did not change, reused
+    before = load_file(probe_file)
+    os.remove(probe_file)
+    os.remove(os.path.join(res["methods"]["dpi"]["path"], "model.safetensors"))
+    run_pipeline(load_pipeline(write(tmp_path, doc)))
+    text = capsys.readouterr().out
+    for step in ("probe/math", "train/dpi"):
+        assert f"[{step}] its outputs are gone (model weights deleted?): redoing it" in text
+    assert "[regions] done earlier, reused" in text and "[train/full_sft] done earlier, reused" in text
+    after = load_file(probe_file)
+    assert before.keys() == after.keys() and all(torch.equal(before[k], after[k]) for k in before)
 
 
 def test_interrupted_run_continues(lm, tmp_path, monkeypatch):

@@ -49,6 +49,16 @@ def data_sha(path: str, role: str) -> str:
     return file_sha(where) if split is None else fingerprint(file_sha(where), split)
 
 
+def _present(path: str) -> bool:
+    """An output is there: it exists and, when it is a saved model folder (it has a
+    ``config.json``), it still holds its weights. A run whose weights were deleted to free
+    disk then redoes those steps instead of failing later on an empty model folder."""
+    if not os.path.isdir(path):
+        return os.path.exists(path)
+    files = os.listdir(path)
+    return "config.json" not in files or any(f.endswith((".safetensors", ".bin")) for f in files)
+
+
 class Steps:
     """Fingerprinted, resumable steps: ``run(key, fp, outputs, fn)``."""
 
@@ -85,17 +95,21 @@ class Steps:
 
     def _reused(self, key: str, fp: str, outputs: Sequence[str]) -> Optional[Record]:
         rec = self.read(key)
-        if rec and rec.get("fingerprint") == fp and rec.get("state") == "done" and all(map(os.path.exists, outputs)):
-            return rec
-        return None
+        if not rec or rec.get("fingerprint") != fp or rec.get("state") != "done":
+            return None
+        result = self._abs(rec.get("result"))  # a staged run's result: its final model
+        paths = [*outputs, *([result] if isinstance(result, str) and result.startswith(self.out + os.sep) else [])]
+        return rec if all(map(_present, paths)) else None
 
     def _begin(self, key: str, fp: str, outputs: Sequence[str], what: str) -> None:
         """Say what happens, remove stale outputs, mark the step running."""
         rec = self.read(key)
-        if rec and rec.get("fingerprint") == fp:
+        if rec and rec.get("fingerprint") == fp and rec.get("state") != "done":
             self.say(f"[{key}] resuming an interrupted run")
         else:
-            if rec or any(map(os.path.exists, outputs)):
+            if rec and rec.get("fingerprint") == fp:
+                self.say(f"[{key}] its outputs are gone (model weights deleted?): redoing it")
+            elif rec or any(map(os.path.exists, outputs)):
                 self.say(f"[{key}] inputs changed: redoing it")
             for p in outputs:  # ours (under OUT): stale, from other settings
                 for q in (p, p + ".work"):
