@@ -99,11 +99,16 @@ def weight_files(folder):
             yield from (os.path.join(root, f) for f in files if f.endswith(WEIGHTS))
 
 
-def prune(folder):
-    """Deletes model weights under a finished run; its results and region files stay."""
-    freed = 0
+def prune(folder, seen=None):
+    """Deletes model weights under a finished run; its results and region files stay.
+    Returns the bytes freed, counting a file hard-linked into several runs once (``seen``:
+    the inodes already counted)."""
+    freed, seen = 0, set() if seen is None else seen
     for p in list(weight_files(folder)):
-        freed += os.path.getsize(p)
+        st = os.stat(p)
+        if (st.st_dev, st.st_ino) not in seen:
+            seen.add((st.st_dev, st.st_ino))
+            freed += st.st_size
         os.remove(p)
     return freed
 
@@ -346,7 +351,8 @@ def main(argv=None) -> int:
                     launch(args, v, s, list(VARIANTS))
             # weights stay until the seed's variants are done, so later ones can start from them
             if not args.keep_models:
-                freed = sum(prune(run_dir(args.work, v, s)) for v in variants)
+                seen: set = set()
+                freed = sum(prune(run_dir(args.work, v, s), seen) for v in variants)
                 print(f"== seed {s}: weights deleted ({freed / 2**30:.1f} GiB)", flush=True)
     rows = {v: row_of(args.work, v, seeds) for v in variants}
     rows = {v: r for v, r in rows.items() if r is not None}
