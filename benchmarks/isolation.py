@@ -204,6 +204,16 @@ def regions_of(work, variant, seed):
         return json.load(fh)
 
 
+def plain_reference(work, seed):
+    """Plain sequential SFT of a seed from any finished run whose options leave sequential
+    training alone (every variant but replay), for a seed whose ``paper`` run is missing."""
+    for v, (_what, sets) in VARIANTS.items():
+        r = read(work, v, seed)
+        if r and r.get("forgetting") and not any(s.startswith("stage.replay") for s in sets):
+            return r["forgetting"]
+    return None
+
+
 def row_of(work, variant, seeds):
     """Per-seed figures of one variant, then mean ± std over the seeds that finished."""
     per = []
@@ -224,7 +234,7 @@ def row_of(work, variant, seeds):
         fg = r.get("forgetting") or {}
         # against plain SFT without any option (the paper run's, same seed and direction): a
         # variant that changes sequential training itself (replay) changes its own plain row
-        ref = (paper or {}).get("forgetting") or fg
+        ref = (paper or {}).get("forgetting") or plain_reference(work, s) or fg
         cut = {"plain": [], "frozen": [], "plain_transplant": []}
         keep_b = {"plain": [], "frozen": [], "plain_transplant": []}
         for direction, rows in fg.items():
