@@ -116,7 +116,7 @@ def prune(folder, seen=None):
 RUN_LEVEL = ("results.json", "report.md")  # written at the end of a run: never copied from a donor
 
 
-def donor_for(work, variant, seed, variants):
+def donor_for(work, variant, seed):
     """A finished same-seed run of another variant whose weights are still there, to start from.
 
     The pipeline's steps are fingerprinted (base, data, every setting a step depends on), so
@@ -127,7 +127,7 @@ def donor_for(work, variant, seed, variants):
     mine = set(VARIANTS[variant][1])
     opt = "probe.optimizer=sgd" in mine
     best = None
-    for other in variants:
+    for other in VARIANTS:
         d = run_dir(work, other, seed)
         if other == variant or read(work, other, seed) is None or next(weight_files(d), None) is None:
             continue
@@ -164,7 +164,7 @@ def seed_from(donor_dir, dest):
     return stamps
 
 
-def launch(args, variant, seed, variants=()):
+def launch(args, variant, seed):
     sets = COMMON + VARIANTS[variant][1]
     methods = METHODS + (",full_sft" if variant == "paper" else "")
     out = os.path.join(args.work, variant)
@@ -176,7 +176,7 @@ def launch(args, variant, seed, variants=()):
     here = run_dir(args.work, variant, seed)
     donor, stamps = None, {}
     if args.reuse and not os.path.exists(here):
-        donor = donor_for(args.work, variant, seed, variants)
+        donor = donor_for(args.work, variant, seed)
         if donor:
             stamps = seed_from(run_dir(args.work, donor, seed), here)
             with open(os.path.join(here, "reused_from.txt"), "w", encoding="utf-8") as fh:
@@ -358,7 +358,7 @@ def main(argv=None) -> int:
         for s in seeds:
             for v in variants:
                 if read(args.work, v, s) is None:
-                    launch(args, v, s, list(VARIANTS))
+                    launch(args, v, s)
             # weights stay until the seed's variants are done, so later ones can start from them
             if not args.keep_models:
                 seen: set = set()
