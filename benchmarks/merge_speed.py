@@ -18,6 +18,8 @@ RSS sampled from /proc and summed over the command's process tree (``tree``):
            the same models: another omega, a re-run); the cut is made once, untimed
   cpi_spin as cpi_cached, with OpenMP's own default wait (GOMP_SPINCOUNT=300000: threads
            spin before they sleep) instead of the passive wait `cpift merge` sets
+  cpi_torch   as cpi_cached, with the fused Numba loops turned off (CPIFT_FUSED=0): the
+           kernel's torch ops only, as where Numba is not installed
 
 Prints a table (median over ``--repeat`` runs) and the target ratios with PASS/FAIL.
 Always exits 0 when every command ran (it is a benchmark); exits 1 if a command failed.
@@ -46,9 +48,10 @@ from cpift_merge.pipeline.report import format_table
 VARIANTS = {"math": range(0, 12), "code": range(9, 21), "chat": range(18, 30)}
 SEED0 = 1000
 DENSITY = 0.01
-METHODS = ("linear", "ties", "cpi", "regions", "cpi_cached", "cpi_spin")
+METHODS = ("linear", "ties", "cpi", "regions", "cpi_cached", "cpi_spin", "cpi_torch")
 SPIN_DEFAULT = "300000"  # GNU OpenMP's spin count when no wait policy is set
-ON_REQUEST = ("cpi_spin",)  # run only when --methods names them
+ON_REQUEST = ("cpi_spin", "cpi_torch")  # run only when --methods names them
+CACHED = ("cpi_cached", "cpi_spin", "cpi_torch")  # merges from the cached cut
 # mergekit's writer holds the output shard it is filling in memory: one 100B shard gives one
 # output file, and holds the whole merged model
 ONE_FILE = "100B"
@@ -141,7 +144,7 @@ def command(
             "--quiet",
             *shard,
         ]
-    if method in ("cpi", "cpi_cached", "cpi_spin"):
+    if method == "cpi" or method in CACHED:
         return [
             _script("cpift"),
             "merge",
@@ -263,11 +266,13 @@ def run_one(
         # names the models by absolute path, so the converted base is still used as is.
         fresh_cache = tempfile.mkdtemp(prefix="cpift-cache-", dir=runs)
         env["CPIFT_CACHE"] = fresh_cache
-    elif method in ("cpi_cached", "cpi_spin"):
+    elif method in CACHED:
         env["CPIFT_CACHE"] = os.path.join(runs, "cut-cache")
         cut_once(paths, env)
         if method == "cpi_spin":
             env["GOMP_SPINCOUNT"] = SPIN_DEFAULT
+        if method == "cpi_torch":
+            env["CPIFT_FUSED"] = "0"
     log = os.path.join(runs, f"{method}-{rep}.log")
     cmd = command(method, work, paths, recipes, out, shard_size)
     res = measure(cmd, env, log)
@@ -403,6 +408,9 @@ def report(results: Dict[str, List[Dict]], args, work: str) -> int:
             [[c["check"], c["value"] if c["value"] is not None else "-", c["target"], c["result"]] for c in checks],
         )
     )
+    for num, den, what in (("cpi_cached", "cpi_torch", "fused loops / torch ops only"),):
+        if summary.get(num, {}).get("wall_s") and summary.get(den, {}).get("wall_s"):
+            print(f"{what} (cut cached), wall: {summary[num]['wall_s'] / summary[den]['wall_s']:.3f}")
     if args.json:
         with open(args.json, "w", encoding="utf-8") as fh:
             json.dump(

@@ -13,6 +13,7 @@ command lines of ``merge_speed.py``:
   linear   mergekit-yaml: base + 3 variants, equal weights
   cpi_spin    cpi_cached with OpenMP's default spin-then-sleep wait, as `cpift merge` ran
               before it set OMP_WAIT_POLICY=PASSIVE (see --busy)
+  cpi_torch   cpi_cached with the fused Numba loops off (CPIFT_FUSED=0): torch ops only
 
 and reads wall time, peak RSS of the largest process (``ru_maxrss``) and RSS sampled over the
 whole process tree. Prints a table (size, wall, peak RSS, RSS / largest tensor's bytes), the
@@ -50,7 +51,7 @@ import merge_speed  # noqa: E402  (same folder: the command lines and the measur
 
 HIDDEN, INTER, VOCAB, HEADS = 4096, 11008, 32000, 32
 TASKS = tuple(merge_speed.VARIANTS)  # math, code, chat: the names merge_speed's commands use
-METHODS = ("regions", "cpi", "cpi_cached", "linear", "cpi_spin")
+METHODS = ("regions", "cpi", "cpi_cached", "linear", "cpi_spin", "cpi_torch")
 # the --busy peer: every core multiplying matrices until it is killed
 BUSY = "import os, torch\ntorch.set_num_threads(os.cpu_count())\na = torch.randn(1500, 1500)\nwhile True:\n    a @ a"
 NOISE = 2e-3  # std of a variant's change (the base's entries have std 0.02)
@@ -334,6 +335,9 @@ def report(rows, methods, base_gb, largest, args) -> int:
         if all(res.get(m, {}).get("rc") == 0 for m in ("cpi_cached", "cpi_spin")):
             w = res["cpi_cached"]["wall_s"] / res["cpi_spin"]["wall_s"]
             print(f"passive / spinning OpenMP wait (cut cached), {layers} layers: wall {w:.2f}x")
+        if all(res.get(m, {}).get("rc") == 0 for m in ("cpi_cached", "cpi_torch")):
+            w = res["cpi_cached"]["wall_s"] / res["cpi_torch"]["wall_s"]
+            print(f"fused loops / torch ops only (cut cached), {layers} layers: wall {w:.2f}x")
     if checks:
         print()
         print(format_table(["check", "value", "target", "result"], [[c, f"{v:.3f}", t, r] for c, v, t, r in checks]))

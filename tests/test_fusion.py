@@ -141,3 +141,113 @@ def test_chunked_fusion_is_the_whole_tensor_fusion(monkeypatch, overlap, omega):
     expect_free = base if omega == 0.0 else (sum(t.float() for t in thetas) / 3).to(torch.bfloat16)
     if omega != 0.5:
         assert torch.equal(chunked[~any_core].view(torch.int16), expect_free[~any_core].view(torch.int16))
+
+
+# ---------------------------------------------------------------- fused loops (Numba)
+
+
+def _close(fast: torch.Tensor, slow: torch.Tensor) -> None:
+    """The SLERP of the non-core entries on both paths: the same but for the last bits of
+    its coefficients (its norms summed in another order), so within float32 (bfloat16)
+    rounding of the coefficients."""
+    if fast.dtype == torch.float32:
+        torch.testing.assert_close(fast, slow, rtol=1e-5, atol=1e-6)
+    else:
+        torch.testing.assert_close(fast.float(), slow.float(), rtol=8e-3, atol=1e-5)
+
+
+def _both_paths(monkeypatch, fn):
+    """``fn()`` on the torch path (``CPIFT_FUSED=0``) and on the fused one."""
+    pytest.importorskip("numba")
+    from cpift_merge.core import fused
+
+    monkeypatch.setenv("CPIFT_FUSED", "0")
+    assert not fused.available()
+    slow = fn()
+    monkeypatch.setenv("CPIFT_FUSED", "1")
+    assert fused.available()
+    return slow, fn()
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+@pytest.mark.parametrize("omega", [0.3, 0.5])
+@pytest.mark.parametrize("overlap", ["max_delta", "mean"])
+def test_fused_loops_give_the_torch_paths_fusion(monkeypatch, dtype, omega, overlap):
+    """With given cores, chunks of 50 entries (cores, overlaps and the loops' parts straddle
+    chunk borders): the fused loops write every core entry and the tasks' mean bit for bit
+    as the torch ops do, with the same statistics; the SLERP of the rest (its norms summed
+    in float64 instead of BLAS float32) agrees to the rounding of its coefficients."""
+    from cpift_merge.core import fusion
+
+    monkeypatch.setattr(fusion, "CHUNK", 50)
+    base = _t(37, 29, seed=4).to(dtype)
+    thetas = [(base.float() + _t(37, 29, seed=20 + i, scale=0.05)).to(dtype) for i in range(3)]
+    g = torch.Generator().manual_seed(6)
+    cores = [torch.rand(37, 29, generator=g) < 0.08 for _ in range(3)]
+    (slow, s1), (fast, s2) = _both_paths(
+        monkeypatch, lambda: cpi_fuse(base, thetas, cores, omega=omega, overlap=overlap)
+    )
+    any_core = cores[0] | cores[1] | cores[2]
+    assert s1 == s2 and s2.overlap_entries > 0
+    assert fast.dtype == dtype and torch.equal(fast[any_core], slow[any_core])
+    _close(fast, slow)
+    # omega = 1 takes the torch path on both sides: the mean itself, bit for bit
+    mean = (sum(t.float() for t in thetas) / 3).to(dtype)
+    assert torch.equal(cpi_fuse(base, thetas, cores, omega=1.0)[0][~any_core], mean[~any_core])
+
+
+@pytest.mark.parametrize("dtype", [torch.float32, torch.bfloat16])
+def test_fused_cut_takes_the_torch_cuts_cores_and_ties(monkeypatch, dtype):
+    """A threshold cut with ties (|Δ| from a few values, a tie quota spread over chunks):
+    the fused loop finds, per chunk, the same core entries and |Δ| there as the torch
+    path's compare, takes the same tied entries (the first ones in flat order) and leaves
+    the same quota; the fused result does not depend on the thread count."""
+    from cpift_merge.core import fusion, topk
+
+    monkeypatch.setattr(fusion, "CHUNK", 64)
+    g = torch.Generator().manual_seed(3)
+    base = torch.randn(300, generator=g).to(dtype)
+    steps = torch.tensor([0.0, 0.5, 1.0, 1.5])
+    thetas = [(base.float() + steps[torch.randint(0, 4, (300,), generator=g)]).to(dtype) for _ in range(2)]
+    keys = [topk.magnitude_keys(t, base).view(torch.int32).reshape(-1) for t in thetas]
+    key = int(torch.mode(keys[0][keys[0] > 0]).values)  # a |Δ| that many entries share
+    counts = [int((k == key).sum()) for k in keys]
+    assert min(counts) >= 4
+    ties = [min(7, c - 1) for c in counts]  # some tied entries taken, not all
+
+    def run():
+        seen = []
+        core_of = fusion.ThresholdCores(
+            [key, key], ties, lambda t, s, e, idx, at, _d: seen.append((t, s, idx.tolist(), at.tolist()))
+        )
+        out, stats = fusion.fuse_stream(base, thetas, core_of, omega=0.4, with_delta=True)
+        return out, stats, seen, core_of.left
+
+    slow, fast = _both_paths(monkeypatch, run)
+    assert slow[2] == fast[2] and slow[1] == fast[1] and slow[3] == fast[3]
+    taken = [sum(len(idx) for t, _s, idx, _a in slow[2] if t == task) for task in (0, 1)]
+    above = [int((k > key).sum()) for k in keys]
+    assert slow[3] == [0, 0] and taken == [a + t for a, t in zip(above, ties)]
+    _close(fast[0], slow[0])
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        one = run()[0]
+    finally:
+        torch.set_num_threads(threads)
+    assert torch.equal(one, fast[0])
+
+
+def test_fused_warm_up_loads_the_loops(monkeypatch):
+    """``warm_up`` runs the loops once in a thread (no error for either dtype); without
+    tasks it starts nothing; ``CPIFT_FUSED=0`` turns the fused path off."""
+    pytest.importorskip("numba")
+    from cpift_merge.core import fused
+
+    monkeypatch.setenv("CPIFT_FUSED", "1")
+    thread = fused.warm_up(2)
+    thread.join(timeout=120)
+    assert not thread.is_alive() and fused.available()
+    assert fused.warm_up(0) is None
+    monkeypatch.setenv("CPIFT_FUSED", "0")
+    assert not fused.available()

@@ -23,7 +23,10 @@ import math
 from dataclasses import dataclass
 from typing import Callable, List, Optional, Sequence
 
+import numpy as np
 import torch
+
+from cpift_merge.core import fused, topk
 
 # mergekit's slerp falls back to linear interpolation when |cos| > 0.9995
 DEFAULT_EPSILON = math.acos(0.9995)
@@ -75,6 +78,11 @@ class _Dots:
         self.xx += float(torch.dot(x, x))
         self.yy += float(torch.dot(y, y))
         self.xy += float(torch.dot(x, y))
+
+    def add_sums(self, sums: tuple) -> None:
+        self.xx += sums[0]
+        self.yy += sums[1]
+        self.xy += sums[2]
 
     def coefficients(
         self, t: float, epsilon: float, work: torch.dtype, device, skip_x=None, skip_y=None
@@ -169,6 +177,32 @@ def core_indices(core: torch.Tensor) -> torch.Tensor:
 
 
 CoreOf = Callable[[int, int, int, Optional[torch.Tensor]], torch.Tensor]
+Found = Callable[[int, int, int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
+
+
+class ThresholdCores:
+    """:func:`fuse_stream`'s ``core_of`` for cores given by thresholds on ``|Δ|`` keys
+    (``topk``'s float32 bit patterns): task i's core is every entry whose key is above
+    ``keys[i]``, plus the first ``ties[i]`` entries equal to it in flat order (the quota is
+    carried across chunks). ``found(task, start, stop, local, picked, delta)`` sees each
+    chunk's core (sorted, chunk-relative), ``|Δ|`` there (a copy) and the chunk's whole
+    ``|Δ|`` (None on the fused path, which does not make it: pass ``full_delta`` when
+    ``found`` needs it)."""
+
+    def __init__(self, keys: Sequence[int], ties: Sequence[int], found: Optional[Found] = None, full_delta=False):
+        self.keys, self.left = [int(k) for k in keys], [int(t) for t in ties]
+        self.found, self.full_delta = found, full_delta
+        self._flags: Optional[torch.Tensor] = None
+
+    def __call__(self, task: int, start: int, stop: int, delta: Optional[torch.Tensor]) -> torch.Tensor:
+        if self._flags is None or self._flags.numel() < stop - start:
+            self._flags = torch.empty(stop - start, dtype=torch.bool, device=delta.device)
+        keys = delta.view(torch.int32)
+        local, took = topk.cut_indices(keys, self.keys[task], self.left[task], self._flags[: stop - start])
+        self.left[task] -= took
+        if self.found is not None:
+            self.found(task, start, stop, local, delta.index_select(0, local), delta)
+        return local
 
 
 def cpi_fuse(
@@ -324,12 +358,51 @@ def fuse_stream(
     flat_ref = (theta0 if theta0 is not None else base).reshape(-1)
     work = _Work(device, torch.float64 if dtype == torch.float64 else torch.float32)
     read_base = _flat_reader(flat_base, work, "x")
-    read_tasks = [_flat_reader(f, work, "t") for f in flats]
     slerping = 0.0 < omega < 1.0
     # the output holds the target (the tasks' mean, in the tensor's dtype) until the second pass
     out = flat_base.clone() if omega == 0.0 else torch.empty_like(flat_base)
     dots = _Dots()
     cores = _Cores(len(flats), overlap)
+    fast = _fused_path(omega, dtype, device)
+    pass_one = _fused_pass_one if fast else _torch_pass_one
+    pass_one(flat_base, flats, flat_ref, core_of, with_delta, omega, out, dots, cores, work)
+
+    # ---- non-core: one SLERP over the non-core entries of the whole tensor, and the
+    # core values written into each chunk once it is interpolated
+    if slerping:
+        skip_x, skip_y = cores.skipped()
+        ca, cb = dots.coefficients(omega, epsilon, work.dtype, device, skip_x, skip_y)
+    if slerping and fast:
+        for n, s in enumerate(_chunks(numel)):
+            e = min(s + CHUNK, numel)
+            fused.interpolate(flat_base[s:e], out[s:e], ca, cb)
+            cores.transplant(n, out[s:e])
+    elif slerping:
+        _interpolate(
+            out,
+            ca,
+            cb,
+            read_base,
+            _flat_reader(out, work, "y"),
+            work,
+            after=lambda n, s, e: cores.transplant(n, out[s:e]),
+        )
+    stats = FuseStats(
+        core_entries=cores.entries,
+        overlap_entries=cores.overlap_entries,
+        transplanted=cores.transplanted,
+    )
+    return out.reshape(shape), stats
+
+
+def _torch_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega: float, out, dots, cores, work):
+    """:func:`fuse_stream`'s first pass in torch ops: per chunk, the cores
+    (``core_of``), the tasks' mean into the output and the SLERP's norms; with no SLERP
+    to come, the core values straight into the output."""
+    numel, dtype = flat_base.numel(), flat_base.dtype
+    slerping = 0.0 < omega < 1.0
+    read_base = _flat_reader(flat_base, work, "x")
+    read_tasks = [_flat_reader(f, work, "t") for f in flats]
     # task 0 is read straight into the sum when that makes a copy anyway
     direct = flats[0].dtype != work.dtype
     for s in _chunks(numel):
@@ -362,23 +435,54 @@ def fuse_stream(
         else:
             cores.transplant(chunk, out[s:e])  # nothing else writes this chunk
 
-    # ---- non-core: one SLERP over the non-core entries of the whole tensor, and the
-    # core values written into each chunk once it is interpolated
-    if slerping:
-        skip_x, skip_y = cores.skipped()
-        ca, cb = dots.coefficients(omega, epsilon, work.dtype, device, skip_x, skip_y)
-        _interpolate(
-            out,
-            ca,
-            cb,
-            read_base,
-            _flat_reader(out, work, "y"),
-            work,
-            after=lambda n, s, e: cores.transplant(n, out[s:e]),
-        )
-    stats = FuseStats(
-        core_entries=cores.entries,
-        overlap_entries=cores.overlap_entries,
-        transplanted=cores.transplanted,
+
+def _fused_path(omega: float, dtype: torch.dtype, device: torch.device) -> bool:
+    """Whether :func:`fuse_stream` runs its first pass and the SLERP with the fused loops
+    (:mod:`cpift_merge.core.fused`): a SLERP of float32 or bfloat16 tensors on the CPU,
+    with Numba installed. Every tensor such a merge fuses then takes this path, whichever
+    way its cores are found, so the outputs do not depend on how they were found."""
+    return 0.0 < omega < 1.0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and fused.available()
+
+
+def _cut_in_loop(core_of, with_delta: bool) -> bool:
+    """Whether the fused loop can cut the cores itself: thresholds it can compare as
+    floats, and no caller that needs each chunk's whole ``|Δ|``."""
+    return (
+        with_delta
+        and isinstance(core_of, ThresholdCores)
+        and not core_of.full_delta
+        and fused.thresholds(core_of.keys) is not None
     )
-    return out.reshape(shape), stats
+
+
+def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega: float, out, dots, cores, work):
+    """:func:`fuse_stream`'s first pass with the fused loops: per chunk one loop writes the
+    tasks' mean into the output, sums the SLERP's norms and, when it can
+    (:func:`_cut_in_loop`), cuts the cores; else ``core_of`` finds them as on the torch
+    path. The cores' bookkeeping is the torch path's."""
+    numel = flat_base.numel()
+    finder = fused.finder(len(flats), CHUNK)
+    find = _cut_in_loop(core_of, with_delta)
+    thr = fused.thresholds(core_of.keys) if find else None
+    left = np.array(core_of.left, dtype=np.int64) if find else None
+    for s in _chunks(numel):
+        e = min(s + CHUNK, numel)
+        got, sums = fused.mean_cut(flat_base[s:e], [f[s:e] for f in flats], out[s:e], finder, thr, left)
+        dots.add_sums(sums)
+        if find:
+            local = [i for i, _ in got]
+            if core_of.found is not None:
+                for task, (i, d) in enumerate(got):
+                    core_of.found(task, s, e, i, d, None)
+        elif with_delta:
+            x = work("x", e - s).copy_(flat_base[s:e])
+            local = [
+                core_of(task, s, e, torch.sub(work("t", e - s).copy_(f[s:e]), x, out=work("delta", e - s)).abs_())
+                for task, f in enumerate(flats)
+            ]
+        else:
+            local = [core_of(task, s, e, None) for task in range(len(flats))]
+        chunk = cores.add(local, [f[s:e] for f in flats], flat_ref[s:e], work("owners", e - s, torch.uint8))
+        cores.skip(chunk, flat_base[s:e], out[s:e])
+    if find:
+        core_of.left = [int(v) for v in left]

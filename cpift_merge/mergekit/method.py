@@ -42,7 +42,7 @@ from pydantic import Field
 from typing_extensions import Annotated, Literal
 
 from cpift_merge.core import localization, topk
-from cpift_merge.core.fusion import CHUNK, DEFAULT_EPSILON, fuse_stream, given_cores
+from cpift_merge.core.fusion import CHUNK, DEFAULT_EPSILON, ThresholdCores, fuse_stream, given_cores
 from cpift_merge.errors import CpiftError
 from cpift_merge.mergekit.prepass import DEFAULT_DENSITY, DEFAULT_SCOPE, global_prepass
 from cpift_merge.storage.checkpoint import DTYPE_NAMES, Checkpoint, sample_positions
@@ -331,23 +331,17 @@ def _record(name, base, names, stats, omega, sums, sizes) -> None:
 
 def _cut_cores(cut: GlobalCut, name: str, sums: List[list], numel: int):
     """``fuse_stream``'s ``core_of`` for a global cut of a tensor of ``numel`` entries: each
-    chunk's core from its |Δ| keys (tie quotas carried across chunks), adding the tensor's
-    ``delta_sums`` to ``sums``: the whole tensor's norms from the cut when it has them (else
-    summed chunk by chunk), the core's entries gathered chunk by chunk and summed once the
-    last chunk is in. Returns it and the per-task core sizes (filled as the chunks go)."""
-    taken = [0] * len(sums)
+    chunk's core from its |Δ| keys (:class:`ThresholdCores`: tie quotas carried across
+    chunks), adding the tensor's ``delta_sums`` to ``sums``: the whole tensor's norms from
+    the cut when it has them (else summed chunk by chunk), the core's entries gathered chunk
+    by chunk and summed once the last chunk is in. Returns it and the per-task core sizes
+    (filled as the chunks go)."""
     sizes = [0] * len(sums)
-    flags: List[torch.Tensor] = []
     totals = [cut.totals.get(f"t{i}", {}).get(name) for i in range(len(sums))]
     picked: List[List[torch.Tensor]] = [[] for _ in sums]  # per task: |Δ| at its core entries
 
-    def core_of(task: int, start: int, stop: int, delta: torch.Tensor) -> torch.Tensor:
-        if not flags or flags[0].numel() < stop - start:
-            flags[:] = [torch.empty(stop - start, dtype=torch.bool, device=delta.device)]
-        keys = delta.view(torch.int32)
-        local, took = cut.indices_piece(f"t{task}", name, keys, taken[task], flags[0][: stop - start])
-        taken[task] += took
-        picked[task].append(delta.index_select(0, local))
+    def found(task: int, start: int, stop: int, local, at_core, delta) -> None:
+        picked[task].append(at_core)
         known = totals[task]
         if known is None:
             known = localization.norm_sums(delta)
@@ -360,8 +354,14 @@ def _cut_cores(cut: GlobalCut, name: str, sums: List[list], numel: int):
             c1 = c2 = 0.0
         sums[task] = [a + c for a, c in zip(sums[task], (c1, known[0], c2, known[1]))]
         sizes[task] += local.numel()
-        return local
 
+    tasks = [f"t{i}" for i in range(len(sums))]
+    core_of = ThresholdCores(
+        [cut.thresholds[t].key for t in tasks],
+        [cut.quotas[t].get(name, 0) for t in tasks],
+        found,
+        full_delta=any(t is None for t in totals),
+    )
     return core_of, sizes
 
 

@@ -200,7 +200,10 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
         return
     try:
         cfg = resolve_recipe(load_yaml(config), os.path.dirname(os.path.abspath(config)))
-        if cfg.get("merge_method") != "cpi" or _shared(cfg, "regions"):
+        if cfg.get("merge_method") != "cpi":
+            return
+        if _shared(cfg, "regions"):
+            _warm_fused(cfg)
             return
         models = _local_models(cfg)
         density = _shared(cfg, "density", DEFAULT_DENSITY)
@@ -223,6 +226,19 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
     progress = not quiet or quiet[-1] != "--quiet"
     if prepass.start_background(models[0], models[1], density, exclude, progress=progress) and ctx is not None:
         ctx.call_on_close(prepass.cancel_background)
+    _warm_fused(cfg)  # after the pre-pass's fork: a fork must not copy a running thread
+
+
+def _warm_fused(cfg: Dict[str, Any]) -> None:
+    """Load the kernel's fused loops (:func:`cpift_merge.core.fused.warm_up`) for this
+    recipe's task count and dtype (float32 and bfloat16 when it names none) while the
+    merge imports mergekit."""
+    import torch
+
+    from cpift_merge.core import fused
+
+    dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("dtype")))
+    fused.warm_up(len(_task_models(cfg)), [dtype] if dtype else (torch.float32, torch.bfloat16))
 
 
 def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:

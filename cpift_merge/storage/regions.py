@@ -556,13 +556,6 @@ class GlobalCut:
         m = topk.cut_mask(keys, key, left, out=out)
         return m, (min(left, int(torch.count_nonzero(keys == key))) if left else 0)
 
-    def indices_piece(
-        self, task: str, tensor: str, keys: torch.Tensor, taken: int, flags: Optional[torch.Tensor] = None
-    ) -> Tuple[torch.Tensor, int]:
-        """:meth:`mask_piece` as the piece's sorted flat indices (:func:`topk.cut_indices`)."""
-        left = max(self.quotas[task].get(tensor, 0) - taken, 0)
-        return topk.cut_indices(keys, self.thresholds[task].key, left, flags)
-
     @classmethod
     def find(
         cls,

@@ -1,0 +1,227 @@
+"""Fused CPU loops for :func:`cpift_merge.core.fusion.fuse_stream`, compiled with Numba.
+
+Optional: used when ``numba`` is installed (``pip install 'cpift-merge[fast]'``) and
+``CPIFT_FUSED`` is not ``0``. Each loop replaces several memory-bound torch ops over a
+chunk with one pass, on one thread:
+
+* :func:`mean_cut` reads the base and every task model once and writes the tasks' mean,
+  and, for a global cut, each task's core (``|θi − θ0|`` above the task's threshold,
+  ties taken in flat order up to a quota) with ``|Δ|`` there, and sums the SLERP's norms
+  ``x·x``, ``y·y``, ``x·y`` in float64 (four interleaved partial sums, a fixed order on
+  every machine): the torch path's ``sub``, ``abs``, compare, ``nonzero``, bfloat16
+  conversions, adds, divide and three ``dot`` calls (whose float32 partial sums depend
+  on the BLAS thread count);
+* :func:`interpolate` writes ``ca·x + cb·y`` into ``y``, each product rounded to float32
+  before the sum, as the torch path does.
+
+Every elementwise result is the torch path's, bit for bit (same float32 operations, no
+fused multiply-add); the SLERP's norms differ in their last bits, so a non-core entry
+can differ by one ulp. The loops are compiled on first use and cached on disk by Numba.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+from concurrent.futures import ThreadPoolExecutor
+from typing import List, Optional, Sequence, Tuple
+
+import numpy as np
+import torch
+
+_LOOPS = None  # cpift_merge.core.fused_loops, or False when Numba is missing
+
+
+def available() -> bool:
+    """Whether the fused loops can be used: Numba importable, ``CPIFT_FUSED`` not ``0``."""
+    global _LOOPS
+    if os.environ.get("CPIFT_FUSED", "1").strip() == "0":
+        return False
+    if _LOOPS is None:
+        try:
+            from cpift_merge.core import fused_loops
+
+            _LOOPS = fused_loops
+        except ImportError:
+            _LOOPS = False
+    return _LOOPS is not False
+
+
+def warm_up(tasks: int, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)) -> Optional[threading.Thread]:
+    """Import Numba and load (or compile) the loops for ``tasks`` task models of these
+    dtypes in a background thread, so a merge that starts importing mergekit meanwhile
+    finds them ready (about half a second with Numba's disk cache warm). Does nothing
+    without Numba. Start it only once the process will not fork again. Returns the thread
+    (None for no tasks)."""
+
+    def run() -> None:
+        try:
+            if not available():
+                return
+            for dtype in dtypes:
+                x = torch.zeros(8, dtype=dtype)
+                out = torch.empty_like(x)
+                cut = np.zeros(tasks, dtype=np.float32), np.zeros(tasks, dtype=np.int64)
+                mean_cut(x, [x] * tasks, out, Finder(tasks, 8), *cut)
+                interpolate(x, out, 0.5, 0.5)
+        except Exception:  # noqa: BLE001 -- best effort: the merge loads them itself
+            return
+
+    if tasks < 1:
+        return None
+    thread = threading.Thread(target=run, name="cpift-fused-warm-up", daemon=True)
+    thread.start()
+    return thread
+
+
+def thresholds(keys: Sequence[int]) -> Optional[np.ndarray]:
+    """The float32 thresholds whose bit patterns are ``keys`` (|Δ| keys, as ``topk`` makes
+    them), or None when one is not a finite non-negative float (then the torch path
+    compares the keys as integers)."""
+    if any(not 0 <= int(k) < 0x7F800000 for k in keys):
+        return None
+    return np.array([int(k) for k in keys], dtype=np.int32).view(np.float32)
+
+
+PARTS = 4  # each chunk is split into this many parts, whatever the machine: the norms'
+# partial sums are added part by part, so the result does not depend on the thread count
+
+
+def _bounds(n: int) -> List[Tuple[int, int]]:
+    """The fixed split of ``n`` entries into at most :data:`PARTS` runs."""
+    step = max(-(-n // PARTS), 1)
+    return [(s, min(s + step, n)) for s in range(0, n, step)]
+
+
+PARALLEL_MIN = 1 << 12
+_POOL: Optional[ThreadPoolExecutor] = None
+_POOL_LOCK = threading.Lock()
+
+
+def _map(fn, items, entries: int) -> None:
+    """``fn`` over ``items`` (not None) on up to torch's intra-op thread count, this thread
+    among them (the loops release the GIL); all in this thread when that count is one or the
+    chunk has fewer than :data:`PARALLEL_MIN` ``entries`` (a hand-off costs more)."""
+    global _POOL
+    threads = min(len(items), torch.get_num_threads()) if entries >= PARALLEL_MIN else 1
+    if threads <= 1:
+        for item in items:
+            fn(item)
+        return
+    with _POOL_LOCK:
+        if _POOL is None or _POOL._max_workers < threads - 1:
+            _POOL = ThreadPoolExecutor(max_workers=threads - 1, thread_name_prefix="cpift-fused")
+        pool = _POOL
+    queue = iter(items)
+    lock = threading.Lock()
+
+    def drain() -> None:
+        while True:
+            with lock:
+                item = next(queue, None)
+            if item is None:
+                return
+            fn(item)
+
+    futures = [pool.submit(drain) for _ in range(threads - 1)]
+    try:
+        drain()
+    finally:
+        for f in futures:
+            f.result()
+
+
+class Finder:
+    """Reused per-part outputs of :func:`mean_cut` for ``tasks`` task models and chunks of
+    up to ``chunk`` entries."""
+
+    def __init__(self, tasks: int, chunk: int):
+        size = max(-(-chunk // PARTS), 1)
+        self.idx = np.empty((PARTS, tasks, size), dtype=np.int64)
+        self.dp = np.empty((PARTS, tasks, size), dtype=np.float32)
+        self.cnt = np.zeros((PARTS, tasks), dtype=np.int64)
+        self.sums = np.zeros((PARTS, 3), dtype=np.float64)
+
+
+_FINDERS = threading.local()
+
+
+def finder(tasks: int, chunk: int) -> Finder:
+    """A :class:`Finder` for ``tasks`` task models and chunks of up to ``chunk`` entries,
+    reused by the calling thread (fresh buffers of this size cost page faults per tensor)."""
+    f = getattr(_FINDERS, "finder", None)
+    if f is None or f.idx.shape[1] != tasks or f.idx.shape[2] * PARTS < chunk:
+        f = _FINDERS.finder = Finder(tasks, chunk)
+    return f
+
+
+def _raw(t: torch.Tensor) -> np.ndarray:
+    """A float32 or bfloat16 tensor's memory as a NumPy array (bfloat16 as uint16 bits)."""
+    return t.view(torch.int16).numpy().view(np.uint16) if t.dtype == torch.bfloat16 else t.numpy()
+
+
+def mean_cut(
+    x: torch.Tensor,
+    ts: Sequence[torch.Tensor],
+    out: torch.Tensor,
+    finder: Finder,
+    thr: Optional[np.ndarray] = None,
+    left: Optional[np.ndarray] = None,
+) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], Tuple[float, float, float]]:
+    """Write the mean of ``ts`` into ``out`` (chunks of one length and dtype, float32 or
+    bfloat16) and sum the SLERP's norms of ``x`` and that stored mean. With ``thr``: per
+    task, the sorted chunk-relative indices of its core and ``|Δ|`` there; ``left`` (int64,
+    per task) is the number of entries equal to the threshold still to take, and is
+    decreased. Returns the cores (empty without ``thr``) and ``(x·x, y·y, x·y)``. The parts
+    of the chunk run in parallel, unless ties are to be taken (they go in flat order)."""
+    find = thr is not None
+    k = len(ts)
+    rx, rts, rout = _raw(x), [_raw(t) for t in ts], _raw(out)
+    thr = thr if find else np.zeros(k, dtype=np.float32)
+    left = left if find else np.zeros(k, dtype=np.int64)
+    bounds = _bounds(x.numel())
+
+    def run(part: int) -> None:
+        s, e = bounds[part]
+        _LOOPS.mean_cut(
+            rx[s:e],
+            tuple(t[s:e] for t in rts),
+            thr,
+            left,
+            rout[s:e],
+            finder.idx[part],
+            finder.dp[part],
+            finder.cnt[part],
+            find,
+            finder.sums[part],
+        )
+
+    parts = list(range(len(bounds)))
+    if find and left.any():
+        for part in parts:
+            run(part)
+    else:
+        _map(run, parts, x.numel())
+    sums = [0.0, 0.0, 0.0]
+    for part in parts:
+        sums = [a + float(b) for a, b in zip(sums, finder.sums[part])]
+    cores = []
+    if find:
+        for i in range(k):
+            idx = [finder.idx[p, i, : finder.cnt[p, i]] + bounds[p][0] for p in parts]
+            dp = [finder.dp[p, i, : finder.cnt[p, i]] for p in parts]
+            cores.append((torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(dp))))
+    return cores, (sums[0], sums[1], sums[2])
+
+
+def interpolate(x: torch.Tensor, y: torch.Tensor, ca: float, cb: float) -> None:
+    """``y = ca·x + cb·y`` (float32 or bfloat16 chunks; ``ca``, ``cb`` rounded to float32)."""
+    rx, ry = _raw(x), _raw(y)
+    ca, cb = np.float32(ca), np.float32(cb)
+    bounds = _bounds(x.numel())
+
+    def run(part: int) -> None:
+        s, e = bounds[part]
+        _LOOPS.interpolate(rx[s:e], ry[s:e], ca, cb)
+
+    _map(run, list(range(len(bounds))), x.numel())
