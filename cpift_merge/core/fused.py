@@ -132,13 +132,12 @@ def _map(fn, items, entries: int) -> None:
 
 
 class Finder:
-    """Reused per-part outputs of :func:`mean_cut` for ``tasks`` task models and chunks of
-    up to ``chunk`` entries."""
+    """Reused outputs of :func:`mean_cut` for ``tasks`` task models and chunks of up to
+    ``chunk`` entries: each part writes its found entries into its own span of the rows."""
 
     def __init__(self, tasks: int, chunk: int):
-        size = max(-(-chunk // PARTS), 1)
-        self.idx = np.empty((PARTS, tasks, size), dtype=np.int64)
-        self.dp = np.empty((PARTS, tasks, size), dtype=np.float32)
+        self.idx = np.empty((tasks, chunk), dtype=np.int64)
+        self.dp = np.empty((tasks, chunk), dtype=np.float32)
         self.cnt = np.zeros((PARTS, tasks), dtype=np.int64)
         self.sums = np.zeros((PARTS, 3), dtype=np.float64)
 
@@ -150,7 +149,7 @@ def finder(tasks: int, chunk: int) -> Finder:
     """A :class:`Finder` for ``tasks`` task models and chunks of up to ``chunk`` entries,
     reused by the calling thread (fresh buffers of this size cost page faults per tensor)."""
     f = getattr(_FINDERS, "finder", None)
-    if f is None or f.idx.shape[1] != tasks or f.idx.shape[2] * PARTS < chunk:
+    if f is None or f.idx.shape[0] != tasks or f.idx.shape[1] < chunk:
         f = _FINDERS.finder = Finder(tasks, chunk)
     return f
 
@@ -170,7 +169,8 @@ def mean_cut(
 ) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], Tuple[float, float, float]]:
     """Write the mean of ``ts`` into ``out`` (chunks of one length and dtype, float32 or
     bfloat16) and sum the SLERP's norms of ``x`` and that stored mean. With ``thr``: per
-    task, the sorted chunk-relative indices of its core and ``|Δ|`` there; ``left`` (int64,
+    task, the sorted chunk-relative indices of its core and ``|Δ|`` there (views of
+    ``finder``'s buffers, valid until its next use); ``left`` (int64,
     per task) is the number of entries equal to the threshold still to take, and is
     decreased. Returns the cores (empty without ``thr``) and ``(x·x, y·y, x·y)``. The parts
     of the chunk run in parallel, unless ties are to be taken (they go in flat order)."""
@@ -189,10 +189,11 @@ def mean_cut(
             thr,
             left,
             rout[s:e],
-            finder.idx[part],
-            finder.dp[part],
+            finder.idx[:, s:e],
+            finder.dp[:, s:e],
             finder.cnt[part],
             find,
+            s,
             finder.sums[part],
         )
 
@@ -207,10 +208,10 @@ def mean_cut(
         sums = [a + float(b) for a, b in zip(sums, finder.sums[part])]
     cores = []
     if find:
+        starts = np.array([b[0] for b in bounds], dtype=np.int64)
+        total = _LOOPS.compact(finder.idx, finder.dp, finder.cnt[: len(bounds)], starts)
         for i in range(k):
-            idx = [finder.idx[p, i, : finder.cnt[p, i]] + bounds[p][0] for p in parts]
-            dp = [finder.dp[p, i, : finder.cnt[p, i]] for p in parts]
-            cores.append((torch.from_numpy(np.concatenate(idx)), torch.from_numpy(np.concatenate(dp))))
+            cores.append((torch.from_numpy(finder.idx[i, : total[i]]), torch.from_numpy(finder.dp[i, : total[i]])))
     return cores, (sums[0], sums[1], sums[2])
 
 

@@ -72,10 +72,11 @@ def _put_impl(a, j, v):
 
 
 @jit
-def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, sums):
+def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, offset, sums):
     """``out`` = the mean of ``ts``; with ``find``, per task i the entries with
     ``|ts[i] - x| > thr[i]`` and the first ``left[i]`` equal to it (``left`` decreased),
-    their indices into ``idx[i]`` and ``|Δ|`` into ``dp[i]``, their number into ``cnt[i]``;
+    their indices plus ``offset`` into ``idx[i]`` and ``|Δ|`` into ``dp[i]``, their number
+    into ``cnt[i]``;
     ``sums`` = float64 ``(x·x, y·y, x·y)`` with ``y`` the stored mean: entry j goes into
     partial sum ``j % 4``, and the four are added in order at the end."""
     k = len(ts)
@@ -95,7 +96,7 @@ def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, sums):
                         if d == thr[i]:
                             left[i] -= 1
                         c = cnt[i]
-                        idx[i, c] = j
+                        idx[i, c] = j + offset
                         dp[i, c] = d
                         cnt[i] = c + 1
             if i == 0:
@@ -126,6 +127,24 @@ def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, sums):
     sums[0] = ((xx0 + xx1) + xx2) + xx3
     sums[1] = ((yy0 + yy1) + yy2) + yy3
     sums[2] = ((xy0 + xy1) + xy2) + xy3
+
+
+@jit
+def compact(idx, dp, cnt, starts):
+    """Move each part's run of found entries (part p's ``cnt[p, i]`` entries of task i at
+    ``idx[i, starts[p]:]``) down after the runs before it; returns the totals per task."""
+    parts, k = cnt.shape
+    total = np.zeros(k, dtype=np.int64)
+    for i in range(k):
+        pos = 0
+        for p in range(parts):
+            s = starts[p]
+            for c in range(cnt[p, i]):
+                idx[i, pos + c] = idx[i, s + c]
+                dp[i, pos + c] = dp[i, s + c]
+            pos += cnt[p, i]
+        total[i] = pos
+    return total
 
 
 @jit

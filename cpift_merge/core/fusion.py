@@ -473,7 +473,7 @@ def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega
             local = [i for i, _ in got]
             if core_of.found is not None:
                 for task, (i, d) in enumerate(got):
-                    core_of.found(task, s, e, i, d, None)
+                    core_of.found(task, s, e, i, d.clone(), None)
         elif with_delta:
             x = work("x", e - s).copy_(flat_base[s:e])
             local = [
