@@ -205,13 +205,15 @@ def test_global_without_regions_matches_precomputed(tiny_models, tmp_path):
         assert torch.equal(w1[n], w2[n])
     stats = json.load(open(os.path.join(o1, "cpi_stats.json")))
     assert stats["scope"] == "global" and sum(stats["k"].values()) == rs.k("a") + rs.k("b")
-    # the cores' shares of ‖Δ‖: found in the merge (o1) as in the region file (o2)
+    # the cores' shares of ‖Δ‖: found in the merge (o1) as in the region file (o2), to the
+    # float32 rounding of the norms (the merge's totals come from the pre-pass, summed in
+    # float64 by the fused loop when Numba is there, the region file's in float32 chunks)
     found = stats["localization"]
     copied = json.load(open(os.path.join(o2, "cpi_stats.json")))["localization"]
     assert copied == {t: rs.localization(t) for t in "ab"}
     for t in "ab":
         for key, value in rs.localization(t).items():
-            assert found[tiny_models[t]][key] == pytest.approx(value, rel=1e-9), key
+            assert found[tiny_models[t]][key] == pytest.approx(value, rel=1e-6), key
 
 
 def test_a_cut_cached_without_norm_totals_still_merges(tiny_models, tmp_path, monkeypatch):

@@ -29,6 +29,8 @@ from typing import List, Optional, Sequence, Tuple
 import numpy as np
 import torch
 
+from cpift_merge.core import topk
+
 _LOOPS = None  # cpift_merge.core.fused_loops, or False when Numba is missing
 
 
@@ -213,6 +215,36 @@ def mean_cut(
         for i in range(k):
             cores.append((torch.from_numpy(finder.idx[i, : total[i]]), torch.from_numpy(finder.dp[i, : total[i]])))
     return cores, (sums[0], sums[1], sums[2])
+
+
+_HIST = threading.local()
+
+
+def delta_histogram(
+    theta0: torch.Tensor, theta: torch.Tensor, window: Optional[Tuple[int, int]]
+) -> Tuple[torch.Tensor, Tuple[float, float], Optional[Tuple[torch.Tensor, torch.Tensor]]]:
+    """One pass over a piece of a task's |Δ| keys (``topk.magnitude_keys``, computed here
+    and not kept): the histogram of their high 16 bits (int64, ``topk.HIGH_BUCKETS``), the
+    float64 ``(Σ|Δ|, Σ|Δ|²)`` (four interleaved partial sums), and with ``window`` (inclusive
+    high-bit buckets) the distinct keys there with their counts, as ``topk.window_counts``.
+    Float32 and bfloat16 pieces are read as they are; other dtypes (and pieces on another
+    device) are converted to float32 on the CPU first."""
+    x, t = (v.detach().reshape(-1).cpu() for v in (theta0, theta))
+    x, t = (v if v.dtype in (torch.float32, torch.bfloat16) else v.to(torch.float32) for v in (x, t))
+    n = x.numel()
+    buf = getattr(_HIST, "buf", None)
+    if buf is None or buf[1].shape[0] < n:
+        buf = _HIST.buf = (np.zeros(topk.HIGH_BUCKETS, dtype=np.int64), np.empty(max(n, 1), dtype=np.int64))
+    hist, win = buf
+    hist[:] = 0
+    sums = np.zeros(2, dtype=np.float64)
+    lo, hi = (window[0] << 16, (window[1] + 1) << 16) if window is not None else (0, 0)
+    kept = _LOOPS.histogram(_raw(x), _raw(t), hist, lo, hi, win, sums)
+    found = None
+    if window is not None:
+        values, counts = torch.unique(torch.from_numpy(win[:kept]), return_counts=True)
+        found = (values, counts)
+    return torch.from_numpy(hist.copy()), (float(sums[0]), float(sums[1])), found
 
 
 def interpolate(x: torch.Tensor, y: torch.Tensor, ca: float, cb: float) -> None:

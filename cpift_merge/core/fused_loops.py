@@ -130,6 +130,39 @@ def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, offset, sums):
 
 
 @jit
+def histogram(x, t, hist, lo, hi, win, sums):
+    """The |Δ| keys of ``t`` against ``x`` (``|t - x|`` in float32, as bit patterns): add
+    their high 16 bits into ``hist``; copy the keys in ``[lo, hi)`` into ``win`` and return
+    how many; ``sums`` = float64 ``(Σ|Δ|, Σ|Δ|²)``, entry j into partial sum ``j % 4``."""
+    n = 0
+    a0 = a1 = a2 = a3 = b0 = b1 = b2 = b3 = 0.0
+    for j in range(x.shape[0]):
+        d = abs(_get(t, j) - _get(x, j))
+        key = np.int64(_bits_of_float(d))
+        hist[key >> 16] += 1
+        if key >= lo and key < hi:
+            win[n] = key
+            n += 1
+        v = np.float64(d)
+        lane = j & 3
+        if lane == 0:
+            a0 += v
+            b0 += v * v
+        elif lane == 1:
+            a1 += v
+            b1 += v * v
+        elif lane == 2:
+            a2 += v
+            b2 += v * v
+        else:
+            a3 += v
+            b3 += v * v
+    sums[0] = ((a0 + a1) + a2) + a3
+    sums[1] = ((b0 + b1) + b2) + b3
+    return n
+
+
+@jit
 def compact(idx, dp, cnt, starts):
     """Move each part's run of found entries (part p's ``cnt[p, i]`` entries of task i at
     ``idx[i, starts[p]:]``) down after the runs before it; returns the totals per task."""

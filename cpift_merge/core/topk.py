@@ -164,6 +164,12 @@ class ThresholdFinder:
         self._high += hist
         return hist
 
+    def add_histogram(self, hist: torch.Tensor, entries: int) -> None:
+        """Add a histogram of the high 16 bits of ``entries`` keys counted elsewhere (as
+        :meth:`add_high` counts them)."""
+        self.total += entries
+        self._high += hist
+
     def twin(self) -> ThresholdFinder:
         """A finder in this one's state with no counts: for part of a split stream, whose
         counts :meth:`absorb` adds back."""

@@ -28,7 +28,7 @@ from typing import Dict, Iterator, List, Mapping, Optional, Protocol, Sequence, 
 import torch
 from tqdm.auto import tqdm
 
-from cpift_merge.core import groups, localization, masks, topk
+from cpift_merge.core import fused, groups, localization, masks, topk
 from cpift_merge.errors import CpiftError
 from cpift_merge.storage.checkpoint import (
     Checkpoint,
@@ -233,6 +233,7 @@ def _stream(
     piece: Optional[int] = None,
     check: bool = True,
     bar=None,
+    raw: bool = False,
 ):
     """Yield (info, start, stop, {task: keys}) for entries ``[start, stop)`` of each tensor:
     the whole tensor, or with ``piece`` its consecutive pieces of that many entries (in flat
@@ -243,7 +244,9 @@ def _stream(
     reused for the next piece: use them (or change them) before asking for the next one.
     ``deltas``, when given, receives each task's |Δ| (flat float32) for the piece. ``check``
     False skips the finiteness check of |Δ| (for a caller that checks the keys itself).
-    ``bar``: a shared progress bar to advance per tensor instead of one of its own."""
+    ``bar``: a shared progress bar to advance per tensor instead of one of its own. ``raw``:
+    yield the values read instead of keys, the base's under ``"__base__"`` (for a caller
+    that computes the keys itself)."""
     names = list(tasks)
     scorer = scorer or Scorer()
     scratch = Scratch()
@@ -261,6 +264,16 @@ def _stream(
             here = [p - start for p in positions if start <= p < stop]
             theta0 = _read(base, info.name, scratch, "__base__", start, stop)
             got["__base__"] += _values_at(theta0, here)
+            if raw:
+                keys = {"__base__": theta0}
+                for n in want:
+                    keys[n] = _read(tasks[n], info.name, scratch, n, start, stop)
+                    got[n] += _values_at(keys[n], here)
+                if stop == info.numel:
+                    for n, values in got.items():
+                        samples[n][info.name] = values
+                yield info, start, stop, keys
+                continue
             if theta0.dtype != torch.float32:  # converted once for every task, into a reused buffer
                 theta0 = scratch.floats("__base__/f32", stop - start).copy_(theta0.reshape(-1))
             keys = {}
@@ -416,6 +429,9 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
     guess = guess and delta_keys and 0 < k < total and total >= GUESS_MIN_ENTRIES
     windows, reach = _guess_windows(base, tasks, tensors, k) if guess else ({}, {})
     cap = WINDOW_PAIRS // len(parts)
+    # |Δ| keys on the CPU: with the fused loops, each piece's keys, histogram, norms and
+    # window are one pass (cpift_merge.core.fused.delta_histogram)
+    in_loop = delta_keys and fused.available()
 
     def high(part: List[TensorInfo], bar) -> tuple:
         finders = {n: topk.ThresholdFinder(k) for n in names}
@@ -425,27 +441,46 @@ def _histogram_cut(base, tasks, tensors, k, progress, samples, scorer=None, gues
         dropped: set = set()
         flags: Optional[torch.Tensor] = None
         stream = _stream(
-            base, tasks, part, "", False, samples, scorer=scorer, piece=PIECE, check=not delta_keys, bar=bar
+            base,
+            tasks,
+            part,
+            "",
+            False,
+            samples,
+            scorer=scorer,
+            piece=PIECE,
+            check=not delta_keys,
+            bar=bar,
+            raw=in_loop,
         )
         norms: Dict[str, Dict[str, List[float]]] = {n: {} for n in names}
         for info, start, stop, keys in stream:
+            theta0 = keys.pop("__base__") if in_loop else None
             for n, kk in keys.items():
+                window = windows[n] if n in windows and n not in dropped and info.name in reach[n] else None
+                if in_loop:  # keys, histogram, norms and window in one fused loop
+                    hist, (l1, l2), found = fused.delta_histogram(theta0, kk, window)
+                    finders[n].add_histogram(hist, kk.numel())
+                else:
+                    if totals is not None:
+                        l1, l2 = localization.norm_sums(kk.view(torch.float32))
+                    if window is not None:
+                        if flags is None or flags.numel() < kk.numel():
+                            flags = torch.empty(kk.numel(), dtype=torch.bool)
+                        found = topk.window_counts(kk, window, flags)
+                    hist = finders[n].add_high(kk, in_place=True)  # the keys are spent here
                 if totals is not None:
-                    l1, l2 = localization.norm_sums(kk.view(torch.float32))
                     norm = norms[n].setdefault(info.name, [0.0, 0.0])
                     norm[0] += l1
                     norm[1] += l2
-                if n in windows and n not in dropped and info.name in reach[n]:
-                    if flags is None or flags.numel() < kk.numel():
-                        flags = torch.empty(kk.numel(), dtype=torch.bool)
-                    values, counts = topk.window_counts(kk, windows[n], flags)
+                if window is not None:
+                    values, counts = found
                     if values.numel():
                         kept[n].setdefault(info.name, []).append(torch.stack([values, counts]))
                         pairs[n] += values.numel()
                         if pairs[n] > cap:  # too many distinct keys around the guess: pass 2 for this task
                             dropped.add(n)
                             kept[n] = {}
-                hist = finders[n].add_high(kk, in_place=True)  # the keys are spent here
                 used = hist.nonzero()
                 if not used.numel():  # an empty tensor
                     continue
