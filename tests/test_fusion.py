@@ -251,3 +251,25 @@ def test_fused_warm_up_loads_the_loops(monkeypatch):
     assert fused.warm_up(0) is None
     monkeypatch.setenv("CPIFT_FUSED", "0")
     assert not fused.available()
+
+
+def test_fused_loops_round_to_bfloat16_as_torch_does():
+    """The loops store a float32 result into bfloat16 as torch does (nearest, ties to even):
+    the mean of two bfloat16 values one ulp apart is an exact tie; of three, anything."""
+    pytest.importorskip("numba")
+    from cpift_merge.core import fused
+
+    assert fused.available()
+    g = torch.Generator().manual_seed(9)
+    a = torch.randn(4099, generator=g).to(torch.bfloat16)
+    b = (a.view(torch.int16) + 1).view(torch.bfloat16)  # one ulp away: their mean is a tie
+    c = torch.randn(4099, generator=g).to(torch.bfloat16)
+    for ts in ([a, b], [a, b, c]):
+        out = torch.empty_like(a)
+        fused.mean_cut(a, ts, out, fused.Finder(len(ts), a.numel()))
+        want = (sum(t.float() for t in ts) / len(ts)).to(torch.bfloat16)
+        assert torch.equal(out.view(torch.int16), want.view(torch.int16))
+    y = c.clone()
+    fused.interpolate(a, y, 0.3, 0.7)
+    want = (a.float() * 0.3 + c.float() * 0.7).to(torch.bfloat16)
+    assert torch.equal(y.view(torch.int16), want.view(torch.int16))

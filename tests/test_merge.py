@@ -819,6 +819,42 @@ def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch
     assert bool(second) == (case != "guess held")
 
 
+@pytest.mark.parametrize("guess", [False, True])
+def test_fused_prepass_gives_the_torch_prepass_cut(tiny_models, make_variant, monkeypatch, guess):
+    """The pre-pass's first pass as one fused loop per piece (keys, histogram, norms and the
+    guess's window) gives the torch ops' thresholds and per-tensor tie counts exactly, with
+    or without a guess, and their ‖Δ‖ totals to float32 rounding (float64 sums now)."""
+    pytest.importorskip("numba")
+    from cpift_merge.storage import regions as reg
+
+    paths = {"a": tiny_models["a"], "s": make_variant("mlp-only", seed=5, only="mlp")}
+    base = Checkpoint(tiny_models["base"])
+    tasks = {n: Checkpoint(p) for n, p in paths.items()}
+    tensors = [base.infos[n] for n in base.names()]
+    d = torch.cat([(tasks["s"].get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
+    k = int((d > 0).sum()) + 1000  # k reaches 1000 entries into the zeros of s
+    monkeypatch.setattr(reg, "SAMPLE_FRACTION", 1.0)
+    monkeypatch.setattr(reg, "GUESS_MIN_ENTRIES", 0)
+    monkeypatch.setattr(reg, "PIECE", 1000)  # several pieces per tensor
+
+    def cut():
+        totals = {}
+        samples = {n: {} for n in ["__base__", *tasks]}
+        thresholds, tied = reg._histogram_cut(base, tasks, tensors, k, False, samples, guess=guess, totals=totals)
+        return thresholds, tied, totals, samples
+
+    monkeypatch.setenv("CPIFT_FUSED", "0")
+    slow = cut()
+    monkeypatch.setenv("CPIFT_FUSED", "1")
+    fast = cut()
+    assert fast[0] == slow[0] and fast[1] == slow[1] and fast[3] == slow[3]
+    assert slow[0]["s"].key == 0 and slow[0]["s"].ties > 0
+    for n in tasks:
+        assert fast[2][n].keys() == slow[2][n].keys()
+        for t, sums in slow[2][n].items():
+            assert fast[2][n][t] == pytest.approx(sums, rel=1e-6), (n, t)
+
+
 def test_threshold_sample_reads_every_run(tiny_models, monkeypatch):
     """The guess's sample is each run's own entries: a read buffer reused for the next run
     must not leave every run holding the last one's values (which made guesses miss)."""
