@@ -1,22 +1,27 @@
-"""Fused CPU loops for :func:`cpift_merge.core.fusion.fuse_stream`, compiled with Numba.
+"""Fused CPU loops for the ``cpi`` kernel and the global pre-pass, compiled with Numba.
 
 Optional: used when ``numba`` is installed (``pip install 'cpift-merge[fast]'``) and
 ``CPIFT_FUSED`` is not ``0``. Each loop replaces several memory-bound torch ops over a
-chunk with one pass, on one thread:
+chunk with one pass; a chunk's :data:`PARTS` fixed parts run on up to torch's intra-op
+thread count (the loops release the GIL):
 
-* :func:`mean_cut` reads the base and every task model once and writes the tasks' mean,
-  and, for a global cut, each task's core (``|θi − θ0|`` above the task's threshold,
-  ties taken in flat order up to a quota) with ``|Δ|`` there, and sums the SLERP's norms
-  ``x·x``, ``y·y``, ``x·y`` in float64 (four interleaved partial sums, a fixed order on
+* :func:`mean_cut` (:func:`cpift_merge.core.fusion.fuse_stream`'s first pass) reads the
+  base and every task model once and writes the tasks' mean, and, for a global cut, each
+  task's core (``|θi − θ0|`` above the task's threshold, ties taken in flat order up to a
+  quota) with ``|Δ|`` there, and sums the SLERP's norms ``x·x``, ``y·y``, ``x·y`` in
+  float64 (four interleaved partial sums per part, parts added in order: the same on
   every machine): the torch path's ``sub``, ``abs``, compare, ``nonzero``, bfloat16
   conversions, adds, divide and three ``dot`` calls (whose float32 partial sums depend
   on the BLAS thread count);
-* :func:`interpolate` writes ``ca·x + cb·y`` into ``y``, each product rounded to float32
-  before the sum, as the torch path does.
+* :func:`interpolate` (its second pass) writes ``ca·x + cb·y`` into ``y``, each product
+  rounded to float32 before the sum, as the torch path does;
+* :func:`delta_histogram` (the pre-pass's first pass over a piece): the |Δ| keys, the
+  histogram of their high bits, their norms and the guess window's keys.
 
 Every elementwise result is the torch path's, bit for bit (same float32 operations, no
-fused multiply-add); the SLERP's norms differ in their last bits, so a non-core entry
-can differ by one ulp. The loops are compiled on first use and cached on disk by Numba.
+fused multiply-add, bfloat16 rounded to nearest even); the sums differ in their last
+bits, so a non-core entry of a merge can differ in its last bits. The loops are compiled
+on first use and cached on disk by Numba.
 """
 
 from __future__ import annotations
