@@ -461,6 +461,7 @@ def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega
     (:func:`_cut_in_loop`), cuts the cores; else ``core_of`` finds them as on the torch
     path. The cores' bookkeeping is the torch path's."""
     numel = flat_base.numel()
+    read_base = _flat_reader(flat_base, work, "x")
     finder = fused.finder(len(flats), CHUNK)
     find = _cut_in_loop(core_of, with_delta)
     thr = fused.thresholds(core_of.keys) if find else None
@@ -475,9 +476,9 @@ def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega
                 for task, (i, d) in enumerate(got):
                     core_of.found(task, s, e, i, d.clone(), None)
         elif with_delta:
-            x = work("x", e - s).copy_(flat_base[s:e])
+            x = read_base(s, e)
             local = [
-                core_of(task, s, e, torch.sub(work("t", e - s).copy_(f[s:e]), x, out=work("delta", e - s)).abs_())
+                core_of(task, s, e, topk.magnitude_keys(f[s:e], x, out=work("delta", e - s), check=False).view(x.dtype))
                 for task, f in enumerate(flats)
             ]
         else:

@@ -264,22 +264,15 @@ def _stream(
             here = [p - start for p in positions if start <= p < stop]
             theta0 = _read(base, info.name, scratch, "__base__", start, stop)
             got["__base__"] += _values_at(theta0, here)
-            if raw:
-                keys = {"__base__": theta0}
-                for n in want:
-                    keys[n] = _read(tasks[n], info.name, scratch, n, start, stop)
-                    got[n] += _values_at(keys[n], here)
-                if stop == info.numel:
-                    for n, values in got.items():
-                        samples[n][info.name] = values
-                yield info, start, stop, keys
-                continue
-            if theta0.dtype != torch.float32:  # converted once for every task, into a reused buffer
+            keys = {"__base__": theta0} if raw else {}
+            if not raw and theta0.dtype != torch.float32:  # converted once for every task, into a reused buffer
                 theta0 = scratch.floats("__base__/f32", stop - start).copy_(theta0.reshape(-1))
-            keys = {}
             for n in want:
                 theta = _read(tasks[n], info.name, scratch, n, start, stop)
                 got[n] += _values_at(theta, here)
+                if raw:
+                    keys[n] = theta
+                    continue
                 # the task's read buffer becomes its keys (a float32 read is overwritten)
                 out = (
                     theta.reshape(-1)
