@@ -768,6 +768,18 @@ def test_global_regions_read_in_pieces_are_the_same_regions(tiny_models, tmp_pat
             assert m2["delta_sums"][t][name] == pytest.approx(m1["delta_sums"][t][name], rel=1e-6)
 
 
+def _cut_on_the_zero_tie(tiny_models, make_variant):
+    """Base, tasks ``a`` and ``s`` (only its MLPs changed), their tensors, and a k that
+    reaches 1000 entries into the zeros of s's |Δ|: its cut lands on the tie at |Δ| = 0,
+    across tensors."""
+    paths = {"a": tiny_models["a"], "s": make_variant("mlp-only", seed=5, only="mlp")}
+    base = Checkpoint(tiny_models["base"])
+    tasks = {n: Checkpoint(p) for n, p in paths.items()}
+    tensors = [base.infos[n] for n in base.names()]
+    d = torch.cat([(tasks["s"].get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
+    return base, tasks, tensors, int((d > 0).sum()) + 1000
+
+
 @pytest.mark.parametrize("case", ["guess held", "guess missed", "too many keys kept", "a tensor the sample missed"])
 def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch, case):
     """The global cut guesses the threshold's bucket from a sample and keeps the keys around
@@ -777,12 +789,7 @@ def test_one_pass_cut_is_the_two_pass_cut(tiny_models, make_variant, monkeypatch
     from cpift_merge.core import topk
     from cpift_merge.storage import regions as reg
 
-    paths = {"a": tiny_models["a"], "s": make_variant("mlp-only", seed=5, only="mlp")}
-    base = Checkpoint(tiny_models["base"])
-    tasks = {n: Checkpoint(p) for n, p in paths.items()}
-    tensors = [base.infos[n] for n in base.names()]
-    d = torch.cat([(tasks["s"].get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
-    k = int((d > 0).sum()) + 1000  # k reaches 1000 entries into the zeros of s
+    base, tasks, tensors, k = _cut_on_the_zero_tie(tiny_models, make_variant)
 
     def cut(guess):
         return reg._histogram_cut(base, tasks, tensors, k, False, {n: {} for n in ["__base__", *tasks]}, guess=guess)
@@ -827,12 +834,7 @@ def test_fused_prepass_gives_the_torch_prepass_cut(tiny_models, make_variant, mo
     pytest.importorskip("numba")
     from cpift_merge.storage import regions as reg
 
-    paths = {"a": tiny_models["a"], "s": make_variant("mlp-only", seed=5, only="mlp")}
-    base = Checkpoint(tiny_models["base"])
-    tasks = {n: Checkpoint(p) for n, p in paths.items()}
-    tensors = [base.infos[n] for n in base.names()]
-    d = torch.cat([(tasks["s"].get(n) - base.get(n)).abs().reshape(-1) for n in base.names()])
-    k = int((d > 0).sum()) + 1000  # k reaches 1000 entries into the zeros of s
+    base, tasks, tensors, k = _cut_on_the_zero_tie(tiny_models, make_variant)
     monkeypatch.setattr(reg, "SAMPLE_FRACTION", 1.0)
     monkeypatch.setattr(reg, "GUESS_MIN_ENTRIES", 0)
     monkeypatch.setattr(reg, "PIECE", 1000)  # several pieces per tensor
