@@ -216,19 +216,29 @@ def test_fused_cut_takes_the_torch_cuts_cores_and_ties(monkeypatch, dtype):
     ties = [min(7, c - 1) for c in counts]  # some tied entries taken, not all
 
     def run():
-        seen = []
-        core_of = fusion.ThresholdCores(
-            [key, key], ties, lambda t, s, e, idx, at, _d: seen.append((t, s, idx.tolist(), at.tolist()))
-        )
+        core_of = fusion.ThresholdCores([key, key], ties)
         out, stats = fusion.fuse_stream(base, thetas, core_of, omega=0.4, with_delta=True)
-        return out, stats, seen, core_of.left
+        return out, stats, core_of.sizes, core_of.left, core_of.core
 
     slow, fast = _both_paths(monkeypatch, run)
-    assert slow[2] == fast[2] and slow[1] == fast[1] and slow[3] == fast[3]
-    taken = [sum(len(idx) for t, _s, idx, _a in slow[2] if t == task) for task in (0, 1)]
+    assert slow[1] == fast[1] and slow[2] == fast[2] and slow[3] == fast[3]
     above = [int((k > key).sum()) for k in keys]
-    assert slow[3] == [0, 0] and taken == [a + t for a, t in zip(above, ties)]
+    assert slow[3] == [0, 0] and slow[2] == [a + t for a, t in zip(above, ties)]
+    # each task's core: the entries above the key and its first tied ones in flat order
+    cores = [(k > key) | ((k == key) & ((k == key).cumsum(0) <= t)) for k, t in zip(keys, ties)]
+    d = [(t.float() - base.float()).abs().double() for t in thetas]
+    want = [[float(x[c].sum()), float((x[c] ** 2).sum())] for x, c in zip(d, cores)]
+    for got in (slow[4], fast[4]):
+        torch.testing.assert_close(torch.tensor(got), torch.tensor(want), rtol=1e-12, atol=0)
+    core = cores[0] | cores[1]
+    assert torch.equal(fast[0][core], slow[0][core]) and not torch.equal(fast[0][~core], base[~core])
+    assert torch.equal(fast[0][cores[0] & ~cores[1]], thetas[0][cores[0] & ~cores[1]])
     _close(fast[0], slow[0])
+    # the same cores given instead of cut in the loop: the same fusion, bit for bit
+    given, stats = cpi_fuse(base, thetas, cores, omega=0.4)
+    bits = torch.int16 if dtype == torch.bfloat16 else torch.int32
+    assert torch.equal(given.view(bits), fast[0].view(bits))
+    assert stats == fast[1]
     threads = torch.get_num_threads()
     try:
         torch.set_num_threads(1)
@@ -239,15 +249,22 @@ def test_fused_cut_takes_the_torch_cuts_cores_and_ties(monkeypatch, dtype):
 
 
 def test_fused_warm_up_loads_the_loops(monkeypatch):
-    """``warm_up`` runs the loops once in a thread (no error for either dtype); without
+    """``warm_up`` runs, in a thread, the loops a merge with cores cut in the loop or
+    given will run (no error for either dtype; an error is kept on the thread); without
     tasks it starts nothing; ``CPIFT_FUSED=0`` turns the fused path off."""
     pytest.importorskip("numba")
-    from cpift_merge.core import fused
+    from cpift_merge.core import fused, fused_loops
 
     monkeypatch.setenv("CPIFT_FUSED", "1")
-    thread = fused.warm_up(2)
+    for cut, loop in ((True, fused_loops.mean_cut), (False, fused_loops.gather)):
+        thread = fused.warm_up(2, cut=cut)
+        thread.join(timeout=120)
+        assert not thread.is_alive() and thread.error is None and fused.available()
+        assert len(loop.signatures) >= 2 and fused_loops.scatter.signatures  # float32 and bfloat16
+    monkeypatch.setattr(fused, "interpolate", lambda *a: 1 / 0)
+    thread = fused.warm_up(2, [torch.float32])
     thread.join(timeout=120)
-    assert not thread.is_alive() and fused.available()
+    assert isinstance(thread.error, ZeroDivisionError)
     assert fused.warm_up(0) is None
     monkeypatch.setenv("CPIFT_FUSED", "0")
     assert not fused.available()

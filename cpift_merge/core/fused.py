@@ -6,13 +6,17 @@ chunk with one pass; a chunk's :data:`PARTS` fixed parts run on up to torch's in
 thread count (the loops release the GIL):
 
 * :func:`mean_cut` (:func:`cpift_merge.core.fusion.fuse_stream`'s first pass) reads the
-  base and every task model once and writes the tasks' mean, and, for a global cut, each
-  task's core (``|θi − θ0|`` above the task's threshold, ties taken in flat order up to a
-  quota) with ``|Δ|`` there, and sums the SLERP's norms ``x·x``, ``y·y``, ``x·y`` in
-  float64 (four interleaved partial sums per part, parts added in order: the same on
-  every machine): the torch path's ``sub``, ``abs``, compare, ``nonzero``, bfloat16
-  conversions, adds, divide and three ``dot`` calls (whose float32 partial sums depend
-  on the BLAS thread count);
+  base and every task model once and writes the tasks' mean, and sums the SLERP's norms
+  ``x·x``, ``y·y``, ``x·y`` in float64 (four interleaved partial sums per part, parts
+  added in order: the same on every machine); for a global cut it also finds each task's
+  core (``|θi − θ0|`` above the task's threshold, ties taken in flat order up to a quota)
+  and keeps each core entry's place and value (the overlap rule's) with its norms, for
+  :class:`CoreBook`: the torch path's ``sub``, ``abs``, compare, ``nonzero``, bfloat16
+  conversions, adds, divide, three ``dot`` calls (whose float32 partial sums depend on
+  the BLAS thread count) and the cores' bookkeeping (owner counts, ``masked_select``,
+  ``unique``, ``isin``, ``index_select``, ``index_copy_``);
+* with cores given (a region file's), a second loop per chunk does that bookkeeping
+  (:meth:`CoreBook.add`);
 * :func:`interpolate` (its second pass) writes ``ca·x + cb·y`` into ``y``, each product
   rounded to float32 before the sum, as the torch path does;
 * :func:`delta_histogram` (the pre-pass's first pass over a piece): the |Δ| keys, the
@@ -54,29 +58,40 @@ def available() -> bool:
     return _LOOPS is not False
 
 
-def warm_up(tasks: int, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16)) -> Optional[threading.Thread]:
-    """Import Numba and load (or compile) the loops for ``tasks`` task models of these
-    dtypes in a background thread, so a merge that starts importing mergekit meanwhile
-    finds them ready (about half a second with Numba's disk cache warm). Does nothing
-    without Numba. Start it only once the process will not fork again. Returns the thread
-    (None for no tasks)."""
+def warm_up(
+    tasks: int, dtypes: Sequence[torch.dtype] = (torch.float32, torch.bfloat16), cut: bool = True
+) -> Optional[threading.Thread]:
+    """Import Numba and load (or compile) the loops a merge of ``tasks`` task models of
+    these dtypes runs (``cut``: cores cut in the loop, as a global pre-pass's; else given,
+    as a region file's) in a background thread, so a merge that starts importing mergekit
+    meanwhile finds them ready (about half a second with Numba's disk cache warm). Does
+    nothing without Numba. Start it only once the process will not fork again. Returns
+    the thread (None for no tasks)."""
 
     def run() -> None:
         try:
             if not available():
                 return
+            every = [torch.arange(8)] * tasks
             for dtype in dtypes:
                 x = torch.zeros(8, dtype=dtype)
                 out = torch.empty_like(x)
-                cut = np.zeros(tasks, dtype=np.float32), np.zeros(tasks, dtype=np.int64)
-                mean_cut(x, [x] * tasks, out, Finder(tasks, 8), *cut)
+                finder, book = Finder(tasks, 8), CoreBook(tasks, "max_delta")
+                if cut:  # a threshold below every |Δ|: every entry is in every core
+                    mean_cut(x, [x] * tasks, out, finder, np.full(tasks, -1.0, dtype=np.float32))
+                    book.add(finder)
+                else:
+                    mean_cut(x, [x] * tasks, out, finder)
+                    book.add(finder, every, [x] * tasks, x, x, out)
                 interpolate(x, out, 0.5, 0.5)
-        except Exception:  # noqa: BLE001 -- best effort: the merge loads them itself
-            return
+                book.transplant(0, out)
+        except Exception as err:  # noqa: BLE001 -- best effort: the merge loads them itself
+            thread.error = err
 
     if tasks < 1:
         return None
     thread = threading.Thread(target=run, name="cpift-fused-warm-up", daemon=True)
+    thread.error = None  # what went wrong, if anything (the merge then meets it itself)
     thread.start()
     return thread
 
@@ -140,13 +155,29 @@ def _map(fn, items, entries: int) -> None:
 
 class Finder:
     """Reused outputs of :func:`mean_cut` for ``tasks`` task models and chunks of up to
-    ``chunk`` entries: each part writes its found entries into its own span of the rows."""
+    ``chunk`` entries, per part of the last chunk (``parts`` parts starting at ``starts``):
+    the norms' sums, and the cores found there: their places and values (in the part's
+    span of ``places``/``values``), counts and sums (read by :meth:`CoreBook.add`)."""
 
     def __init__(self, tasks: int, chunk: int):
-        self.idx = np.empty((tasks, chunk), dtype=np.int64)
-        self.dp = np.empty((tasks, chunk), dtype=np.float32)
+        self.chunk = chunk
+        self.places = np.empty(chunk, dtype=np.int64)
+        self._values: dict = {}
+        self.count = np.zeros((PARTS, 2), dtype=np.int64)  # entries, entries in several cores
+        self.tally = np.zeros((PARTS, tasks), dtype=np.int64)
         self.cnt = np.zeros((PARTS, tasks), dtype=np.int64)
-        self.sums = np.zeros((PARTS, 3), dtype=np.float64)
+        self.core = np.zeros((PARTS, tasks, 2), dtype=np.float64)
+        self.sums = np.zeros((PARTS, 6), dtype=np.float64)
+        self.starts = np.zeros(1, dtype=np.int64)
+        self.parts = 0
+        self.last = self.places  # the values' buffer of the last chunk
+
+    def values(self, dtype: np.dtype) -> np.ndarray:
+        """The core values' buffer for raw ``dtype`` (float32, or uint16 for bfloat16)."""
+        buf = self._values.get(dtype)
+        if buf is None:
+            buf = self._values[dtype] = np.empty(self.chunk, dtype=dtype)
+        return buf
 
 
 _FINDERS = threading.local()
@@ -156,7 +187,7 @@ def finder(tasks: int, chunk: int) -> Finder:
     """A :class:`Finder` for ``tasks`` task models and chunks of up to ``chunk`` entries,
     reused by the calling thread (fresh buffers of this size cost page faults per tensor)."""
     f = getattr(_FINDERS, "finder", None)
-    if f is None or f.idx.shape[0] != tasks or f.idx.shape[1] < chunk:
+    if f is None or f.tally.shape[1] != tasks or f.chunk < chunk:
         f = _FINDERS.finder = Finder(tasks, chunk)
     return f
 
@@ -173,35 +204,49 @@ def mean_cut(
     finder: Finder,
     thr: Optional[np.ndarray] = None,
     left: Optional[np.ndarray] = None,
-) -> Tuple[List[Tuple[torch.Tensor, torch.Tensor]], Tuple[float, float, float]]:
+    ref: Optional[torch.Tensor] = None,
+    overlap: str = "max_delta",
+) -> Tuple[float, float, float]:
     """Write the mean of ``ts`` into ``out`` (chunks of one length and dtype, float32 or
     bfloat16) and sum the SLERP's norms of ``x`` and that stored mean. With ``thr``: per
-    task, the sorted chunk-relative indices of its core and ``|Δ|`` there (views of
-    ``finder``'s buffers, valid until its next use); ``left`` (int64,
-    per task) is the number of entries equal to the threshold still to take, and is
-    decreased. Returns the cores (empty without ``thr``) and ``(x·x, y·y, x·y)``. The parts
-    of the chunk run in parallel, unless ties are to be taken (they go in flat order)."""
+    task, its core (``|Δ|`` above the task's threshold; ``left``, int64 per task, is the
+    number of entries equal to it still to take, and is decreased), and each core entry's
+    place and value (``overlap`` rule, ``ref``: theta_0's chunk, default ``x``) into
+    ``finder`` (until its next use: read them with :meth:`CoreBook.add`). Returns
+    ``(x·x, y·y, x·y)``. The parts of the chunk run in parallel, unless ties are to be
+    taken (they go in flat order)."""
     find = thr is not None
-    k = len(ts)
     rx, rts, rout = _raw(x), [_raw(t) for t in ts], _raw(out)
-    thr = thr if find else np.zeros(k, dtype=np.float32)
-    left = left if find else np.zeros(k, dtype=np.int64)
+    rref = _raw(ref) if ref is not None else rx
+    left = left if left is not None else np.zeros(len(ts), dtype=np.int64)
+    mean = overlap == "mean"
+    values = finder.values(rout.dtype)
     bounds = _bounds(x.numel())
+    finder.starts = np.array([b[0] for b in bounds], dtype=np.int64)
+    finder.parts, finder.last = len(bounds), values
+    finder.count[:] = 0
 
     def run(part: int) -> None:
         s, e = bounds[part]
+        if not find:
+            _LOOPS.mean(rx[s:e], tuple(t[s:e] for t in rts), rout[s:e], finder.sums[part])
+            return
         _LOOPS.mean_cut(
             rx[s:e],
             tuple(t[s:e] for t in rts),
             thr,
             left,
             rout[s:e],
-            finder.idx[:, s:e],
-            finder.dp[:, s:e],
-            finder.cnt[part],
-            find,
             s,
             finder.sums[part],
+            rref[s:e],
+            mean,
+            finder.places[s:e],
+            values[s:e],
+            finder.count[part],
+            finder.tally[part],
+            finder.cnt[part],
+            finder.core[part],
         )
 
     parts = list(range(len(bounds)))
@@ -212,14 +257,89 @@ def mean_cut(
         _map(run, parts, x.numel())
     sums = [0.0, 0.0, 0.0]
     for part in parts:
-        sums = [a + float(b) for a, b in zip(sums, finder.sums[part])]
-    cores = []
-    if find:
-        starts = np.array([b[0] for b in bounds], dtype=np.int64)
-        total = _LOOPS.compact(finder.idx, finder.dp, finder.cnt[: len(bounds)], starts)
-        for i in range(k):
-            cores.append((torch.from_numpy(finder.idx[i, : total[i]]), torch.from_numpy(finder.dp[i, : total[i]])))
-    return cores, (sums[0], sums[1], sums[2])
+        sums = [a + float(b) for a, b in zip(sums, finder.sums[part, :3])]
+    return sums[0], sums[1], sums[2]
+
+
+MAX_TASKS = 64  # a core entry's owners are one bit each of a 64-bit word
+
+
+class CoreBook:
+    """The cores of one tensor on the fused path, chunk by chunk, as
+    ``cpift_merge.core.fusion``'s torch bookkeeping keeps them (the same places and
+    values): each core entry's place and the value it takes, the entries per task
+    (``transplanted``), the float64 ``(x·x, y·y, x·y)`` over the core entries
+    (:meth:`skip_sums`, left out of the SLERP's angle) and, for cores cut in the loop, each
+    task's core size and float64 ``(Σ|Δ|, Σ|Δ|²)`` there (``sizes``, ``core``). Sums are
+    added part by part in flat order, so they do not depend on the thread count, nor on
+    whether the cores were cut in the loop or given."""
+
+    def __init__(self, tasks: int, overlap: str):
+        if tasks > MAX_TASKS:
+            raise ValueError(f"the fused loops take at most {MAX_TASKS} task models, got {tasks}")
+        self.tasks, self.overlap = tasks, overlap
+        self.places: List[np.ndarray] = []
+        self.values: List[np.ndarray] = []
+        self.transplanted = [0] * tasks
+        self.sizes = [0] * tasks
+        self.core = [[0.0, 0.0] for _ in range(tasks)]
+        self.sums = [0.0, 0.0, 0.0]
+        self.entries = self.overlap_entries = 0
+
+    def add(
+        self,
+        finder: Finder,
+        given: Optional[Sequence[torch.Tensor]] = None,
+        ts: Sequence[torch.Tensor] = (),
+        ref: Optional[torch.Tensor] = None,
+        x: Optional[torch.Tensor] = None,
+        y: Optional[torch.Tensor] = None,
+    ) -> int:
+        """Take one chunk's cores: those :func:`mean_cut` just cut into ``finder``, or
+        ``given`` (per task, sorted chunk-relative int64 indices) with the chunk's task
+        values ``ts``, theta_0's ``ref`` (for ``max_delta``), the base's ``x`` and the
+        target's ``y`` (after :func:`mean_cut` wrote it). Returns the chunk's number."""
+        if given is not None:
+            values = finder.values(_raw(y).dtype)
+            _LOOPS.gather(
+                tuple(g.numpy() for g in given),
+                tuple(_raw(t) for t in ts),
+                _raw(ref),
+                _raw(x),
+                _raw(y),
+                self.overlap == "mean",
+                finder.starts,
+                finder.places,
+                values,
+                finder.count,
+                finder.tally,
+                finder.sums,
+            )
+        else:
+            values = finder.last
+        parts = range(finder.parts)
+        spans = [(int(finder.starts[p]), int(finder.starts[p] + finder.count[p, 0])) for p in parts]
+        self.places.append(np.concatenate([finder.places[s:e] for s, e in spans]))
+        self.values.append(np.concatenate([values[s:e] for s, e in spans]))
+        for p in parts:
+            self.entries += int(finder.count[p, 0])
+            self.overlap_entries += int(finder.count[p, 1])
+            self.sums = [a + float(b) for a, b in zip(self.sums, finder.sums[p, 3:])]
+            for i in range(self.tasks):
+                self.transplanted[i] += int(finder.tally[p, i])
+                if given is None:
+                    self.sizes[i] += int(finder.cnt[p, i])
+                    self.core[i] = [a + float(b) for a, b in zip(self.core[i], finder.core[p, i])]
+        return len(self.places) - 1
+
+    def skip_sums(self) -> Optional[Tuple[float, float, float]]:
+        """The float64 ``(x·x, y·y, x·y)`` over every core entry, or None for none."""
+        return (self.sums[0], self.sums[1], self.sums[2]) if self.entries else None
+
+    def transplant(self, chunk: int, out: torch.Tensor) -> None:
+        """Write chunk ``chunk``'s core values into its output ``out``."""
+        if self.places[chunk].size:
+            _LOOPS.scatter(_raw(out), self.places[chunk], self.values[chunk])
 
 
 _HIST = threading.local()

@@ -49,16 +49,14 @@ def _put(a, j, v):
     bfloat16, ties to even, as torch rounds); returns the value stored, as float32."""
 
 
-@overload(_put, inline="always")
+@overload(_put)
 def _put_impl(a, j, v):
     if a.dtype == types.uint16:
 
         def put_bf16(a, j, v):
             b = _bits_of_float(v)
-            if v != v:
-                r = np.uint32(0x7FC0)
-            else:
-                r = np.uint32((b + (np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+            r = np.uint32((b + (np.uint32(0x7FFF) + ((b >> np.uint32(16)) & np.uint32(1)))) >> np.uint32(16))
+            r = np.uint32(0x7FC0) if v != v else r
             a[j] = r
             return _float_of_bits(r << np.uint32(16))
 
@@ -72,33 +70,123 @@ def _put_impl(a, j, v):
 
 
 @jit
-def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, offset, sums):
-    """``out`` = the mean of ``ts``; with ``find``, per task i the entries with
-    ``|ts[i] - x| > thr[i]`` and the first ``left[i]`` equal to it (``left`` decreased),
-    their indices plus ``offset`` into ``idx[i]`` and ``|Δ|`` into ``dp[i]``, their number
-    into ``cnt[i]``;
-    ``sums`` = float64 ``(x·x, y·y, x·y)`` with ``y`` the stored mean: entry j goes into
-    partial sum ``j % 4``, and the four are added in order at the end."""
+def _shared(vals, r, m, mean, values, n, tally):
+    """Write into ``values[n]`` the value an entry in the cores of several tasks (the bits
+    set in ``m``; ``vals``: the tasks' values there, float32; ``r``: theta_0's) takes:
+    (``mean``: False) the value of the owner with the largest ``|vals[i] - r|`` (the first
+    of equal ones, NaN counting as largest, as ``torch.argmax``) or (``mean``: True) the
+    owners' mean, summed over all tasks in order with weight 1 or 0 and divided in
+    float32, as the torch ops do. Counts the entry in ``tally`` for each task whose value
+    it took."""
+    k = vals.shape[0]
+    one = np.uint64(1)
+    if mean:
+        acc = np.float32(0.0)
+        owners = 0
+        for t in range(k):
+            w = np.float32(0.0)
+            if m & (one << np.uint64(t)):
+                w = np.float32(1.0)
+                owners += 1
+                tally[t] += 1
+            acc = acc + vals[t] * w
+        _put(values, n, acc / np.float32(owners))
+        return
+    win = -1
+    best = np.float32(0.0)
+    for t in range(k):
+        if m & (one << np.uint64(t)):
+            score = abs(vals[t] - r)
+            if win < 0 or (best == best and (score > best or score != score)):
+                win = t
+                best = score
+    _put(values, n, vals[win])
+    tally[win] += 1
+
+
+@jit
+def mean(x, ts, out, sums):
+    """``out`` = the mean of ``ts``; ``sums[:3]`` = float64 ``(x·x, y·y, x·y)`` with ``y``
+    the stored mean: entry j goes into partial sum ``j % 4``, the four added in order at
+    the end."""
     k = len(ts)
     nk = np.float32(k)
     xx0 = xx1 = xx2 = xx3 = yy0 = yy1 = yy2 = yy3 = xy0 = xy1 = xy2 = xy3 = 0.0
-    for i in range(k):
-        cnt[i] = 0
+    for j in range(x.shape[0]):
+        acc = _get(ts[0], j)
+        for i in range(1, k):
+            acc = acc + _get(ts[i], j)
+        if k > 1:
+            acc = acc / nk
+        a = np.float64(_get(x, j))
+        b = np.float64(_put(out, j, acc))
+        lane = j & 3
+        if lane == 0:
+            xx0 += a * a
+            yy0 += b * b
+            xy0 += a * b
+        elif lane == 1:
+            xx1 += a * a
+            yy1 += b * b
+            xy1 += a * b
+        elif lane == 2:
+            xx2 += a * a
+            yy2 += b * b
+            xy2 += a * b
+        else:
+            xx3 += a * a
+            yy3 += b * b
+            xy3 += a * b
+    sums[0] = ((xx0 + xx1) + xx2) + xx3
+    sums[1] = ((yy0 + yy1) + yy2) + yy3
+    sums[2] = ((xy0 + xy1) + xy2) + xy3
+    sums[3] = sums[4] = sums[5] = 0.0
+
+
+@jit
+def mean_cut(x, ts, thr, left, out, offset, sums, ref, mean, places, values, count, tally, cnt, core):
+    """:func:`mean` and the cores: task i's core is the entries with ``|ts[i] - x| >
+    thr[i]`` and the first ``left[i]`` equal to it (``left`` decreased): ``cnt[i]`` counts
+    them and ``core[i]`` sums float64 ``(|Δ|, |Δ|²)`` over them; each entry of any core
+    goes once, in flat order, into ``places`` (plus ``offset``) with the value it takes
+    into ``values`` (its one owner's value, stored as read: a bfloat16 value as float32 is
+    exact; or :func:`_shared`'s, with ``ref``: theta_0; ``tally``: per task), and
+    ``sums[3:]`` = float64 ``(x·x, y·y, x·y)`` over them; ``count`` = ``(entries, entries
+    in several cores)``. Counts are kept in local arrays while the loop runs: parts on
+    other threads write neighbouring rows."""
+    k = len(ts)
+    nk = np.float32(k)
+    one = np.uint64(1)
+    xx0 = xx1 = xx2 = xx3 = yy0 = yy1 = yy2 = yy3 = xy0 = xy1 = xy2 = xy3 = 0.0
+    sx = sy = sxy = 0.0
+    n = 0
+    shared = 0
+    found = np.zeros(k, dtype=np.int64)
+    took = np.zeros(k, dtype=np.int64)
+    dsum = np.zeros((k, 2), dtype=np.float64)
+    quota = left.copy()
+    vals = np.empty(k, dtype=np.float32)
+    at = np.empty(x.shape[0], dtype=np.int64)
+    bits = np.empty(x.shape[0], dtype=np.uint64)
     for j in range(x.shape[0]):
         xv = _get(x, j)
         acc = np.float32(0.0)
+        m = np.uint64(0)
+        last = 0
         for i in range(k):
             tv = _get(ts[i], j)
-            if find:
-                d = abs(tv - xv)
-                if d >= thr[i]:
-                    if d > thr[i] or left[i] > 0:
-                        if d == thr[i]:
-                            left[i] -= 1
-                        c = cnt[i]
-                        idx[i, c] = j + offset
-                        dp[i, c] = d
-                        cnt[i] = c + 1
+            vals[i] = tv
+            d = abs(tv - xv)
+            if d >= thr[i]:
+                if d > thr[i] or quota[i] > 0:
+                    if d == thr[i]:
+                        quota[i] -= 1
+                    m |= one << np.uint64(i)
+                    last = i
+                    found[i] += 1
+                    dd = np.float64(d)
+                    dsum[i, 0] += dd
+                    dsum[i, 1] += dd * dd
             if i == 0:
                 acc = tv
             else:
@@ -124,9 +212,39 @@ def mean_cut(x, ts, thr, left, out, idx, dp, cnt, find, offset, sums):
             xx3 += a * a
             yy3 += b * b
             xy3 += a * b
+        if m:
+            places[n] = j + offset
+            if m & (m - one) == 0:
+                _put(values, n, vals[last])
+                took[last] += 1
+            else:
+                at[shared] = n
+                bits[shared] = m
+                shared += 1
+            sx += a * a
+            sy += b * b
+            sxy += a * b
+            n += 1
+    for q in range(shared):  # the entries in several cores: out of the hot loop
+        p = at[q]
+        j = places[p] - offset
+        for i in range(k):
+            vals[i] = _get(ts[i], j)
+        _shared(vals, _get(ref, j), bits[q], mean, values, p, took)
     sums[0] = ((xx0 + xx1) + xx2) + xx3
     sums[1] = ((yy0 + yy1) + yy2) + yy3
     sums[2] = ((xy0 + xy1) + xy2) + xy3
+    sums[3] = sx
+    sums[4] = sy
+    sums[5] = sxy
+    count[0] = n
+    count[1] = shared
+    for i in range(k):
+        left[i] = quota[i]
+        cnt[i] = found[i]
+        tally[i] = took[i]
+        core[i, 0] = dsum[i, 0]
+        core[i, 1] = dsum[i, 1]
 
 
 @jit
@@ -163,21 +281,63 @@ def histogram(x, t, hist, lo, hi, win, sums):
 
 
 @jit
-def compact(idx, dp, cnt, starts):
-    """Move each part's run of found entries (part p's ``cnt[p, i]`` entries of task i at
-    ``idx[i, starts[p]:]``) down after the runs before it; returns the totals per task."""
-    parts, k = cnt.shape
-    total = np.zeros(k, dtype=np.int64)
-    for i in range(k):
-        pos = 0
-        for p in range(parts):
-            s = starts[p]
-            for c in range(cnt[p, i]):
-                idx[i, pos + c] = idx[i, s + c]
-                dp[i, pos + c] = dp[i, s + c]
-            pos += cnt[p, i]
-        total[i] = pos
-    return total
+def gather(given, ts, ref, x, y, mean, starts, places, values, count, tally, sums):
+    """:func:`mean_cut`'s core bookkeeping for cores given as sorted chunk-relative indices
+    (``given[i]``: task i's), after the chunk's mean is in ``y``: the entries in flat order,
+    each into the part p that holds it (``starts``: where each part begins), its place and
+    value at ``places``/``values[starts[p] + count[p, 0]]``, its tasks into ``tally[p]``,
+    its base and target values into ``sums[p, 3:]``, as :func:`mean_cut` does."""
+    k = len(given)
+    parts = starts.shape[0]
+    pos = np.zeros(k, dtype=np.int64)
+    vals = np.empty(k, dtype=np.float32)
+    for p in range(parts):
+        count[p, 0] = 0
+        count[p, 1] = 0
+        sums[p, 3] = 0.0
+        sums[p, 4] = 0.0
+        sums[p, 5] = 0.0
+        for i in range(k):
+            tally[p, i] = 0
+    p = 0
+    while True:
+        j = -1
+        for i in range(k):
+            if pos[i] < given[i].shape[0] and (j < 0 or given[i][pos[i]] < j):
+                j = given[i][pos[i]]
+        if j < 0:
+            return
+        m = np.uint64(0)
+        last = 0
+        for i in range(k):
+            vals[i] = _get(ts[i], j)
+            if pos[i] < given[i].shape[0] and given[i][pos[i]] == j:
+                m |= np.uint64(1) << np.uint64(i)
+                last = i
+                pos[i] += 1
+        while p + 1 < parts and j >= starts[p + 1]:
+            p += 1
+        n = starts[p] + count[p, 0]
+        places[n] = j
+        if m & (m - np.uint64(1)) == 0:
+            _put(values, n, vals[last])
+            tally[p, last] += 1
+        else:
+            _shared(vals, _get(ref, j), m, mean, values, n, tally[p])
+            count[p, 1] += 1
+        a = np.float64(_get(x, j))
+        b = np.float64(_get(y, j))
+        sums[p, 3] += a * a
+        sums[p, 4] += b * b
+        sums[p, 5] += a * b
+        count[p, 0] += 1
+
+
+@jit
+def scatter(out, places, values):
+    """``out[places] = values``."""
+    for n in range(places.shape[0]):
+        out[places[n]] = values[n]
 
 
 @jit

@@ -26,7 +26,7 @@ from typing import Callable, List, Optional, Sequence
 import numpy as np
 import torch
 
-from cpift_merge.core import fused, topk
+from cpift_merge.core import fused, localization, topk
 
 # mergekit's slerp falls back to linear interpolation when |cos| > 0.9995
 DEFAULT_EPSILON = math.acos(0.9995)
@@ -84,20 +84,23 @@ class _Dots:
         self.yy += sums[1]
         self.xy += sums[2]
 
-    def coefficients(
-        self, t: float, epsilon: float, work: torch.dtype, device, skip_x=None, skip_y=None
-    ) -> tuple[float, float]:
-        """SLERP weights of x and y, leaving out the entries ``skip_x``/``skip_y`` (their
-        values in x and y) from the angle and the norms."""
+    def coefficients(self, t: float, epsilon: float, work: torch.dtype, device, less=None) -> tuple[float, float]:
+        """SLERP weights of x and y, leaving out of the angle and the norms the entries
+        whose float64 ``(x·x, y·y, x·y)`` are ``less`` (None: none)."""
         xx, yy, xy = self.xx, self.yy, self.xy
-        if skip_x is not None and skip_x.numel():
-            xs, ys = skip_x.to(torch.float64), skip_y.to(torch.float64)
-            xx = max(xx - float(torch.dot(xs, xs)), 0.0)
-            yy = max(yy - float(torch.dot(ys, ys)), 0.0)
-            xy = xy - float(torch.dot(xs, ys))
+        if less is not None:
+            xx = max(xx - less[0], 0.0)
+            yy = max(yy - less[1], 0.0)
+            xy = xy - less[2]
         norms = (torch.tensor(v, dtype=work, device=device).sqrt() for v in (xx, yy))
         ca, cb = _coefficients(t, *norms, torch.tensor(xy, dtype=work, device=device), epsilon)
         return (float(ca) if torch.is_tensor(ca) else ca), (float(cb) if torch.is_tensor(cb) else cb)
+
+
+def _dot_sums(x: torch.Tensor, y: torch.Tensor) -> tuple[float, float, float]:
+    """``(x·x, y·y, x·y)`` in float64."""
+    xs, ys = x.to(torch.float64), y.to(torch.float64)
+    return float(torch.dot(xs, xs)), float(torch.dot(ys, ys)), float(torch.dot(xs, ys))
 
 
 def _interpolate(out: torch.Tensor, ca: float, cb: float, x_of, y_of, work: _Work, after=None) -> None:
@@ -150,10 +153,8 @@ def slerp(
     for s in _chunks(fa.numel()):
         e = min(s + CHUNK, fa.numel())
         dots.add(x_of(s, e), y_of(s, e))
-    skipped = skip is not None and skip.numel()
-    ca, cb = dots.coefficients(
-        t, epsilon, work.dtype, a.device, fa[skip] if skipped else None, fb[skip] if skipped else None
-    )
+    less = _dot_sums(fa[skip], fb[skip]) if skip is not None and skip.numel() else None
+    ca, cb = dots.coefficients(t, epsilon, work.dtype, a.device, less)
     _interpolate(out, ca, cb, x_of, y_of, work)
     return out.reshape(a.shape)
 
@@ -177,21 +178,22 @@ def core_indices(core: torch.Tensor) -> torch.Tensor:
 
 
 CoreOf = Callable[[int, int, int, Optional[torch.Tensor]], torch.Tensor]
-Found = Callable[[int, int, int, torch.Tensor, torch.Tensor, Optional[torch.Tensor]], None]
 
 
 class ThresholdCores:
     """:func:`fuse_stream`'s ``core_of`` for cores given by thresholds on ``|Δ|`` keys
     (``topk``'s float32 bit patterns): task i's core is every entry whose key is above
     ``keys[i]``, plus the first ``ties[i]`` entries equal to it in flat order (the quota is
-    carried across chunks). ``found(task, start, stop, local, picked, delta)`` sees each
-    chunk's core (sorted, chunk-relative), ``|Δ|`` there (a copy) and the chunk's whole
-    ``|Δ|`` (None on the fused path, which does not make it: pass ``full_delta`` when
-    ``found`` needs it)."""
+    carried across chunks; ``left`` is what remains of it). Tallies per task the core's
+    size (``sizes``) and the float64 ``(Σ|Δ|, Σ|Δ|²)`` over it (``core``), and with
+    ``norms`` the whole tensor's (``norms``: this needs each chunk's whole ``|Δ|``, which
+    the fused loop does not make, so the cores are then cut in torch ops)."""
 
-    def __init__(self, keys: Sequence[int], ties: Sequence[int], found: Optional[Found] = None, full_delta=False):
+    def __init__(self, keys: Sequence[int], ties: Sequence[int], norms: bool = False):
         self.keys, self.left = [int(k) for k in keys], [int(t) for t in ties]
-        self.found, self.full_delta = found, full_delta
+        self.sizes = [0] * len(self.keys)
+        self.core = [[0.0, 0.0] for _ in self.keys]
+        self.norms = [[0.0, 0.0] for _ in self.keys] if norms else None
         self._flags: Optional[torch.Tensor] = None
 
     def __call__(self, task: int, start: int, stop: int, delta: Optional[torch.Tensor]) -> torch.Tensor:
@@ -200,9 +202,24 @@ class ThresholdCores:
         keys = delta.view(torch.int32)
         local, took = topk.cut_indices(keys, self.keys[task], self.left[task], self._flags[: stop - start])
         self.left[task] -= took
-        if self.found is not None:
-            self.found(task, start, stop, local, delta.index_select(0, local), delta)
+        self.tally(task, local.numel(), localization.core_sums(delta, local))
+        if self.norms is not None:
+            self.norms[task] = [a + b for a, b in zip(self.norms[task], localization.norm_sums(delta))]
         return local
+
+    def tally(self, task: int, size: int, sums: Sequence[float]) -> None:
+        """Count ``size`` more core entries of ``task`` with ``(Σ|Δ|, Σ|Δ|²)`` = ``sums``."""
+        self.sizes[task] += int(size)
+        self.core[task] = [a + float(b) for a, b in zip(self.core[task], sums)]
+
+    def delta_sums(self, totals: Sequence[Optional[Sequence[float]]]) -> List[List[float]]:
+        """Per task ``(core ‖Δ‖₁, ‖Δ‖₁, core ‖Δ‖₂², ‖Δ‖₂²)`` (``localization.delta_sums``'s
+        order), the whole tensor's norms from ``totals[task]`` when given, else tallied."""
+        out = []
+        for task, known in enumerate(totals):
+            whole = known if known is not None else self.norms[task]
+            out.append([self.core[task][0], float(whole[0]), self.core[task][1], float(whole[1])])
+        return out
 
 
 def cpi_fuse(
@@ -302,17 +319,18 @@ class _Cores:
 
     def skip(self, chunk: int, x: torch.Tensor, y: torch.Tensor) -> None:
         """Keep the base's (``x``) and the target's (``y``) values at chunk ``chunk``'s core
-        entries, for :meth:`skipped`."""
+        entries, for :meth:`skip_sums`."""
         for slot, idx in zip(self._skip, self.places[chunk].split(self._sizes[chunk])):
             if idx.numel():
                 slot.append((x.index_select(0, idx), y.index_select(0, idx)))
 
-    def skipped(self) -> tuple:
-        """The base's and the target's values at every core entry, or ``(None, None)``."""
+    def skip_sums(self) -> Optional[tuple]:
+        """The float64 ``(x·x, y·y, x·y)`` of the base's (x) and the target's (y) values at
+        every core entry, or None for no core entry."""
         pairs = [p for slot in self._skip for p in slot]
         if not pairs:
-            return None, None
-        return torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs])
+            return None
+        return _dot_sums(torch.cat([p[0] for p in pairs]), torch.cat([p[1] for p in pairs]))
 
     def transplant(self, chunk: int, out: torch.Tensor) -> None:
         """Write chunk ``chunk``'s core values into its output ``out``."""
@@ -362,16 +380,15 @@ def fuse_stream(
     # the output holds the target (the tasks' mean, in the tensor's dtype) until the second pass
     out = flat_base.clone() if omega == 0.0 else torch.empty_like(flat_base)
     dots = _Dots()
-    cores = _Cores(len(flats), overlap)
-    fast = _fused_path(omega, dtype, device)
+    fast = _fused_path(omega, dtype, device, len(flats), flat_ref.dtype)
+    cores = fused.CoreBook(len(flats), overlap) if fast else _Cores(len(flats), overlap)
     pass_one = _fused_pass_one if fast else _torch_pass_one
     pass_one(flat_base, flats, flat_ref, core_of, with_delta, omega, out, dots, cores, work)
 
     # ---- non-core: one SLERP over the non-core entries of the whole tensor, and the
     # core values written into each chunk once it is interpolated
     if slerping:
-        skip_x, skip_y = cores.skipped()
-        ca, cb = dots.coefficients(omega, epsilon, work.dtype, device, skip_x, skip_y)
+        ca, cb = dots.coefficients(omega, epsilon, work.dtype, device, cores.skip_sums())
     if slerping and fast:
         for n, s in enumerate(_chunks(numel)):
             e = min(s + CHUNK, numel)
@@ -436,21 +453,30 @@ def _torch_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega
             cores.transplant(chunk, out[s:e])  # nothing else writes this chunk
 
 
-def _fused_path(omega: float, dtype: torch.dtype, device: torch.device) -> bool:
-    """Whether :func:`fuse_stream` runs its first pass and the SLERP with the fused loops
-    (:mod:`cpift_merge.core.fused`): a SLERP of float32 or bfloat16 tensors on the CPU,
-    with Numba installed. Every tensor such a merge fuses then takes this path, whichever
-    way its cores are found, so the outputs do not depend on how they were found."""
-    return 0.0 < omega < 1.0 and device.type == "cpu" and dtype in (torch.float32, torch.bfloat16) and fused.available()
+def _fused_path(omega: float, dtype: torch.dtype, device: torch.device, tasks: int, ref: torch.dtype) -> bool:
+    """Whether :func:`fuse_stream` runs its first pass, the cores' bookkeeping and the
+    SLERP with the fused loops (:mod:`cpift_merge.core.fused`): a SLERP of float32 or
+    bfloat16 tensors on the CPU, a theta_0 of the same dtype, at most
+    ``fused.MAX_TASKS`` tasks, Numba installed. Every tensor such a merge fuses then takes
+    this path, whichever way its cores are found, so the outputs do not depend on how they
+    were found."""
+    return (
+        0.0 < omega < 1.0
+        and device.type == "cpu"
+        and dtype in (torch.float32, torch.bfloat16)
+        and ref == dtype
+        and tasks <= fused.MAX_TASKS
+        and fused.available()
+    )
 
 
 def _cut_in_loop(core_of, with_delta: bool) -> bool:
     """Whether the fused loop can cut the cores itself: thresholds it can compare as
-    floats, and no caller that needs each chunk's whole ``|Δ|``."""
+    floats, and no whole-tensor norms to tally."""
     return (
         with_delta
         and isinstance(core_of, ThresholdCores)
-        and not core_of.full_delta
+        and core_of.norms is None
         and fused.thresholds(core_of.keys) is not None
     )
 
@@ -459,7 +485,8 @@ def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega
     """:func:`fuse_stream`'s first pass with the fused loops: per chunk one loop writes the
     tasks' mean into the output, sums the SLERP's norms and, when it can
     (:func:`_cut_in_loop`), cuts the cores; else ``core_of`` finds them as on the torch
-    path. The cores' bookkeeping is the torch path's."""
+    path. A second loop keeps the cores' places and values (``cores``, a
+    ``fused.CoreBook``)."""
     numel = flat_base.numel()
     read_base = _flat_reader(flat_base, work, "x")
     finder = fused.finder(len(flats), CHUNK)
@@ -468,22 +495,22 @@ def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega
     left = np.array(core_of.left, dtype=np.int64) if find else None
     for s in _chunks(numel):
         e = min(s + CHUNK, numel)
-        got, sums = fused.mean_cut(flat_base[s:e], [f[s:e] for f in flats], out[s:e], finder, thr, left)
-        dots.add_sums(sums)
+        pieces = [f[s:e] for f in flats]
+        ref = flat_ref[s:e]
+        dots.add_sums(fused.mean_cut(flat_base[s:e], pieces, out[s:e], finder, thr, left, ref, cores.overlap))
         if find:
-            local = [i for i, _ in got]
-            if core_of.found is not None:
-                for task, (i, d) in enumerate(got):
-                    core_of.found(task, s, e, i, d.clone(), None)
-        elif with_delta:
+            cores.add(finder)
+            continue
+        if with_delta:
             x = read_base(s, e)
-            local = [
-                core_of(task, s, e, topk.magnitude_keys(f[s:e], x, out=work("delta", e - s), check=False).view(x.dtype))
-                for task, f in enumerate(flats)
+            given = [
+                core_of(task, s, e, topk.magnitude_keys(f, x, out=work("delta", e - s), check=False).view(x.dtype))
+                for task, f in enumerate(pieces)
             ]
         else:
-            local = [core_of(task, s, e, None) for task in range(len(flats))]
-        chunk = cores.add(local, [f[s:e] for f in flats], flat_ref[s:e], work("owners", e - s, torch.uint8))
-        cores.skip(chunk, flat_base[s:e], out[s:e])
+            given = [core_of(task, s, e, None) for task in range(len(flats))]
+        cores.add(finder, given, pieces, ref, flat_base[s:e], out[s:e])
     if find:
         core_of.left = [int(v) for v in left]
+        for task in range(len(flats)):
+            core_of.tally(task, cores.sizes[task], cores.core[task])

@@ -191,8 +191,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
     size = min(numel, CHUNK)
     base32 = torch.empty(size, dtype=torch.float32, device=theta0.device)
     buf = torch.empty(size, dtype=torch.float32, device=theta0.device)
-    sums = [[0.0] * 4 for _ in thetas]
-    core_of, _sizes = _cut_cores(cut, name, sums, numel)
+    core_of, totals = _cut_cores(cut, name, len(thetas))
     parts: List[List[torch.Tensor]] = [[] for _ in thetas]
     for start in range(0, numel, CHUNK):
         stop = min(start + CHUNK, numel)
@@ -201,7 +200,7 @@ def _global_cores(cut: GlobalCut, name: str, base_entry, entries) -> tuple[List[
             # no finiteness check: the pre-pass passed these exact values
             delta = topk.magnitude_keys(t[start:stop], b, out=buf[: stop - start], check=False).view(torch.float32)
             parts[i].append(core_of(i, start, stop, delta).add_(start))
-    return [torch.cat(p) for p in parts], sums
+    return [torch.cat(p) for p in parts], core_of.delta_sums(totals)
 
 
 def _core_size(core: torch.Tensor) -> int:
@@ -287,12 +286,11 @@ def cpi_merge(
         cut = global_prepass(_model_path(base_entry.id), paths, d, exclude, progress=not _QUIET)
         if name in cut.dtypes and all(DTYPE_NAMES.get(e.tensor.dtype) == cut.dtypes[name] for e in group.entries):
             # the pre-pass read (and checked) these very values: cores found in the fusion's own pass
-            sums = [[0.0] * 4 for _ in entries]
-            core_of, sizes = _cut_cores(cut, name, sums, base.numel())
+            core_of, totals = _cut_cores(cut, name, len(entries))
             out, stats = fuse_stream(
                 base, thetas, core_of, omega=omega, epsilon=epsilon, overlap=overlap, with_delta=True
             )
-            _record(name, base, names, stats, omega, sums, sizes)
+            _record(name, base, names, stats, omega, core_of.delta_sums(totals), core_of.sizes)
             return out
         _check_finite(group, name)  # values the pre-pass did not see
         if name in cut.dtypes:
@@ -329,40 +327,19 @@ def _record(name, base, names, stats, omega, sums, sizes) -> None:
             STATS[name]["delta_sums"] = dict(zip(names, sums))
 
 
-def _cut_cores(cut: GlobalCut, name: str, sums: List[list], numel: int):
-    """``fuse_stream``'s ``core_of`` for a global cut of a tensor of ``numel`` entries: each
-    chunk's core from its |Δ| keys (:class:`ThresholdCores`: tie quotas carried across
-    chunks), adding the tensor's ``delta_sums`` to ``sums``: the whole tensor's norms from
-    the cut when it has them (else summed chunk by chunk), the core's entries gathered chunk
-    by chunk and summed once the last chunk is in. Returns it and the per-task core sizes
-    (filled as the chunks go)."""
-    sizes = [0] * len(sums)
-    totals = [cut.totals.get(f"t{i}", {}).get(name) for i in range(len(sums))]
-    picked: List[List[torch.Tensor]] = [[] for _ in sums]  # per task: |Δ| at its core entries
-
-    def found(task: int, start: int, stop: int, local, at_core, delta) -> None:
-        picked[task].append(at_core)
-        known = totals[task]
-        if known is None:
-            known = localization.norm_sums(delta)
-        elif start:
-            known = (0.0, 0.0)  # counted with the first chunk
-        if stop == numel:
-            c1, c2 = localization.core_sums(torch.cat(picked[task]), None)
-            picked[task] = []
-        else:
-            c1 = c2 = 0.0
-        sums[task] = [a + c for a, c in zip(sums[task], (c1, known[0], c2, known[1]))]
-        sizes[task] += local.numel()
-
-    tasks = [f"t{i}" for i in range(len(sums))]
+def _cut_cores(cut: GlobalCut, name: str, tasks: int):
+    """``fuse_stream``'s ``core_of`` for a global cut (:class:`ThresholdCores`: each
+    chunk's core from its |Δ| keys, tie quotas carried across chunks, the cores' sizes and
+    |Δ| sums tallied) and the tensor's whole ``(‖Δ‖₁, ‖Δ‖₂²)`` per task from the cut (None
+    where the cut has no totals: the cores then tally them too)."""
+    keys = [f"t{i}" for i in range(tasks)]
+    totals = [cut.totals.get(t, {}).get(name) for t in keys]
     core_of = ThresholdCores(
-        [cut.thresholds[t].key for t in tasks],
-        [cut.quotas[t].get(name, 0) for t in tasks],
-        found,
-        full_delta=any(t is None for t in totals),
+        [cut.thresholds[t].key for t in keys],
+        [cut.quotas[t].get(name, 0) for t in keys],
+        norms=any(t is None for t in totals),
     )
-    return core_of, sizes
+    return core_of, totals
 
 
 def _lazy_theta0(rs: RegionSet, name: str, base: torch.Tensor) -> torch.Tensor:

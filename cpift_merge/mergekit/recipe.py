@@ -203,7 +203,7 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
         if cfg.get("merge_method") != "cpi":
             return
         if _shared(cfg, "regions"):
-            _warm_fused(cfg)
+            _warm_fused(cfg, cut=False)
             return
         models = _local_models(cfg)
         density = _shared(cfg, "density", DEFAULT_DENSITY)
@@ -229,16 +229,17 @@ def prestart(args: Sequence[str], ctx: Any = None) -> None:
     _warm_fused(cfg)  # after the pre-pass's fork: a fork must not copy a running thread
 
 
-def _warm_fused(cfg: Dict[str, Any]) -> None:
+def _warm_fused(cfg: Dict[str, Any], cut: bool = True) -> None:
     """Load the kernel's fused loops (:func:`cpift_merge.core.fused.warm_up`) for this
-    recipe's task count and dtype (float32 and bfloat16 when it names none) while the
-    merge imports mergekit."""
+    recipe's task count and dtype (float32 and bfloat16 when it names none) and its
+    cores (``cut`` by a global pre-pass, else from a region file) while the merge imports
+    mergekit."""
     import torch
 
     from cpift_merge.core import fused
 
     dtype = {"float32": torch.float32, "bfloat16": torch.bfloat16}.get(str(cfg.get("dtype")))
-    fused.warm_up(len(_task_models(cfg)), [dtype] if dtype else (torch.float32, torch.bfloat16))
+    fused.warm_up(len(_task_models(cfg)), [dtype] if dtype else (torch.float32, torch.bfloat16), cut=cut)
 
 
 def prepare_cpi(cfg: Dict[str, Any], progress: bool = True) -> Dict[str, Any]:
