@@ -69,6 +69,42 @@ def _put_impl(a, j, v):
     return put_f32
 
 
+NORMS = (0.0,) * 12  # (x·x, y·y, x·y), each as four interleaved partial sums
+
+
+@numba.njit(nogil=True, inline="always")
+def _add_norms(s, j, a, b):
+    """``s`` (as :data:`NORMS`) with entry ``j``'s ``a·a``, ``b·b``, ``a·b`` (float64) added
+    into partial sum ``j % 4``."""
+    xx0, xx1, xx2, xx3, yy0, yy1, yy2, yy3, xy0, xy1, xy2, xy3 = s
+    lane = j & 3
+    if lane == 0:
+        xx0 += a * a
+        yy0 += b * b
+        xy0 += a * b
+    elif lane == 1:
+        xx1 += a * a
+        yy1 += b * b
+        xy1 += a * b
+    elif lane == 2:
+        xx2 += a * a
+        yy2 += b * b
+        xy2 += a * b
+    else:
+        xx3 += a * a
+        yy3 += b * b
+        xy3 += a * b
+    return (xx0, xx1, xx2, xx3, yy0, yy1, yy2, yy3, xy0, xy1, xy2, xy3)
+
+
+@numba.njit(nogil=True, inline="always")
+def _store_norms(s, sums):
+    """``sums[:3]`` = the partial sums ``s`` of :func:`_add_norms`, each four added in order."""
+    sums[0] = ((s[0] + s[1]) + s[2]) + s[3]
+    sums[1] = ((s[4] + s[5]) + s[6]) + s[7]
+    sums[2] = ((s[8] + s[9]) + s[10]) + s[11]
+
+
 @jit
 def _shared(vals, r, m, mean, values, n, tally):
     """Write into ``values[n]`` the value an entry in the cores of several tasks (the bits
@@ -111,7 +147,7 @@ def mean(x, ts, out, sums):
     the end."""
     k = len(ts)
     nk = np.float32(k)
-    xx0 = xx1 = xx2 = xx3 = yy0 = yy1 = yy2 = yy3 = xy0 = xy1 = xy2 = xy3 = 0.0
+    s = NORMS
     for j in range(x.shape[0]):
         acc = _get(ts[0], j)
         for i in range(1, k):
@@ -120,26 +156,8 @@ def mean(x, ts, out, sums):
             acc = acc / nk
         a = np.float64(_get(x, j))
         b = np.float64(_put(out, j, acc))
-        lane = j & 3
-        if lane == 0:
-            xx0 += a * a
-            yy0 += b * b
-            xy0 += a * b
-        elif lane == 1:
-            xx1 += a * a
-            yy1 += b * b
-            xy1 += a * b
-        elif lane == 2:
-            xx2 += a * a
-            yy2 += b * b
-            xy2 += a * b
-        else:
-            xx3 += a * a
-            yy3 += b * b
-            xy3 += a * b
-    sums[0] = ((xx0 + xx1) + xx2) + xx3
-    sums[1] = ((yy0 + yy1) + yy2) + yy3
-    sums[2] = ((xy0 + xy1) + xy2) + xy3
+        s = _add_norms(s, j, a, b)
+    _store_norms(s, sums)
     sums[3] = sums[4] = sums[5] = 0.0
 
 
@@ -157,7 +175,7 @@ def mean_cut(x, ts, thr, left, out, offset, sums, ref, mean, places, values, cou
     k = len(ts)
     nk = np.float32(k)
     one = np.uint64(1)
-    xx0 = xx1 = xx2 = xx3 = yy0 = yy1 = yy2 = yy3 = xy0 = xy1 = xy2 = xy3 = 0.0
+    s = NORMS
     sx = sy = sxy = 0.0
     n = 0
     shared = 0
@@ -195,23 +213,7 @@ def mean_cut(x, ts, thr, left, out, offset, sums, ref, mean, places, values, cou
             acc = acc / nk
         a = np.float64(xv)
         b = np.float64(_put(out, j, acc))
-        lane = j & 3
-        if lane == 0:
-            xx0 += a * a
-            yy0 += b * b
-            xy0 += a * b
-        elif lane == 1:
-            xx1 += a * a
-            yy1 += b * b
-            xy1 += a * b
-        elif lane == 2:
-            xx2 += a * a
-            yy2 += b * b
-            xy2 += a * b
-        else:
-            xx3 += a * a
-            yy3 += b * b
-            xy3 += a * b
+        s = _add_norms(s, j, a, b)
         if m:
             places[n] = j + offset
             if m & (m - one) == 0:
@@ -231,9 +233,7 @@ def mean_cut(x, ts, thr, left, out, offset, sums, ref, mean, places, values, cou
         for i in range(k):
             vals[i] = _get(ts[i], j)
         _shared(vals, _get(ref, j), bits[q], mean, values, p, took)
-    sums[0] = ((xx0 + xx1) + xx2) + xx3
-    sums[1] = ((yy0 + yy1) + yy2) + yy3
-    sums[2] = ((xy0 + xy1) + xy2) + xy3
+    _store_norms(s, sums)
     sums[3] = sx
     sums[4] = sy
     sums[5] = sxy

@@ -484,9 +484,9 @@ def _cut_in_loop(core_of, with_delta: bool) -> bool:
 def _fused_pass_one(flat_base, flats, flat_ref, core_of, with_delta: bool, omega: float, out, dots, cores, work):
     """:func:`fuse_stream`'s first pass with the fused loops: per chunk one loop writes the
     tasks' mean into the output, sums the SLERP's norms and, when it can
-    (:func:`_cut_in_loop`), cuts the cores; else ``core_of`` finds them as on the torch
-    path. A second loop keeps the cores' places and values (``cores``, a
-    ``fused.CoreBook``)."""
+    (:func:`_cut_in_loop`), cuts the cores and keeps their places and values; else
+    ``core_of`` finds them as on the torch path and a second loop keeps them (``cores``, a
+    ``fused.CoreBook``, holds them either way)."""
     numel = flat_base.numel()
     read_base = _flat_reader(flat_base, work, "x")
     finder = fused.finder(len(flats), CHUNK)
